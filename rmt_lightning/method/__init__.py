@@ -1,0 +1,28 @@
+"""The RMT paper's formulas as small pure functions (arXiv 2509.24375)."""
+
+from .budget import length_reward, token_budget
+from .curriculum import TIER_NAMES, assign_tiers, renormalise_over_nonempty, tier_probabilities
+from .entropy import token_entropy
+from .grpo import GRPOLossTerms, group_advantages, grpo_token_loss, grpo_token_loss_terms, zero_std_groups
+from .logprobs import token_logprobs
+from .rewards import exact_match, extract_prediction, prefix_match, total_reward
+
+__all__ = [
+    "token_budget",
+    "length_reward",
+    "TIER_NAMES",
+    "tier_probabilities",
+    "assign_tiers",
+    "renormalise_over_nonempty",
+    "extract_prediction",
+    "exact_match",
+    "prefix_match",
+    "total_reward",
+    "group_advantages",
+    "zero_std_groups",
+    "GRPOLossTerms",
+    "grpo_token_loss_terms",
+    "grpo_token_loss",
+    "token_entropy",
+    "token_logprobs",
+]

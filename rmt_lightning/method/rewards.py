@@ -1,0 +1,92 @@
+"""Prediction extraction and correctness rules (RPT / RMT, section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["extract_prediction", "exact_match", "prefix_match", "total_reward"]
+
+_THINK_END = "</think>"
+_BOXED = "\\boxed{"
+
+
+def extract_prediction(completion: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` after the last ``</think>``.
+
+    Braces nest (``\\boxed{a{b}c}`` gives ``a{b}c``) and the content is returned
+    verbatim, leading spaces included; ``\\boxed{}`` gives ``""``. Returns None
+    when there is no ``</think>``, no ``\\boxed{`` after it, or the last one is
+    never closed.
+    """
+    end = completion.rfind(_THINK_END)
+    if end < 0:
+        return None
+    tail = completion[end + len(_THINK_END) :]
+    # Scan forward over top-level boxes so that a box written inside another
+    # box's content is part of that content, not a separate answer.
+    found: str | None = None
+    pos = tail.find(_BOXED)
+    while pos >= 0:
+        start = pos + len(_BOXED)
+        depth = 1
+        i = start
+        while i < len(tail) and depth:
+            ch = tail[i]
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            i += 1
+        if depth:
+            return None
+        found = tail[start : i - 1]
+        pos = tail.find(_BOXED, i)
+    return found
+
+
+def _token_bytes(token: str | bytes) -> bytes:
+    if isinstance(token, str):
+        return token.encode("utf-8")
+    if isinstance(token, (bytes, bytearray, memoryview)):
+        return bytes(token)
+    raise TypeError(f"a token must be str or bytes, got {type(token).__name__}")
+
+
+def exact_match(prediction: str | None, next_token: str | bytes) -> bool:
+    """RMT rule: ``utf8(prediction) == bytes(next_token)``.
+
+    A str token is UTF-8 encoded; None or an empty prediction is wrong.
+    """
+    if not prediction:
+        return False
+    return prediction.encode("utf-8") == _token_bytes(next_token)
+
+
+def prefix_match(prediction: str | None, continuation_tokens: Sequence[str | bytes]) -> bool:
+    """RPT rule: ``utf8(prediction) == bytes(c_1) + ... + bytes(c_j)`` for some ``j >= 1``.
+
+    The prediction must end on a token boundary of the corpus continuation, so
+    ``" 72"`` is right against ``[" 7", "2", ...]`` and against ``[" 72", "0"]``,
+    and wrong against ``[" 7", "20"]`` (it would end inside a token). None or an
+    empty prediction is wrong.
+    """
+    if not prediction:
+        return False
+    target = prediction.encode("utf-8")
+    joined = b""
+    for token in continuation_tokens:
+        joined += _token_bytes(token)
+        if len(joined) >= len(target):
+            return joined == target
+    return False
+
+
+def total_reward(correct: float, length: float, w: float = 0.1) -> float:
+    """Combined rollout reward ``r = (1 - w) * r_correct + w * r_len``.
+
+    ``w`` is not given by the paper; the project default is 0.1. Raises
+    ValueError unless ``0 <= w <= 1``.
+    """
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"w must be in [0, 1], got {w!r}")
+    return float((1.0 - w) * correct + w * length)

