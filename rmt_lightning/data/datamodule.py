@@ -1,0 +1,353 @@
+"""RMTDataModule: corpus -> tokens -> proxy entropy (cached) -> tiers -> curriculum batches of RL positions."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..method import TIER_NAMES, assign_tiers
+from ..models import cache_root, load_causal_lm, load_tokenizer, parse_dtype, resolve_model_source
+from ..tokens import TokenBytes
+from .corpus import EMBEDDED_CORPUS, load_texts, tokenize_documents
+from .sampler import CurriculumBatchSampler
+from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Flat table of scored positions: document index, position, entropy and tier (-1: not an RL candidate)."""
+
+    doc: Tensor
+    pos: Tensor
+    entropy: Tensor
+    tier: Tensor
+
+    @classmethod
+    def from_scores(cls, scores: list[Tensor], doc_indices: list[int], thresholds) -> "Candidates":
+        docs, positions, entropies = [], [], []
+        for d in doc_indices:
+            entropy = scores[d]
+            docs.append(torch.full((len(entropy),), d, dtype=torch.long))
+            positions.append(torch.arange(len(entropy)))
+            entropies.append(entropy)
+        entropy = torch.cat(entropies) if entropies else torch.zeros(0)
+        return cls(
+            doc=torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long),
+            pos=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
+            entropy=entropy,
+            tier=assign_tiers(entropy, thresholds),
+        )
+
+    def tier_members(self) -> list[Tensor]:
+        """Candidate indices of each tier (easy, medium, hard)."""
+        return [torch.nonzero(self.tier == t).flatten() for t in range(len(TIER_NAMES))]
+
+
+class _DrawsWithProgress(Sampler):
+    """Pairs each sampled batch with where it was drawn: progress, tier probabilities, epoch and batch index.
+
+    The values travel inside the batch because Lightning fetches one batch ahead: the sampler's
+    attributes already describe the next batch when the module sees this one.
+    """
+
+    def __init__(self, sampler: CurriculumBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        for ids in self.sampler:
+            sampler = self.sampler
+            yield list(ids), {
+                "curriculum_progress": float(sampler.last_progress),
+                "curriculum_probabilities": torch.tensor(sampler.last_probabilities, dtype=torch.float32),
+                "curriculum_epoch": sampler.epoch,
+                "curriculum_batch": sampler.state_dict()["batches_yielded"] - 1,
+            }
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+class PositionBatches(Dataset):
+    """Turns a list of candidate indices into one batch: contexts and continuations for RL, documents for NTP."""
+
+    def __init__(self, documents, candidates: Candidates, token_bytes: TokenBytes, pad_token_id: int, max_context_tokens: int, continuation_tokens: int):
+        self.documents = documents
+        self.candidates = candidates
+        self.token_bytes = token_bytes
+        self.pad_token_id = pad_token_id
+        self.max_context_tokens = max_context_tokens
+        self.continuation_tokens = continuation_tokens
+
+    def __getitem__(self, draw) -> dict:
+        ids, where = draw if isinstance(draw, tuple) else (draw, {})
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        doc, pos = self.candidates.doc[ids], self.candidates.pos[ids]
+        contexts, continuations = [], []
+        for d, p in zip(doc.tolist(), pos.tolist()):
+            tokens = self.documents[d]
+            contexts.append(tokens[max(0, p - self.max_context_tokens) : p])
+            continuations.append(self.token_bytes.many(tokens[p : p + self.continuation_tokens]))
+        unique_docs = sorted(set(doc.tolist()))
+        width = max(len(self.documents[d]) for d in unique_docs)
+        documents = torch.full((len(unique_docs), width), self.pad_token_id, dtype=torch.long)
+        ntp_mask = torch.zeros((len(unique_docs), width), dtype=torch.bool)
+        attention = torch.zeros((len(unique_docs), width), dtype=torch.long)
+        row_of = {d: row for row, d in enumerate(unique_docs)}
+        for row, d in enumerate(unique_docs):
+            length = len(self.documents[d])
+            documents[row, :length] = torch.tensor(self.documents[d])
+            attention[row, :length] = 1
+            ntp_mask[row, 1:length] = True  # token 0 has no context to be predicted from
+        for d, p in zip(doc.tolist(), pos.tolist()):
+            ntp_mask[row_of[d], p] = False  # RL positions are trained by RL only
+        return {
+            "doc_ids": doc,
+            "positions": pos,
+            "next_token_ids": torch.tensor([self.documents[d][p] for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
+            "tiers": self.candidates.tier[ids],
+            "entropies": self.candidates.entropy[ids],
+            "contexts": contexts,
+            "continuations": continuations,
+            "documents": documents,
+            "document_attention_mask": attention,
+            "ntp_mask": ntp_mask,
+            "document_ids": torch.tensor(unique_docs, dtype=torch.long),
+            **where,
+        }
+
+    def __len__(self) -> int:
+        return len(self.candidates.doc)
+
+
+class RMTDataModule(L.LightningDataModule):
+    """Corpus, entropy tiers and the easy-to-hard curriculum sampler of RMT.
+
+    Args:
+        corpus: ``embedded:math`` (the project's generated word problems), a local jsonl/json/txt/parquet/csv
+            file, or a ``datasets`` hub name.
+        split: Split to read from a hub dataset (local files are read whole).
+        subset: Configuration name of a hub dataset (e.g. ``main`` for ``openai/gsm8k``).
+        text_field: Record field holding the document text.
+        text_template: ``str.format`` template joining several fields, e.g. ``"{question}\\n{answer}"``; overrides text_field.
+        max_documents: Read at most this many documents (None: all).
+        embedded_documents: Number of documents generated for ``embedded:math``.
+        max_document_tokens: Documents longer than this are split into chunks of this many tokens.
+        val_documents: Documents held out for validation (never sampled for training).
+        model_name_or_path: Policy model; its tokenizer tokenizes the corpus (linked from ``model`` by the CLI).
+        proxy_name_or_path: Model that scores entropy (None: the policy checkpoint).
+        trust_remote_code: Allow custom model code from the hub (linked from ``model`` by the CLI).
+        scoring_window: Tokens per proxy forward when scoring; longer documents use overlapping windows.
+        scoring_stride: Step between scoring windows; each window contributes its last ``stride`` positions.
+        scoring_top_k: Entropy over the renormalised top-k probabilities (RPT used 16); None: full vocabulary.
+        scoring_batch_size: Windows per proxy forward.
+        scoring_dtype: Proxy precision: float32, bfloat16 or float16.
+        cache_dir: Entropy cache folder (None: ``$RMT_LIGHTNING_CACHE/entropy`` or ``~/.cache/rmt_lightning/entropy``).
+        tier_thresholds: Entropy thresholds (nats): <= first never an RL candidate; then easy, medium, hard.
+        curriculum: Draw tiers from the easy-to-hard schedule; False draws uniformly over all candidates (RPT).
+        p1: Tier probabilities (easy, medium, hard) before ``t1``.
+        p2: Tier probabilities from ``t2`` on.
+        t1: Progress at which the schedule starts moving from p1 to p2.
+        t2: Progress at which it reaches p2.
+        batch_size: RL positions per step per process.
+        batches_per_epoch: Optimizer steps per epoch.
+        max_context_tokens: Context of an RL position, left-truncated to this many tokens.
+        continuation_tokens: Corpus tokens after the position kept for the ``prefix`` rule.
+        val_positions: Held-out positions scored in validation (seeded).
+        val_batch_size: Positions per validation batch.
+        seed: Seed of the document split, the curriculum draws and the validation positions.
+    """
+
+    def __init__(
+        self,
+        corpus: str = EMBEDDED_CORPUS,
+        split: str = "train",
+        subset: str | None = None,
+        text_field: str = "text",
+        text_template: str | None = None,
+        max_documents: int | None = None,
+        embedded_documents: int = 2000,
+        max_document_tokens: int = 512,
+        val_documents: int = 32,
+        model_name_or_path: str = "builtin:smollm2-135m-instruct",
+        proxy_name_or_path: str | None = None,
+        trust_remote_code: bool = False,
+        scoring_window: int = 512,
+        scoring_stride: int = 256,
+        scoring_top_k: int | None = None,
+        scoring_batch_size: int = 8,
+        scoring_dtype: str = "float32",
+        cache_dir: str | None = None,
+        tier_thresholds: tuple[float, float, float] = (0.5, 1.0, 1.5),
+        curriculum: bool = True,
+        p1: tuple[float, float, float] = (0.6, 0.3, 0.1),
+        p2: tuple[float, float, float] = (0.1, 0.3, 0.6),
+        t1: float = 0.3,
+        t2: float = 0.7,
+        batch_size: int = 4,
+        batches_per_epoch: int = 100,
+        max_context_tokens: int = 256,
+        continuation_tokens: int = 8,
+        val_positions: int = 64,
+        val_batch_size: int = 16,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.documents: list[list[int]] = []
+        self.train_candidates: Candidates | None = None
+        self.val_candidates: Candidates | None = None
+        self.sampler: CurriculumBatchSampler | None = None
+        self._pending_sampler_state: dict | None = None
+        self._consumed: dict | None = None
+
+    # ---- corpus and scores -------------------------------------------------------------------------
+
+    @property
+    def proxy_source(self) -> str:
+        return self.hparams.proxy_name_or_path or self.hparams.model_name_or_path
+
+    def _load_documents(self) -> list[list[int]]:
+        hp = self.hparams
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
+        texts = load_texts(
+            hp.corpus, split=hp.split, text_field=hp.text_field, text_template=hp.text_template,
+            max_documents=hp.max_documents, subset=hp.subset, embedded_documents=hp.embedded_documents, seed=hp.seed,
+        )
+        documents = tokenize_documents(texts, self.tokenizer, hp.max_document_tokens)
+        if len(documents) <= hp.val_documents:
+            raise ValueError(
+                f"corpus '{hp.corpus}' gave {len(documents)} documents, but val_documents={hp.val_documents} "
+                "are held out; use a larger corpus or fewer val_documents"
+            )
+        return documents
+
+    def _cache_file(self, documents) -> tuple[Path, str]:
+        hp = self.hparams
+        from transformers import AutoConfig
+
+        source = resolve_model_source(self.proxy_source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=hp.trust_remote_code)
+        settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k, "dtype": hp.scoring_dtype}
+        key = fingerprint(documents, proxy_identity(source, config.to_json_string()), settings)
+        folder = Path(hp.cache_dir) if hp.cache_dir else cache_root() / "entropy"
+        return cache_path(folder, key), key
+
+    def _score(self, documents) -> list[Tensor]:
+        hp = self.hparams
+        path, key = self._cache_file(documents)
+        scores = load_scores(path, key, [len(d) for d in documents])
+        if scores is not None:
+            return scores
+        proxy = load_causal_lm(self.proxy_source, dtype=parse_dtype(hp.scoring_dtype), trust_remote_code=hp.trust_remote_code)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        proxy.to(device)
+        scores = score_entropy(
+            proxy, documents, window=hp.scoring_window, stride=hp.scoring_stride, top_k=hp.scoring_top_k,
+            batch_size=hp.scoring_batch_size, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        del proxy
+        gc.collect()
+        save_scores(path, key, scores)
+        return scores
+
+    def prepare_data(self) -> None:
+        """Score the corpus once (local rank 0); ``setup`` on every rank then reads the cache."""
+        self._score(self._load_documents())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_candidates is not None:
+            return
+        hp = self.hparams
+        self.documents = self._load_documents()
+        scores = self._score(self.documents)
+        order = torch.randperm(len(self.documents), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+        val_docs, train_docs = sorted(order[: hp.val_documents]), sorted(order[hp.val_documents :])
+        self.train_candidates = Candidates.from_scores(scores, train_docs, hp.tier_thresholds)
+        self.val_candidates = Candidates.from_scores(scores, val_docs, hp.tier_thresholds)
+        tiers = self.train_candidates.tier_members()
+        if sum(len(t) for t in tiers) == 0:
+            raise ValueError(
+                f"no position of corpus '{hp.corpus}' has entropy above {hp.tier_thresholds[0]} under proxy "
+                f"'{self.proxy_source}', so there is nothing to train with RL; lower tier_thresholds or use another corpus"
+            )
+        trainer = self.trainer
+        world_size = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        self.sampler = CurriculumBatchSampler(
+            tier_candidates=tiers, batch_size=hp.batch_size, batches_per_epoch=hp.batches_per_epoch,
+            p1=hp.p1, p2=hp.p2, t1=hp.t1, t2=hp.t2, curriculum=hp.curriculum, seed=hp.seed,
+            rank=rank, world_size=world_size,
+        )
+        if self._pending_sampler_state is not None:
+            self.sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+
+    def tier_sizes(self) -> dict[str, int]:
+        """Number of training candidates per tier."""
+        return {name: len(members) for name, members in zip(TIER_NAMES, self.train_candidates.tier_members())}
+
+    # ---- loaders -----------------------------------------------------------------------------------
+
+    def _batches(self, candidates: Candidates) -> PositionBatches:
+        hp = self.hparams
+        return PositionBatches(
+            self.documents, candidates, TokenBytes(self.tokenizer), self.tokenizer.pad_token_id,
+            hp.max_context_tokens, hp.continuation_tokens,
+        )
+
+    def _total_batches(self) -> int:
+        per_epoch = self.hparams.batches_per_epoch
+        limits = []
+        if self.trainer is not None:
+            if self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+                limits.append(self.trainer.max_steps)
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+                limits.append(self.trainer.max_epochs * per_epoch)
+        return max(1, min(limits)) if limits else per_epoch
+
+    def train_dataloader(self) -> DataLoader:
+        self.sampler.total_batches = self._total_batches()
+        return DataLoader(self._batches(self.train_candidates), sampler=_DrawsWithProgress(self.sampler), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        eligible = torch.nonzero(self.val_candidates.tier >= 0).flatten()
+        chosen = eligible[torch.randperm(len(eligible), generator=torch.Generator().manual_seed(hp.seed))[: hp.val_positions]]
+        batches = [chosen[i : i + hp.val_batch_size].tolist() for i in range(0, len(chosen), hp.val_batch_size)]
+        return DataLoader(self._batches(self.val_candidates), sampler=batches, batch_size=None)
+
+    # ---- state -------------------------------------------------------------------------------------
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # The sampler runs one batch ahead of training; the resume point is the last batch trained on.
+        if isinstance(batch, dict) and "curriculum_batch" in batch:
+            self._consumed = {"epoch": batch["curriculum_epoch"], "batches_yielded": batch["curriculum_batch"] + 1}
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.sampler is None:
+            return {}
+        state = self.sampler.state_dict()
+        if self._consumed is not None:
+            state.update(self._consumed)
+        return {"sampler": state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("sampler")
+        if state is None:
+            return
+        if self.sampler is None:
+            self._pending_sampler_state = state
+        else:
+            self.sampler.load_state_dict(state)

@@ -1,0 +1,149 @@
+"""Curriculum batch sampler over entropy tiers (RMT, section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from rmt_lightning.method import TIER_NAMES, renormalise_over_nonempty, tier_probabilities
+
+__all__ = ["CurriculumBatchSampler"]
+
+
+class CurriculumBatchSampler(Sampler[list[int]]):
+    """Draws per-rank batches of candidate ids, tier by tier, following the RMT curriculum.
+
+    Use it as a DataLoader ``batch_sampler``. Keyword arguments:
+
+    - ``tier_candidates``: three 1-D int64 tensors (easy, medium, hard) of dataset
+      indices. Ids in no tier are never drawn; empty tiers are skipped by renormalising.
+    - ``batch_size``: items per rank and batch; ``batches_per_epoch``: ``len(self)``.
+    - ``p1``, ``p2``, ``t1``, ``t2``: as in ``tier_probabilities``.
+    - ``curriculum``: if False, draw uniformly over the union of all tiers (RPT baseline).
+    - ``seed``, ``rank``, ``world_size``: batch ``b`` of epoch ``e`` comes from an RNG
+      seeded by ``(seed, e, b)``; every rank draws the same global batch of
+      ``batch_size * world_size`` ids and keeps slice ``[rank*batch_size, (rank+1)*batch_size)``.
+    - ``total_batches``: batches of the whole run, for progress
+      ``s = min(1, (e * batches_per_epoch + b) / total_batches)``; None means one epoch.
+      May be reassigned before iterating.
+
+    After each yielded batch, ``last_progress``, ``last_probabilities`` (renormalised),
+    ``last_tier_counts`` and ``last_tiers`` (tier of each yielded id) describe it.
+    """
+
+    def __init__(
+        self,
+        *,
+        tier_candidates: Sequence[Tensor],
+        batch_size: int,
+        batches_per_epoch: int,
+        p1: Sequence[float],
+        p2: Sequence[float],
+        t1: float,
+        t2: float,
+        curriculum: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        total_batches: int | None = None,
+    ) -> None:
+        if len(tier_candidates) != len(TIER_NAMES):
+            raise ValueError(
+                f"tier_candidates must hold {len(TIER_NAMES)} tensors {TIER_NAMES}, got {len(tier_candidates)}"
+            )
+        if any(t.dim() != 1 for t in tier_candidates):
+            shapes = [tuple(t.shape) for t in tier_candidates]
+            raise ValueError(f"tier_candidates must be 1-D tensors, got shapes {shapes}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must satisfy 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        self._tiers = [t.detach().to("cpu", torch.int64).numpy() for t in tier_candidates]
+        self._sizes = np.array([len(t) for t in self._tiers], dtype=np.int64)
+        if self._sizes.sum() == 0:
+            raise ValueError("all tiers (easy, medium, hard) are empty: there is no candidate id to sample")
+        tier_probabilities(0.0, p1, p2, t1, t2)  # fail at construction, not mid-training
+        self.p1, self.p2, self.t1, self.t2 = tuple(p1), tuple(p2), float(t1), float(t2)
+        self.batch_size, self.batches_per_epoch = int(batch_size), int(batches_per_epoch)
+        self.curriculum, self.seed = bool(curriculum), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.total_batches = total_batches
+        self.epoch = 0
+        self._yielded = 0
+        self.last_progress: float = 0.0
+        self.last_probabilities: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.last_tier_counts: tuple[int, int, int] = (0, 0, 0)
+        self.last_tiers: list[int] = []
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a different epoch than the current one starts at batch 0."""
+        if int(epoch) != self.epoch:
+            self._yielded = 0
+        self.epoch = int(epoch)
+
+    def progress(self, batch: int, epoch: int | None = None) -> float:
+        """Training progress ``s`` in [0, 1] for ``batch`` of ``epoch`` (default: current epoch)."""
+        total = self.batches_per_epoch if self.total_batches is None else int(self.total_batches)
+        if total < 1:
+            raise ValueError(f"total_batches must be >= 1, got {self.total_batches!r}")
+        epoch = self.epoch if epoch is None else epoch
+        return min(1.0, (epoch * self.batches_per_epoch + batch) / total)
+
+    def probabilities(self, progress: float) -> tuple[float, float, float]:
+        """Tier distribution actually sampled from at ``progress``, after dropping empty tiers."""
+        if not self.curriculum:
+            return tuple(float(n) for n in self._sizes / self._sizes.sum())  # type: ignore[return-value]
+        probs = tier_probabilities(progress, self.p1, self.p2, self.t1, self.t2)
+        return renormalise_over_nonempty(probs, self._sizes > 0)  # type: ignore[return-value]
+
+    def draw(self, batch: int, epoch: int | None = None) -> tuple[list[int], list[int]]:
+        """This rank's (ids, tiers) for ``batch`` of ``epoch``; pure in its arguments."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, batch]))
+        n = self.batch_size * self.world_size
+        if self.curriculum:
+            probs = np.asarray(self.probabilities(self.progress(batch, epoch)))
+            tiers = rng.choice(len(TIER_NAMES), size=n, p=probs / probs.sum())
+            # Empty tiers have probability 0 and are never chosen; the max only keeps the bound valid.
+            within = rng.integers(0, np.maximum(self._sizes[tiers], 1))
+        else:
+            flat = rng.integers(0, int(self._sizes.sum()), size=n)
+            offsets = np.cumsum(self._sizes)
+            tiers = np.searchsorted(offsets, flat, side="right")
+            within = flat - (offsets[tiers] - self._sizes[tiers])
+        ids = [int(self._tiers[d][i]) for d, i in zip(tiers, within)]
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return ids[lo:hi], [int(d) for d in tiers[lo:hi]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self._yielded if self._yielded < self.batches_per_epoch else 0
+        for b in range(start, self.batches_per_epoch):
+            ids, tiers = self.draw(b)
+            self.last_progress = self.progress(b)
+            self.last_probabilities = self.probabilities(self.last_progress)
+            self.last_tiers = tiers
+            self.last_tier_counts = tuple(tiers.count(d) for d in range(len(TIER_NAMES)))  # type: ignore[assignment]
+            self._yielded = b + 1
+            yield ids
+
+    def state_dict(self) -> dict[str, int]:
+        """Resume point: current ``epoch``, ``batches_yielded`` within it, and ``seed``."""
+        return {"epoch": self.epoch, "batches_yielded": self._yielded, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``; the seed must match, else the continuation would differ."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state seed {state['seed']!r} differs from this sampler's seed {self.seed!r}")
+        self.epoch = int(state["epoch"])
+        self._yielded = int(state["batches_yielded"])

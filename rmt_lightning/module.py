@@ -1,0 +1,416 @@
+"""RMTModule: one training step = rollout -> rewards -> GRPO on key positions + NTP on the rest -> optimizer step."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from .method import (
+    TIER_NAMES,
+    exact_match,
+    group_advantages,
+    grpo_token_loss_terms,
+    length_reward,
+    prefix_match,
+    token_logprobs,
+    total_reward,
+    zero_std_groups,
+)
+from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
+from .rollout import DEFAULT_INSTRUCTION, GroupRollout, build_prompt_ids, generate_group
+from .tokens import TokenBytes
+
+CORRECTNESS_RULES = ("exact", "prefix")
+
+
+def _pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _positions(attention: Tensor) -> Tensor:
+    return (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+class RMTModule(L.LightningModule):
+    """Reinforcement Mid-Training: GRPO on curriculum-selected key tokens plus next-token prediction on the rest.
+
+    Args:
+        model_name_or_path: Policy: a hub id, a local Hugging Face folder, or ``builtin:smollm2-135m-instruct``.
+        trust_remote_code: Allow custom model code from the hub.
+        dtype: Weights' precision: float32, bfloat16 or float16.
+        lr: AdamW learning rate (paper: 1e-6).
+        weight_decay: AdamW weight decay.
+        lr_warmup_steps: Linear learning-rate warm-up steps (0: constant).
+        grad_clip: Max gradient norm (0: no clipping).
+        group_size: Completions per RL position, G (paper: 8).
+        temperature: Sampling temperature (RPT: 0.8).
+        top_p: Nucleus sampling mass (1: off).
+        clip_eps: PPO clip range of the ratio.
+        advantage_eps: delta in ``(r - mean) / (std + delta)``.
+        beta: Weight of the k3 KL penalty to the frozen initial policy; 0 loads no reference model.
+        ntp_weight: lambda in ``L = L_RL + lambda * L_NTP``; 0 skips the NTP pass.
+        length_reward_weight: w in ``r = (1 - w) * r_correct + w * r_len``.
+        r_max: Peak of the triangular length reward.
+        correctness: ``exact`` (RMT: the prediction is the next token) or ``prefix`` (RPT: whole tokens of the continuation).
+        budget: Reasoning budget B when no TokenBudget callback sets one (a fixed budget, as in RPT).
+        answer_allowance: New tokens allowed after the thinking cap of 2B for closing the answer.
+        max_response_length: Hard cap on new tokens per completion (paper: 2048).
+        budget_forcing: Write ``</think> \\boxed{`` for the model when its thinking hits 2B tokens or ends without an answer.
+        instruction: Prompt template with ``{budget}`` and ``{context}`` placeholders.
+        response_prefix: Text the response starts from, appended after the chat template (e.g. ``<think>\\n``).
+        use_chat_template: Wrap the instruction in the tokenizer's chat template when it has one.
+        format_warmup_steps: First optimizer steps trained on format demonstrations instead of RL (0: off).
+        format_warmup_thought: Thought text of the demonstrations ``<think>thought</think> \\boxed{next token}``.
+        rl_micro_batch_size: Completions per forward/backward of the RL loss (bounds memory).
+        ntp_micro_batch_size: Documents per forward/backward of the NTP loss.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        sample_seed: Seed of completion sampling (per step and rank).
+        log_samples: Completions kept per step for the TensorBoard table.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = BUILTIN_SMOLLM2,
+        trust_remote_code: bool = False,
+        dtype: str = "float32",
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        lr_warmup_steps: int = 0,
+        grad_clip: float = 1.0,
+        group_size: int = 8,
+        temperature: float = 0.8,
+        top_p: float = 1.0,
+        clip_eps: float = 0.2,
+        advantage_eps: float = 1e-4,
+        beta: float = 0.01,
+        ntp_weight: float = 0.1,
+        length_reward_weight: float = 0.1,
+        r_max: float = 1.0,
+        correctness: str = "exact",
+        budget: int = 800,
+        answer_allowance: int = 16,
+        max_response_length: int = 2048,
+        budget_forcing: bool = False,
+        instruction: str = DEFAULT_INSTRUCTION,
+        response_prefix: str = "<think>\n",
+        use_chat_template: bool = True,
+        format_warmup_steps: int = 0,
+        format_warmup_thought: str = "The next token continues the text.",
+        rl_micro_batch_size: int = 8,
+        ntp_micro_batch_size: int = 4,
+        gradient_checkpointing: bool = False,
+        sample_seed: int = 0,
+        log_samples: int = 4,
+    ):
+        super().__init__()
+        if correctness not in CORRECTNESS_RULES:
+            raise ValueError(f"correctness '{correctness}' is not a rule; valid: {list(CORRECTNESS_RULES)}")
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size}: GRPO needs G >= 2 completions per position")
+        if "{context}" not in instruction:
+            raise ValueError("instruction must contain the '{context}' placeholder")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.budget = budget
+        """Current reasoning budget B; the TokenBudget callback updates it."""
+        self.policy = None
+        self.reference = None
+        self.tokenizer = None
+        self.skipped_steps = 0
+        self.last_samples: list[dict] = []
+        self.last_sampled_entropies: Tensor | None = None
+        self.val_ntp_acc = torch.nn.ModuleDict({name: MeanMetric() for name in TIER_NAMES})
+
+    # ---- models ------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
+        self._token_bytes = TokenBytes(self.tokenizer)
+        self.policy = load_causal_lm(hp.model_name_or_path, dtype=parse_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code)
+        self.policy.train()  # from_pretrained returns eval mode; dropout, where a model has it, belongs to training
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        if hp.beta > 0:
+            self.reference = copy.deepcopy(self.policy).eval()
+            self.reference.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(1, hp.lr_warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The reference is the initial policy, rebuilt at start-up: saving it would double the checkpoint.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("reference.")]:
+            del state[key]
+        checkpoint["rmt_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.reference.state_dict().items():
+                state.setdefault(f"reference.{key}", value)
+        self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
+
+    # ---- rollout and rewards -----------------------------------------------------------------------
+
+    def _prompts(self, contexts: list[list[int]], budget: int) -> list[list[int]]:
+        hp = self.hparams
+        return [
+            build_prompt_ids(self.tokenizer, self.tokenizer.decode(ctx), budget, hp.instruction, hp.response_prefix, hp.use_chat_template)
+            for ctx in contexts
+        ]
+
+    def _generator(self) -> torch.Generator:
+        seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def rollout(self, contexts: list[list[int]], budget: int) -> GroupRollout:
+        """G completions per context under budget ``budget`` (thinking cap 2B, plus the answer allowance)."""
+        hp = self.hparams
+        return generate_group(
+            self.policy, self.tokenizer, self._prompts(contexts, budget), hp.group_size,
+            think_cap=2 * budget, answer_allowance=hp.answer_allowance, temperature=hp.temperature, top_p=hp.top_p,
+            budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
+            max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
+        )
+
+    def score(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rewards ``[P, G]``: total, correctness and length parts."""
+        hp = self.hparams
+        correct, lengths = [], []
+        for row, (prediction, reasoning) in enumerate(zip(rollout.predictions, rollout.reasoning_lengths)):
+            continuation = continuations[row // hp.group_size]
+            if hp.correctness == "exact":
+                correct.append(float(exact_match(prediction, continuation[0])))
+            else:
+                correct.append(float(prefix_match(prediction, continuation)))
+            lengths.append(length_reward(reasoning, budget, hp.r_max))
+        total = [total_reward(c, l, hp.length_reward_weight) for c, l in zip(correct, lengths)]
+        shape = (len(continuations), hp.group_size)
+        return tuple(torch.tensor(x, dtype=torch.float32).view(shape) for x in (total, correct, lengths))
+
+    # ---- losses ------------------------------------------------------------------------------------
+
+    def _completion_logprobs(self, model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+        """Log-probs of each completion token given its prompt and the completion before it: ``[N, C]``."""
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+        width = completion_ids.shape[1]
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=_positions(attention), logits_to_keep=width + 1).logits
+        return token_logprobs(logits[:, :-1], completion_ids)
+
+    def rl_backward(self, prompts: list[list[int]], rollout: GroupRollout, advantages: Tensor) -> dict[str, float]:
+        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
+        hp = self.hparams
+        group = hp.group_size
+        prompt_ids, prompt_mask = _pad_left(prompts, self.tokenizer.pad_token_id)
+        prompt_ids = prompt_ids.repeat_interleave(group, 0).to(self.device)
+        prompt_mask = prompt_mask.repeat_interleave(group, 0).to(self.device)
+        completion_ids = rollout.completion_ids.to(self.device)
+        completion_mask = rollout.completion_mask.long().to(self.device)
+        loss_mask = rollout.sampled_mask.to(self.device)
+        total_tokens = max(1, int(loss_mask.sum()))
+        sums = {"loss_rl": 0.0, "kl": 0.0, "ratio_clipped": 0.0}
+        advantages = advantages.to(self.device)
+        for start in range(0, completion_ids.shape[0], hp.rl_micro_batch_size):
+            rows = slice(start, start + hp.rl_micro_batch_size)
+            tokens = int(loss_mask[rows].sum())
+            if tokens == 0:
+                continue
+            args = (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows])
+            logprobs = self._completion_logprobs(self.policy, *args)
+            reference = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    reference = self._completion_logprobs(self.reference, *args)
+            terms = grpo_token_loss_terms(
+                logprobs, logprobs.detach(), advantages[rows], loss_mask[rows], clip_eps=hp.clip_eps,
+                ref_logprobs=reference, beta=hp.beta,
+            )
+            share = tokens / total_tokens
+            self.manual_backward(terms.loss * share)
+            sums["loss_rl"] += float(terms.loss.detach()) * share
+            sums["kl"] += float(terms.kl) * share
+            sums["ratio_clipped"] += float(terms.clipped_fraction) * share
+        return sums
+
+    def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
+        """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
+        hp = self.hparams
+        targets = ntp_mask[:, 1:]
+        total = max(1, int(targets.sum()))
+        nll = 0.0
+        for start in range(0, documents.shape[0], hp.ntp_micro_batch_size):
+            rows = slice(start, start + hp.ntp_micro_batch_size)
+            count = int(targets[rows].sum())
+            if count == 0:
+                continue
+            logits = self.policy(input_ids=documents[rows], attention_mask=attention[rows]).logits
+            logprobs = token_logprobs(logits[:, :-1], documents[rows, 1:])
+            loss = -(logprobs * targets[rows]).sum() / count
+            self.manual_backward(loss * (count / total) * weight)
+            nll += float(loss.detach()) * count / total
+        return nll
+
+    def format_warmup_backward(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> float:
+        """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only)."""
+        hp = self.hparams
+        prompts = self._prompts(contexts, budget)
+        responses = []
+        for continuation in continuations:
+            target = continuation[0].decode("utf-8", errors="replace")
+            text = f"{hp.format_warmup_thought}</think> \\boxed{{{target}}}"
+            responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompt_ids, prompt_mask = _pad_left(prompts, self.tokenizer.pad_token_id)
+        width = max(len(r) for r in responses)
+        response_ids = torch.full((len(responses), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+        for row, response in enumerate(responses):
+            response_ids[row, : len(response)] = torch.tensor(response)
+            response_mask[row, : len(response)] = 1
+        args = [t.to(self.device) for t in (prompt_ids, prompt_mask, response_ids, response_mask)]
+        logprobs = self._completion_logprobs(self.policy, *args)
+        mask = args[3].float()
+        loss = -(logprobs * mask).sum() / mask.sum()
+        self.manual_backward(loss)
+        return float(loss.detach())
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        optimizer = self.optimizers()
+        budget = int(self.budget)
+        contexts, continuations = batch["contexts"], batch["continuations"]
+        metrics: dict[str, float] = {"train/budget": float(budget)}
+        started = time.perf_counter()
+
+        if self.global_step < hp.format_warmup_steps:
+            loss = self.format_warmup_backward(contexts, continuations, budget)
+            metrics["train/loss_format_warmup"] = loss
+            metrics["timing/update"] = time.perf_counter() - started
+        else:
+            rollout = self.rollout(contexts, budget)
+            generated = time.perf_counter()
+            rewards, correct, length = self.score(rollout, continuations, budget)
+            advantages = group_advantages(rewards, eps=hp.advantage_eps).flatten()
+            terms = self.rl_backward(self._prompts(contexts, budget), rollout, advantages)
+            loss_ntp = 0.0
+            if hp.ntp_weight > 0:
+                loss_ntp = self.ntp_backward(
+                    batch["documents"], batch["document_attention_mask"], batch["ntp_mask"], hp.ntp_weight
+                )
+            loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
+            predictions = rollout.predictions
+            metrics.update({
+                "train/loss_rl": terms["loss_rl"],
+                "train/loss_ntp": loss_ntp,
+                "train/kl": terms["kl"],
+                "train/ratio_clipped": terms["ratio_clipped"],
+                "train/reward": float(rewards.mean()),
+                "train/reward_correct": float(correct.mean()),
+                "train/reward_length": float(length.mean()),
+                "train/reasoning_length": float(np.mean(rollout.reasoning_lengths)),
+                "train/completion_length": float(rollout.completion_mask.sum(1).float().mean()),
+                "train/frac_reward_zero_std": float(zero_std_groups(rewards).float().mean()),
+                "train/clipped_ratio": float(np.mean(rollout.clipped)),
+                "train/forced_ratio": float(np.mean(rollout.forced)),
+                "train/answer_rate": float(np.mean([p is not None for p in predictions])),
+                "timing/generate": generated - started,
+                "timing/update": time.perf_counter() - generated,
+            })
+            self._keep_samples(batch, rollout, rewards)
+
+        if not math.isfinite(loss):
+            # A non-finite loss would poison the weights and the optimizer moments: drop this update.
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        else:
+            if hp.grad_clip > 0:
+                self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.lr_schedulers().step()
+        metrics["train/loss"] = loss
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        probabilities = batch["curriculum_probabilities"].tolist()
+        tiers = batch["tiers"]
+        for t, name in enumerate(TIER_NAMES):
+            metrics[f"curriculum/p_{name}"] = probabilities[t]
+            metrics[f"curriculum/drawn_{name}"] = float((tiers == t).float().mean())
+        metrics["curriculum/progress"] = float(batch["curriculum_progress"])
+        self.last_sampled_entropies = batch["entropies"].detach().cpu()
+        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
+        self.log_dict(
+            {"reward": metrics.get("train/reward", float("nan")), "budget": float(budget)},
+            prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=len(contexts),
+        )
+
+    def _keep_samples(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> None:
+        """A few rows for the TensorBoard completions table (one per position first)."""
+        hp = self.hparams
+        group = hp.group_size
+        rows = [p * group for p in range(len(batch["contexts"]))][: hp.log_samples]
+        predictions = rollout.predictions
+        self.last_samples = [
+            {
+                "tier": TIER_NAMES[int(batch["tiers"][r // group])],
+                "context": self.tokenizer.decode(batch["contexts"][r // group][-24:]),
+                "completion": rollout.texts[r],
+                "target": batch["continuations"][r // group][0].decode("utf-8", errors="replace"),
+                "prediction": predictions[r],
+                "reward": float(rewards.flatten()[r]),
+            }
+            for r in rows
+        ]
+
+    # ---- validation --------------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Next-token accuracy of the argmax at held-out positions, on the nested tiers H > 0.5, 1.0, 1.5."""
+        ids, mask = _pad_left(batch["contexts"], self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=1).logits
+        hits = (logits[:, -1].argmax(-1) == batch["next_token_ids"]).float()
+        for t, name in enumerate(TIER_NAMES):
+            members = batch["tiers"] >= t
+            if members.any():
+                self.val_ntp_acc[name].update(hits[members])
+
+    def on_validation_epoch_end(self) -> None:
+        values = {}
+        for name, metric in self.val_ntp_acc.items():
+            if metric.update_count > 0:
+                values[f"val/ntp_acc_{name}"] = metric.compute()
+            metric.reset()
+        if values:
+            values["val/ntp_acc_avg"] = torch.stack(list(values.values())).mean()
+            self.log_dict(values, sync_dist=False)

@@ -1,0 +1,145 @@
+"""Tests for the curriculum batch sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rmt_lightning.data.sampler import CurriculumBatchSampler
+from rmt_lightning.method import assign_tiers, tier_probabilities
+
+P1, P2, T1, T2 = (0.6, 0.3, 0.1), (0.1, 0.3, 0.6), 0.3, 0.7
+
+
+def _entropies() -> torch.Tensor:
+    # 20 never-candidates, then 30 easy, 20 medium, 10 hard, shuffled so ids do not reveal tiers.
+    values = torch.cat([torch.full((20,), 0.2), torch.full((30,), 0.8), torch.full((20,), 1.2), torch.full((10,), 2.0)])
+    return values[torch.randperm(len(values), generator=torch.Generator().manual_seed(1))]
+
+
+def _tiers(entropy: torch.Tensor) -> list[torch.Tensor]:
+    tier = assign_tiers(entropy)
+    return [torch.nonzero(tier == d).flatten() for d in range(3)]
+
+
+def _sampler(**overrides) -> CurriculumBatchSampler:
+    kwargs = dict(tier_candidates=_tiers(_entropies()), batch_size=4, batches_per_epoch=10, p1=P1, p2=P2, t1=T1, t2=T2)
+    kwargs.update(overrides)
+    return CurriculumBatchSampler(**kwargs)
+
+
+def _frequencies(sampler: CurriculumBatchSampler, batch: int) -> list[float]:
+    _, tiers = sampler.draw(batch)
+    return [tiers.count(d) / len(tiers) for d in range(3)]
+
+
+@pytest.mark.parametrize("batch", [0, 5, 10])
+def test_tier_frequencies_follow_curriculum(batch: int) -> None:
+    sampler = _sampler(batch_size=20000, total_batches=10)
+    expected = tier_probabilities(batch / 10, P1, P2, T1, T2)
+    assert sampler.progress(batch) == pytest.approx(batch / 10)
+    assert _frequencies(sampler, batch) == pytest.approx(expected, abs=0.015)
+
+
+def test_drawn_ids_are_candidates_of_their_tier() -> None:
+    entropy = _entropies()
+    tier = assign_tiers(entropy)
+    sampler = _sampler(batch_size=50)
+    for ids in sampler:
+        assert all(entropy[i] > 0.5 for i in ids)
+        assert [int(tier[i]) for i in ids] == sampler.last_tiers
+        assert sum(sampler.last_tier_counts) == 50
+        assert sum(sampler.last_probabilities) == pytest.approx(1.0)
+
+
+def test_empty_tier_is_renormalised_away() -> None:
+    tiers = _tiers(_entropies())
+    sampler = _sampler(tier_candidates=[tiers[0], torch.empty(0, dtype=torch.int64), tiers[2]], batch_size=20000)
+    freq = _frequencies(sampler, 0)
+    assert freq[1] == 0.0
+    assert freq == pytest.approx([0.6 / 0.7, 0.0, 0.1 / 0.7], abs=0.015)
+    next(iter(sampler))
+    assert sampler.last_probabilities == pytest.approx((0.6 / 0.7, 0.0, 0.1 / 0.7))
+
+
+def test_all_tiers_empty_raises() -> None:
+    empty = torch.empty(0, dtype=torch.int64)
+    with pytest.raises(ValueError, match="empty"):
+        _sampler(tier_candidates=[empty, empty, empty])
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batches_per_epoch": 0}, "batches_per_epoch"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+    ],
+)
+def test_invalid_arguments(overrides: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        _sampler(**overrides)
+
+
+def test_uniform_mode_is_proportional_to_tier_sizes() -> None:
+    sampler = _sampler(batch_size=20000, curriculum=False, total_batches=1)
+    assert _frequencies(sampler, 0) == pytest.approx([0.5, 1 / 3, 1 / 6], abs=0.015)
+    assert sampler.probabilities(1.0) == pytest.approx((0.5, 1 / 3, 1 / 6))
+
+
+def test_same_seed_same_batches_other_seed_differs() -> None:
+    assert list(_sampler(seed=3)) == list(_sampler(seed=3))
+    assert list(_sampler(seed=3)) != list(_sampler(seed=4))
+    sampler = _sampler()
+    sampler.set_epoch(1)
+    assert list(sampler) != list(_sampler())
+
+
+def test_state_dict_resumes_mid_epoch() -> None:
+    reference = _sampler(total_batches=30)
+    reference.set_epoch(1)
+    expected = list(reference)
+    original = _sampler(total_batches=30)
+    original.set_epoch(1)
+    it = iter(original)
+    head = [next(it) for _ in range(4)]
+    resumed = _sampler(total_batches=30)
+    resumed.load_state_dict(original.state_dict())
+    resumed.set_epoch(1)
+    assert original.state_dict() == {"epoch": 1, "batches_yielded": 4, "seed": 0}
+    assert head + list(resumed) == expected
+    assert resumed.last_progress == pytest.approx(19 / 30)
+
+
+def test_state_dict_at_epoch_boundary_starts_next_epoch_at_zero() -> None:
+    original = _sampler(total_batches=30)
+    list(original)
+    state = original.state_dict()
+    assert state["batches_yielded"] == 10
+    original.set_epoch(1)
+    expected = list(original)
+    resumed = _sampler(total_batches=30)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    assert list(resumed) == expected
+    assert len(expected) == 10
+
+
+def test_two_ranks_partition_single_process_draw() -> None:
+    single = list(_sampler(batch_size=8))
+    rank0 = list(_sampler(batch_size=4, rank=0, world_size=2))
+    rank1 = list(_sampler(batch_size=4, rank=1, world_size=2))
+    for whole, a, b in zip(single, rank0, rank1, strict=True):
+        assert a + b == whole
+
+
+def test_len_and_dataloader() -> None:
+    sampler = _sampler()
+    assert len(sampler) == 10
+    dataset = TensorDataset(torch.arange(80))
+    loader = DataLoader(dataset, batch_sampler=sampler)
+    batches = [batch[0] for batch in loader]
+    assert len(batches) == len(loader) == 10
+    assert all(b.shape == (4,) for b in batches)
+    assert batches[-1].tolist() == list(_sampler())[-1]
