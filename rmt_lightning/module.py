@@ -24,7 +24,7 @@ from .method import (
     zero_std_groups,
 )
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
-from .rollout import DEFAULT_INSTRUCTION, GroupRollout, build_prompt_ids, generate_group
+from .rollout import DEFAULT_INSTRUCTION, GroupRollout, build_prompt_ids, completion_logprobs, generate_group, positions_from_mask
 from .tokens import TokenBytes
 
 CORRECTNESS_RULES = ("exact", "prefix")
@@ -39,10 +39,6 @@ def _pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
             ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, width - len(seq):] = 1
     return ids, mask
-
-
-def _positions(attention: Tensor) -> Tensor:
-    return (attention.cumsum(-1) - 1).clamp(min=0)
 
 
 class RMTModule(L.LightningModule):
@@ -63,6 +59,7 @@ class RMTModule(L.LightningModule):
         advantage_eps: delta in ``(r - mean) / (std + delta)``.
         beta: Weight of the k3 KL penalty to the frozen initial policy; 0 loads no reference model.
         ntp_weight: lambda in ``L = L_RL + lambda * L_NTP``; 0 skips the NTP pass.
+        rl: Train with RL; False trains next-token prediction on every position only (the NTP baseline).
         length_reward_weight: w in ``r = (1 - w) * r_correct + w * r_len``.
         r_max: Peak of the triangular length reward.
         correctness: ``exact`` (RMT: the prediction is the next token) or ``prefix`` (RPT: whole tokens of the continuation).
@@ -98,6 +95,7 @@ class RMTModule(L.LightningModule):
         advantage_eps: float = 1e-4,
         beta: float = 0.01,
         ntp_weight: float = 0.1,
+        rl: bool = True,
         length_reward_weight: float = 0.1,
         r_max: float = 1.0,
         correctness: str = "exact",
@@ -147,7 +145,7 @@ class RMTModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns eval mode; dropout, where a model has it, belongs to training
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        if hp.beta > 0:
+        if hp.beta > 0 and hp.rl:
             self.reference = copy.deepcopy(self.policy).eval()
             self.reference.requires_grad_(False)
 
@@ -218,33 +216,30 @@ class RMTModule(L.LightningModule):
 
     # ---- losses ------------------------------------------------------------------------------------
 
-    def _completion_logprobs(self, model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
-        """Log-probs of each completion token given its prompt and the completion before it: ``[N, C]``."""
-        ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention = torch.cat([prompt_mask, completion_mask], dim=1)
-        width = completion_ids.shape[1]
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=_positions(attention), logits_to_keep=width + 1).logits
-        return token_logprobs(logits[:, :-1], completion_ids)
+    def _completion_logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1) -> Tensor:
+        # Gradient checkpointing turns the key/value cache off, so the shared-prompt path needs it off.
+        share = not getattr(model, "is_gradient_checkpointing", False)
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, share)
 
     def rl_backward(self, prompts: list[list[int]], rollout: GroupRollout, advantages: Tensor) -> dict[str, float]:
         """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
         hp = self.hparams
         group = hp.group_size
-        prompt_ids, prompt_mask = _pad_left(prompts, self.tokenizer.pad_token_id)
-        prompt_ids = prompt_ids.repeat_interleave(group, 0).to(self.device)
-        prompt_mask = prompt_mask.repeat_interleave(group, 0).to(self.device)
+        prompt_ids, prompt_mask = (t.to(self.device) for t in _pad_left(prompts, self.tokenizer.pad_token_id))
         completion_ids = rollout.completion_ids.to(self.device)
         completion_mask = rollout.completion_mask.long().to(self.device)
         loss_mask = rollout.sampled_mask.to(self.device)
+        advantages = advantages.to(self.device)
         total_tokens = max(1, int(loss_mask.sum()))
         sums = {"loss_rl": 0.0, "kl": 0.0, "ratio_clipped": 0.0}
-        advantages = advantages.to(self.device)
-        for start in range(0, completion_ids.shape[0], hp.rl_micro_batch_size):
-            rows = slice(start, start + hp.rl_micro_batch_size)
+        prompts_per_micro_batch = max(1, hp.rl_micro_batch_size // group)
+        for first in range(0, len(prompts), prompts_per_micro_batch):
+            owners = slice(first, first + prompts_per_micro_batch)
+            rows = slice(first * group, (first + prompts_per_micro_batch) * group)
             tokens = int(loss_mask[rows].sum())
             if tokens == 0:
                 continue
-            args = (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows])
+            args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group)
             logprobs = self._completion_logprobs(self.policy, *args)
             reference = None
             if self.reference is not None:
@@ -312,9 +307,16 @@ class RMTModule(L.LightningModule):
         metrics: dict[str, float] = {"train/budget": float(budget)}
         started = time.perf_counter()
 
-        if self.global_step < hp.format_warmup_steps:
+        in_warmup = self.global_step < hp.format_warmup_steps
+        # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
+        metrics["train/format_warmup"] = float(in_warmup)
+        if in_warmup:
             loss = self.format_warmup_backward(contexts, continuations, budget)
-            metrics["train/loss_format_warmup"] = loss
+            metrics["timing/update"] = time.perf_counter() - started
+        elif not hp.rl:
+            # NTP only: every position of the documents, the sampled ones included.
+            loss = self.ntp_backward(batch["documents"], batch["document_attention_mask"], batch["document_attention_mask"].bool(), 1.0)
+            metrics["train/loss_ntp"] = loss
             metrics["timing/update"] = time.perf_counter() - started
         else:
             rollout = self.rollout(contexts, budget)
@@ -398,7 +400,7 @@ class RMTModule(L.LightningModule):
         """Next-token accuracy of the argmax at held-out positions, on the nested tiers H > 0.5, 1.0, 1.5."""
         ids, mask = _pad_left(batch["contexts"], self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=1).logits
+        logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=1).logits
         hits = (logits[:, -1].argmax(-1) == batch["next_token_ids"]).float()
         for t, name in enumerate(TIER_NAMES):
             members = batch["tiers"] >= t

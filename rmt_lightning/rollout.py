@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .method import extract_prediction
+from .method import extract_prediction, token_logprobs
 from .tokens import TokenBytes
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -68,6 +68,42 @@ class GroupRollout:
     def predictions(self) -> list[str | None]:
         """The ``\\boxed{}`` answer after ``</think>`` of each row, or None."""
         return [extract_prediction(text) for text in self.texts]
+
+
+def positions_from_mask(attention: Tensor) -> Tensor:
+    """Position ids that skip left padding: each row's first real token is at position 0."""
+    return (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                        completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True) -> Tensor:
+    """Log-probs ``[N, C]`` of each completion token given its prompt and the completion before it.
+
+    Prompts are ``[P, Lp]`` (left-padded), completions ``[P * group_size, C]`` (right-padded), row ``i``
+    belonging to prompt ``i // group_size``. With ``share_prompt`` each prompt runs through the model
+    once and its key/value cache, still attached to the graph, is repeated for its group, so the
+    gradient through the shared prompt is computed once instead of G times.
+    """
+    prompt_rows = prompt_mask.repeat_interleave(group_size, 0)
+    if not share_prompt:
+        ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], dim=1)
+        attention = torch.cat([prompt_rows, completion_mask], dim=1)
+        width = completion_ids.shape[1]
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention),
+                       logits_to_keep=width + 1).logits
+        return token_logprobs(logits[:, :-1], completion_ids)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1:].repeat_interleave(group_size, 0)
+    if completion_ids.shape[1] > 1:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        attention = torch.cat([prompt_rows, completion_mask], dim=1)[:, :-1]
+        positions = positions_from_mask(attention)[:, prompt_ids.shape[1]:]
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                     past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([logits, rest], dim=1)
+    return token_logprobs(logits, completion_ids)
 
 
 def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -140,7 +176,7 @@ def generate_group(
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         attention[row, width - len(prompt):] = 1
     ids, attention = ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(attention)
 
     was_training = model.training
     model.eval()
