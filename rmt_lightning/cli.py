@@ -16,9 +16,9 @@ class RMTCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
 
-def main(args=None) -> None:
-    """Run the CLI (``args`` as a list replaces ``sys.argv``, for tests)."""
-    RMTCLI(
+def build_cli(args=None, run: bool = True) -> RMTCLI:
+    """The CLI; ``args`` as a list replaces ``sys.argv`` and ``run=False`` only builds the objects (for tests)."""
+    return RMTCLI(
         RMTModule,
         RMTDataModule,
         seed_everything_default=0,
@@ -29,4 +29,10 @@ def main(args=None) -> None:
         },
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
+
+
+def main(args=None) -> None:
+    """Entry point of ``python -m rmt_lightning``."""
+    build_cli(args)

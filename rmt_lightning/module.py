@@ -64,7 +64,7 @@ class RMTModule(L.LightningModule):
         r_max: Peak of the triangular length reward.
         correctness: ``exact`` (RMT: the prediction is the next token) or ``prefix`` (RPT: whole tokens of the continuation).
         budget: Reasoning budget B when no TokenBudget callback sets one (a fixed budget, as in RPT).
-        answer_allowance: New tokens allowed after the thinking cap of 2B for closing the answer.
+        answer_allowance: Tokens the model may write after the thinking cap of 2B to close its answer (the scaffold budget forcing writes is not counted).
         max_response_length: Hard cap on new tokens per completion (paper: 2048).
         budget_forcing: Write ``</think> \\boxed{`` for the model when its thinking hits 2B tokens or ends without an answer.
         instruction: Prompt template with ``{budget}`` and ``{context}`` placeholders.

@@ -159,15 +159,18 @@ def generate_group(
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
     Without budget forcing a row stops at its closed answer, at an end-of-sequence token or at the cap.
-    With it, thinking stops at ``think_cap`` tokens and the answer gets ``answer_allowance`` tokens.
+    With it, thinking stops at ``think_cap`` tokens and the answer gets ``answer_allowance`` tokens written
+    by the model; the scaffold the generator writes does not count against either.
     """
     device = next(model.parameters()).device
     token_bytes = token_bytes or TokenBytes(tokenizer)
-    cap = think_cap + answer_allowance if max_new_tokens is None else min(max_new_tokens, think_cap + answer_allowance)
     eos_ids = end_of_sequence_ids(model, tokenizer)
     close_ids = tokenizer(THINK_CLOSE + " \\boxed{", add_special_tokens=False)["input_ids"]
     box_ids = tokenizer(" \\boxed{", add_special_tokens=False)["input_ids"]
     pad_id = tokenizer.pad_token_id
+    cap = think_cap + answer_allowance + (len(close_ids) if budget_forcing else 0)
+    if max_new_tokens is not None:
+        cap = min(cap, max_new_tokens)
 
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -233,7 +236,7 @@ def generate_group(
                         forced[r] = True
                         phase[r] = _ANSWERING
                 else:
-                    answer_tokens[r] += 1
+                    answer_tokens[r] += int(by_policy)
                     if extract_prediction(response_prefix + text) is not None or token in eos_ids:
                         if not queued[r]:
                             phase[r] = _DONE

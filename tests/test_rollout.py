@@ -1,0 +1,522 @@
+"""Prompt building, the budget-forcing state machine of ``generate_group`` and ``completion_logprobs``.
+
+The state machine is checked with a scripted model: the real tiny Llama, with +1e4 added to the logit of
+the token each row is scripted to write next, so sampling at temperature 0.8 is deterministic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.rollout import (
+    DEFAULT_INSTRUCTION,
+    build_prompt_ids,
+    completion_logprobs,
+    generate_group,
+    positions_from_mask,
+    render_instruction,
+)
+from rmt_lightning.tokens import TokenBytes
+
+PREFIX = "<think>\n"
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(BUILTIN_TINY)
+
+
+@pytest.fixture(scope="module")
+def model():
+    lm = load_causal_lm(BUILTIN_TINY)
+    lm.eval()
+    return lm
+
+
+@pytest.fixture(scope="module")
+def token_bytes(tokenizer):
+    return TokenBytes(tokenizer)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _one(tokenizer, text: str) -> int:
+    ids = _ids(tokenizer, text)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def _text(token_bytes, ids) -> str:
+    return b"".join(token_bytes.many(ids)).decode("utf-8")
+
+
+def _prompts(tokenizer, contexts: list[str], budget: int = 8) -> list[list[int]]:
+    return [build_prompt_ids(tokenizer, c, budget) for c in contexts]
+
+
+class ScriptedLM(nn.Module):
+    """The real model, with the logit of each row's scripted next token raised by 1e4.
+
+    ``scripts[r]`` is the token row ``r`` (= prompt * G + g) should write at each generated position (counting
+    tokens written for it by budget forcing too); past its end the row writes ``filler``. The prefill call
+    gives one logit row per prompt, so the G rows of a prompt must share their first scripted token.
+    """
+
+    def __init__(self, lm: nn.Module, scripts: list[list[int]], group_size: int, filler: int):
+        super().__init__()
+        self.lm = lm
+        self.scripts = scripts
+        self.group_size = group_size
+        self.filler = filler
+        self.step = -1
+        self.fed: list[list[int]] = []  # tokens fed to the model at each decode step
+
+    @property
+    def generation_config(self):
+        return self.lm.generation_config
+
+    def _scripted(self, row: int, step: int) -> int:
+        script = self.scripts[row]
+        return script[step] if step < len(script) else self.filler
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        out = self.lm(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+        logits = out.logits
+        if past_key_values is None:
+            self.step = 0
+            for p in range(logits.shape[0]):
+                first = {self._scripted(p * self.group_size + g, 0) for g in range(self.group_size)}
+                assert len(first) == 1, "rows of one prompt must share their first scripted token"
+                logits[p, -1, first.pop()] += 1e4
+        else:
+            self.fed.append(input_ids[:, 0].tolist())
+            self.step += 1
+            for r in range(logits.shape[0]):
+                logits[r, -1, self._scripted(r, self.step)] += 1e4
+        return out
+
+
+def _row(rollout, r: int) -> tuple[list[int], list[bool], list[bool]]:
+    """Valid tokens, their sampled flags and the full completion mask of row ``r``."""
+    n = int(rollout.completion_mask[r].sum())
+    return (rollout.completion_ids[r, :n].tolist(), rollout.sampled_mask[r, :n].tolist(),
+            rollout.completion_mask[r].tolist())
+
+
+def ids_of_row(rollout, r: int) -> list[int]:
+    """Valid tokens of row ``r``."""
+    return _row(rollout, r)[0]
+
+
+def _run_scripted(model, tokenizer, scripts, group_size, seed=0, **kwargs):
+    filler = _one(tokenizer, " y")
+    lm = ScriptedLM(model, scripts, group_size, filler)
+    prompts = _prompts(tokenizer, ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3"][: len(scripts) // group_size])
+    generator = torch.Generator().manual_seed(seed)
+    rollout = generate_group(lm, tokenizer, prompts, group_size, temperature=0.8, generator=generator, **kwargs)
+    return rollout, lm
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_render_instruction_fills_only_budget_and_context():
+    template = "Use {budget} tokens on {context}, answer in \\boxed{} or {other}; again {budget}."
+    out = render_instruction(template, 37, "x {y} z")
+    assert out == "Use 37 tokens on x {y} z, answer in \\boxed{} or {other}; again 37."
+    # Context text is inserted verbatim, even when it looks like a placeholder.
+    assert render_instruction("[{context}]", 5, "{budget} {context}") == "[{budget} {context}]"
+    default = render_instruction(DEFAULT_INSTRUCTION, 12, "2 + 2 =")
+    assert "exactly 12 tokens" in default
+    assert default.endswith("<|text_start|>2 + 2 =<|text_end|>")
+    assert "\\boxed{}" in default and "{budget}" not in default and "{context}" not in default
+
+
+def test_build_prompt_ids_chat_template(tokenizer, token_bytes):
+    context = "3 * 4 = 12"
+    ids = build_prompt_ids(tokenizer, context, 16, response_prefix=PREFIX)
+    tail = _ids(tokenizer, "<|im_start|>assistant\n" + PREFIX)
+    assert ids[-len(tail):] == tail
+    text = _text(token_bytes, ids)
+    user = render_instruction(DEFAULT_INSTRUCTION, 16, context)
+    assert text == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{PREFIX}"
+    assert "<|text_start|>3 * 4 = 12<|text_end|>" in text
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_build_prompt_ids_plain(tokenizer, token_bytes):
+    context = "7 + 8 = 15"
+    ids = build_prompt_ids(tokenizer, context, 4, instruction="Budget {budget}: {context}", response_prefix="<think>",
+                           use_chat_template=False)
+    assert _text(token_bytes, ids) == "Budget 4: 7 + 8 = 15\n<think>"
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in ids
+    # A tokenizer without a chat template falls back to the plain form.
+    bare = load_tokenizer(BUILTIN_TINY)
+    bare.chat_template = None
+    assert build_prompt_ids(bare, context, 4, instruction="Budget {budget}: {context}", response_prefix="<think>") == ids
+
+
+def test_positions_from_mask_skips_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+
+
+# ---------------------------------------------------------------- state machine (scripted model)
+
+
+def test_scripted_without_forcing(model, tokenizer, token_bytes):
+    """(a) a closed answer stops right after ``}``; (d) nothing exceeds the cap and capped rows are clipped."""
+    eos = tokenizer.eos_token_id
+    y, x = _one(tokenizer, " y"), _one(tokenizer, " c")
+    answer = _ids(tokenizer, " a b</think> \\boxed{ 7}")
+    closed = _ids(tokenizer, " c</think>")
+    scripts = [
+        answer,                         # row 0: answers, then would go on writing " y"
+        [answer[0]],                    # row 1: thinks forever
+        [x, _one(tokenizer, " b"), eos],  # row 2: ends while thinking
+        closed,                         # row 3: closes thinking but never boxes an answer
+    ]
+    think_cap, allowance = 30, 10
+    rollout, lm = _run_scripted(model, tokenizer, scripts, 2, think_cap=think_cap, answer_allowance=allowance,
+                                budget_forcing=False)
+    cap = think_cap + allowance
+    assert rollout.completion_ids.shape == (4, cap)
+
+    ids, sampled, mask = _row(rollout, 0)
+    assert ids == answer and len(answer) == 17
+    assert sampled == [True] * 17 and mask == [True] * 17 + [False] * (cap - 17)
+    assert rollout.texts[0] == PREFIX + " a b</think> \\boxed{ 7}"
+    assert rollout.predictions[0] == " 7"
+    assert rollout.reasoning_lengths[0] == 2
+    assert rollout.clipped[0] is False and rollout.forced[0] is False
+    assert rollout.completion_ids[0, 17:].tolist() == [tokenizer.pad_token_id] * (cap - 17)
+
+    ids, sampled, _ = _row(rollout, 1)
+    assert ids == [answer[0]] + [y] * (cap - 1)
+    assert all(sampled)
+    assert rollout.clipped[1] is True and rollout.forced[1] is False
+    assert rollout.predictions[1] is None
+    assert rollout.reasoning_lengths[1] == cap
+
+    ids, sampled, _ = _row(rollout, 2)
+    assert ids == scripts[2] and sampled == [True] * 3  # the end token is the policy's own action
+    assert rollout.clipped[2] is False and rollout.forced[2] is False
+    assert rollout.predictions[2] is None
+
+    ids, sampled, _ = _row(rollout, 3)
+    assert ids == closed + [y] * (cap - len(closed))
+    assert all(sampled)
+    assert rollout.clipped[3] is True and rollout.forced[3] is False
+    assert rollout.predictions[3] is None
+    assert rollout.reasoning_lengths[3] == 1
+
+    assert (rollout.completion_mask.sum(1) <= cap).all()
+    assert torch.equal(rollout.sampled_mask, rollout.completion_mask)
+    # Each generated token was fed back as context; finished rows are fed padding.
+    assert len(lm.fed) == cap
+    assert [step[0] for step in lm.fed] == answer + [tokenizer.pad_token_id] * (cap - 17)
+    assert [step[1] for step in lm.fed] == ids_of_row(rollout, 1)
+
+
+def test_scripted_max_new_tokens_caps_below_think_cap(model, tokenizer):
+    y = _one(tokenizer, " y")
+    rollout, _ = _run_scripted(model, tokenizer, [[y], [y]], 2, think_cap=30, answer_allowance=10, max_new_tokens=6)
+    assert rollout.completion_ids.shape == (2, 6)
+    assert rollout.completion_mask.all()
+    assert rollout.clipped == [True, True]
+
+
+def test_scripted_budget_forcing_at_think_cap(model, tokenizer, token_bytes):
+    """(b) thinking that never closes gets ``</think> \\boxed{`` written after exactly ``think_cap`` tokens."""
+    y, x = _one(tokenizer, " y"), _one(tokenizer, " c")
+    seven, brace = _one(tokenizer, " 7"), _one(tokenizer, "}")
+    scaffold = _ids(tokenizer, "</think> \\boxed{")
+    close_think = _ids(tokenizer, "</think>")
+    box = _ids(tokenizer, " \\boxed{")
+    assert scaffold == close_think + box and len(scaffold) == 13
+    think_cap, allowance = 4, 20
+    # Positions 4..16 are written by forcing; the scripted draws there are ignored.
+    scripts = [
+        [y] * 4 + [y] * 13 + [seven, brace],  # row 0: forced, then answers " 7"
+        [y],                                  # row 1: forced, never closes the box
+    ]
+    rollout, lm = _run_scripted(model, tokenizer, scripts, 2, think_cap=think_cap, answer_allowance=allowance,
+                                budget_forcing=True)
+
+    ids, sampled, mask = _row(rollout, 0)
+    assert ids == [y] * 4 + scaffold + [seven, brace]
+    assert sampled == [True] * 4 + [False] * 13 + [True, True]
+    assert mask[:19] == [True] * 19 and not any(mask[19:])
+    assert rollout.forced[0] is True and rollout.clipped[0] is False
+    assert rollout.reasoning_lengths[0] == 4
+    assert rollout.predictions[0] == " 7"
+    assert rollout.texts[0] == PREFIX + " y y y y</think> \\boxed{ 7}"
+
+    # The scaffold does not count against the answer allowance: the model still writes ``allowance`` tokens.
+    ids, sampled, _ = _row(rollout, 1)
+    assert len(ids) == think_cap + 13 + allowance
+    assert ids == [y] * 4 + scaffold + [y] * allowance
+    assert sampled == [True] * 4 + [False] * 13 + [True] * allowance
+    assert rollout.forced[1] is True and rollout.clipped[1] is True
+    assert rollout.reasoning_lengths[1] == 4
+    assert rollout.predictions[1] is None
+    assert rollout.completion_ids.shape == (2, think_cap + 13 + allowance)
+
+    # Forced tokens are part of the context: they are what the model is fed next.
+    assert [step[0] for step in lm.fed[:19]] == ids_of_row(rollout, 0)
+    # Row 1's last token finishes every row, so it is not fed.
+    assert len(lm.fed) == think_cap + 13 + allowance - 1
+    assert [step[1] for step in lm.fed] == ids_of_row(rollout, 1)[:-1]
+    assert not (rollout.sampled_mask & ~rollout.completion_mask).any()
+
+
+def test_scripted_budget_forcing_after_own_close(model, tokenizer):
+    """(b) a row that closes ``</think>`` itself gets only `` \\boxed{`` written, right after the close (before the
+    model could write it itself), and the model writes the answer."""
+    x, y = _one(tokenizer, " c"), _one(tokenizer, " y")
+    seven, brace = _one(tokenizer, " 7"), _one(tokenizer, "}")
+    close_think = _ids(tokenizer, "</think>")
+    box = _ids(tokenizer, " \\boxed{")
+    own = [x] + _ids(tokenizer, "</think> \\boxed{ 7}")
+    scripts = [
+        [x, _one(tokenizer, " a")] + close_think + [y] * 7 + [seven, brace],  # 8 thinking tokens < cap
+        own,
+    ]
+    rollout, _ = _run_scripted(model, tokenizer, scripts, 2, think_cap=10, answer_allowance=20, budget_forcing=True)
+
+    ids, sampled, _ = _row(rollout, 0)
+    assert ids == [x, _one(tokenizer, " a")] + close_think + box + [seven, brace]
+    assert sampled == [True] * 8 + [False] * 7 + [True, True]
+    assert rollout.forced[0] is True and rollout.clipped[0] is False
+    assert rollout.reasoning_lengths[0] == 2
+    assert rollout.predictions[0] == " 7"
+
+    # The box is written for it even though the model would have written the same tokens.
+    ids, sampled, _ = _row(rollout, 1)
+    assert ids == own
+    assert sampled == [True] * 7 + [False] * 7 + [True, True]
+    assert rollout.forced[1] is True and rollout.clipped[1] is False
+    assert rollout.reasoning_lengths[1] == 1
+    assert rollout.predictions[1] == " 7"
+
+
+def test_scripted_budget_forcing_answer_allowance(model, tokenizer):
+    """(b) with forcing, the answer phase ends after ``answer_allowance`` tokens written by the model (clipped),
+    before the overall cap; tokens written for it do not count."""
+    c, y = _one(tokenizer, " c"), _one(tokenizer, " y")
+    close_think = _ids(tokenizer, "</think>")
+    box = _ids(tokenizer, " \\boxed{")
+    scaffold = _ids(tokenizer, "</think> \\boxed{")
+    think_cap, allowance = 10, 3
+    scripts = [
+        [c, _one(tokenizer, " a")] + close_think,  # closes after 8 thinking tokens, box forced, then rambles
+        [c],                                       # forced at the thinking cap, then rambles
+    ]
+    rollout, _ = _run_scripted(model, tokenizer, scripts, 2, think_cap=think_cap, answer_allowance=allowance,
+                               budget_forcing=True, max_new_tokens=100)
+    ids, sampled, _ = _row(rollout, 0)
+    assert ids == [c, _one(tokenizer, " a")] + close_think + box + [y] * allowance
+    assert sampled == [True] * 8 + [False] * 7 + [True] * allowance
+    ids, sampled, _ = _row(rollout, 1)
+    assert ids == [c] + [y] * (think_cap - 1) + scaffold + [y] * allowance
+    assert sampled == [True] * think_cap + [False] * 13 + [True] * allowance
+    assert rollout.clipped == [True, True] and rollout.forced == [True, True]
+    assert rollout.predictions == [None, None]
+    assert rollout.reasoning_lengths == [2, think_cap]
+
+
+def test_scripted_budget_forcing_replaces_eos_while_thinking(model, tokenizer):
+    """(c) an end token while thinking becomes the answer scaffold; one while answering ends the row."""
+    eos = tokenizer.eos_token_id
+    y = _one(tokenizer, " y")
+    seven, brace = _one(tokenizer, " 7"), _one(tokenizer, "}")
+    scaffold = _ids(tokenizer, "</think> \\boxed{")
+    scripts = [
+        [y, y, eos] + [y] * 12 + [seven, brace],   # EOS at position 2, scaffold occupies 2..14
+        [y] + scaffold + [eos],                    # closes (the box is written for it), then ends
+    ]
+    rollout, _ = _run_scripted(model, tokenizer, scripts, 2, think_cap=20, answer_allowance=30, budget_forcing=True)
+
+    ids, sampled, _ = _row(rollout, 0)
+    assert eos not in ids
+    assert ids == [y, y] + scaffold + [seven, brace]
+    assert sampled == [True, True] + [False] * 13 + [True, True]
+    assert rollout.forced[0] is True and rollout.clipped[0] is False
+    assert rollout.reasoning_lengths[0] == 2
+    assert rollout.predictions[0] == " 7"
+
+    ids, sampled, _ = _row(rollout, 1)
+    assert ids == [y] + scaffold + [eos]
+    assert sampled == [True] * 7 + [False] * 7 + [True]
+    assert rollout.forced[1] is True and rollout.clipped[1] is False
+    assert rollout.predictions[1] is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rollout.py generate_group: scaffold tokens queued after an EOS while thinking still count as thinking "
+    "tokens, and when thinking_tokens reaches think_cap mid-scaffold `queued[r] = list(close_ids)` restarts "
+    "the scaffold, giving '</</think> \\boxed{' and a reasoning length that includes scaffold tokens"))
+def test_scripted_eos_near_think_cap_writes_scaffold_once(model, tokenizer):
+    eos = tokenizer.eos_token_id
+    y = _one(tokenizer, " y")
+    seven, brace = _one(tokenizer, " 7"), _one(tokenizer, "}")
+    scaffold = _ids(tokenizer, "</think> \\boxed{")
+    scripts = [[y, y, eos] + [y] * 12 + [seven, brace]] * 2
+    rollout, _ = _run_scripted(model, tokenizer, scripts, 2, think_cap=4, answer_allowance=30, budget_forcing=True)
+    ids, sampled, _ = _row(rollout, 0)
+    assert rollout.texts[0] == PREFIX + " y y</think> \\boxed{ 7}"
+    assert ids == [y, y] + scaffold + [seven, brace]
+    assert sampled == [True, True] + [False] * 13 + [True, True]
+    assert rollout.reasoning_lengths[0] == 2
+
+
+# ---------------------------------------------------------------- real tiny model
+
+
+def _reference_draws(model, prompts, group_size, steps, temperature, generator):
+    """Sample ``steps`` tokens per row with a full forward over each row's unpadded prompt + draws, no cache."""
+    rows = [list(prompts[i // group_size]) for i in range(len(prompts) * group_size)]
+    draws = [[] for _ in rows]
+    for _ in range(steps):
+        logits = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+        for r, t in enumerate(tokens):
+            rows[r].append(t)
+            draws[r].append(t)
+    return draws
+
+
+@torch.no_grad()
+def test_generate_group_real_model_shapes_seeds_and_groups(model, tokenizer):
+    prompts = _prompts(tokenizer, ["1 + 1 = 2", "a longer context: 3 * 4 = 12, 5 - 2 = 3, 9 / 3 = 3"])
+    assert len(prompts[0]) != len(prompts[1])
+    P, G, think_cap, allowance = 2, 4, 8, 4
+    cap = think_cap + allowance
+
+    def run(seed):
+        return generate_group(model, tokenizer, prompts, G, think_cap=think_cap, answer_allowance=allowance,
+                              temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(3), run(3), run(4)
+    assert a.completion_ids.shape == a.completion_mask.shape == a.sampled_mask.shape
+    assert a.completion_ids.shape[0] == P * G and 1 <= a.completion_ids.shape[1] <= cap
+    assert a.completion_ids.shape[1] == int(a.completion_mask.sum(1).max())
+    assert len(a.texts) == len(a.reasoning_lengths) == len(a.clipped) == len(a.forced) == P * G
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert not torch.equal(a.completion_ids[:, :4], c.completion_ids[:, :4])
+    # Each group holds G distinct samples.
+    for p in range(P):
+        group = {tuple(a.completion_ids[p * G + g].tolist()) for g in range(G)}
+        assert len(group) == G
+    # Without forcing nothing is written for the model; capped rows are clipped.
+    assert torch.equal(a.sampled_mask, a.completion_mask)
+    assert a.forced == [False] * (P * G)
+    lengths = a.completion_mask.sum(1).tolist()
+    for r, n in enumerate(lengths):
+        assert n <= cap
+        last = a.completion_ids[r, n - 1].item()
+        if a.clipped[r]:
+            assert n == cap
+        else:
+            assert last == tokenizer.eos_token_id or a.predictions[r] is not None
+
+
+@torch.no_grad()
+def test_generate_group_matches_uncached_reference(model, tokenizer):
+    """Cached, prefill-shared decoding draws exactly what sampling from full forwards over each row's own
+    prompt draws with the same generator: row ``i`` continues prompt ``i // G``."""
+    prompts = _prompts(tokenizer, ["2 + 2 = 4", "a longer context here: 7 * 6 = 42"])
+    G, steps = 3, 10
+    rollout = generate_group(model, tokenizer, prompts, G, think_cap=steps, answer_allowance=0, temperature=1.0,
+                             generator=torch.Generator().manual_seed(11))
+    draws = _reference_draws(model, prompts, G, steps, 1.0, torch.Generator().manual_seed(11))
+    for r in range(len(prompts) * G):
+        ids = ids_of_row(rollout, r)
+        assert ids == draws[r][: len(ids)]
+        if len(ids) < steps:
+            assert ids[-1] == tokenizer.eos_token_id or rollout.predictions[r] is not None
+
+
+# ---------------------------------------------------------------- completion_logprobs
+
+
+def _padded_batch(tokenizer, G=3):
+    gen = torch.Generator().manual_seed(5)
+    prompts = _prompts(tokenizer, ["5 + 5 = 10", "a much longer context to pad against: 12 * 3 = 36"])
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, width - len(p):] = torch.tensor(p)
+        prompt_mask[i, width - len(p):] = 1
+    lengths = [7, 1, 4, 7, 5, 2]
+    C = max(lengths)
+    completions = torch.randint(3, len(tokenizer), (len(prompts) * G, C), generator=gen)
+    cmask = torch.zeros((len(prompts) * G, C), dtype=torch.long)
+    for r, n in enumerate(lengths):
+        cmask[r, :n] = 1
+        completions[r, n:] = pad
+    return prompts, prompt_ids, prompt_mask, completions, cmask, G
+
+
+def test_completion_logprobs_share_prompt_is_exact(model, tokenizer):
+    prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
+    assert prompt_mask[0].sum() < prompt_mask[1].sum()
+    weights = torch.linspace(-1.0, 2.0, completions.numel()).reshape(completions.shape)
+    results = []
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        lp = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=share)
+        assert lp.shape == completions.shape
+        (lp * weights * cmask).sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((lp.detach(), grads))
+    model.zero_grad(set_to_none=True)
+    (lp_shared, g_shared), (lp_plain, g_plain) = results
+    valid = cmask.bool()
+    assert torch.allclose(lp_shared[valid], lp_plain[valid], atol=1e-5, rtol=0)
+    assert (lp_shared[valid] < 0).all()
+    assert set(g_shared) == set(g_plain) and len(g_shared) == len(list(model.parameters()))
+    for name in g_shared:
+        ref = g_plain[name]
+        assert ref.norm() > 0, name
+        assert ((g_shared[name] - ref).norm() / ref.norm()).item() < 1e-5, name
+
+
+def test_completion_logprobs_single_token_completions(model, tokenizer):
+    prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
+    first, first_mask = completions[:, :1].clone(), torch.ones_like(cmask[:, :1])
+    with torch.no_grad():
+        shared = completion_logprobs(model, prompt_ids, prompt_mask, first, first_mask, G, share_prompt=True)
+        plain = completion_logprobs(model, prompt_ids, prompt_mask, first, first_mask, G, share_prompt=False)
+        for r in range(first.shape[0]):
+            logits = model(input_ids=torch.tensor([prompts[r // G]])).logits[0, -1]
+            expected = torch.log_softmax(logits.float(), -1)[first[r, 0]]
+            assert abs(shared[r, 0].item() - expected.item()) < 1e-4
+            assert abs(plain[r, 0].item() - expected.item()) < 1e-4
+
+
+@torch.no_grad()
+def test_completion_logprobs_match_independent_loop(model, tokenizer):
+    prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
+    shared = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=True)
+    plain = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=False)
+    for r in range(completions.shape[0]):
+        prompt = prompts[r // G]
+        n = int(cmask[r].sum())
+        comp = completions[r, :n].tolist()
+        logits = model(input_ids=torch.tensor([prompt + comp])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        expected = torch.stack([logp[len(prompt) - 1 + j, comp[j]] for j in range(n)])
+        assert torch.allclose(shared[r, :n], expected, atol=1e-4, rtol=0), r
+        assert torch.allclose(plain[r, :n], expected, atol=1e-4, rtol=0), r

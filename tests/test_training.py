@@ -1,0 +1,166 @@
+"""The RL loop on the tiny model: it updates every policy weight, never the reference, schedules the
+budget exactly, checkpoints without the reference, exports a loadable model, and learns a learnable toy."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from rmt_lightning import HuggingFaceExport, RMTDataModule, RMTModule, TokenBudget
+from rmt_lightning.method import token_budget
+from rmt_lightning.models import BUILTIN_TINY, load_causal_lm
+
+
+def make_run(tmp_path, callbacks=(), model=None, data=None, **trainer):
+    module = RMTModule(**{"model_name_or_path": BUILTIN_TINY, "lr": 1e-3, "group_size": 4, "answer_allowance": 12,
+                          "budget_forcing": True, "budget": 4, **(model or {})})
+    datamodule = RMTDataModule(**{"model_name_or_path": BUILTIN_TINY, "embedded_documents": 48, "val_documents": 8,
+                                  "batch_size": 2, "batches_per_epoch": 3, "max_context_tokens": 48,
+                                  "val_positions": 8, "cache_dir": str(tmp_path / "cache"), **(data or {})})
+    trainer = L.Trainer(**{"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+                           "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                           "num_sanity_val_steps": 0, "limit_val_batches": 0, "use_distributed_sampler": False,
+                           "default_root_dir": str(tmp_path), "callbacks": list(callbacks), **trainer})
+    return module, datamodule, trainer
+
+
+def test_three_steps_move_every_policy_weight_and_no_reference_weight(tmp_path):
+    L.seed_everything(0)
+    module, datamodule, trainer = make_run(tmp_path, model={"beta": 0.05, "ntp_weight": 0.1}, max_steps=3)
+    trainer.fit(module, datamodule=datamodule)
+    initial = load_causal_lm(BUILTIN_TINY).state_dict()
+    assert trainer.global_step == 3
+    for name, value in module.policy.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embeddings
+            continue
+        assert not torch.equal(value, initial[name]), f"policy parameter {name} did not change"
+    for name, value in module.reference.state_dict().items():
+        assert torch.equal(value, initial[name]), f"reference parameter {name} changed"
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in module.reference.parameters())
+    assert all(not p.requires_grad for p in module.reference.parameters())
+
+
+def test_no_reference_model_when_beta_is_zero(tmp_path):
+    module, datamodule, trainer = make_run(tmp_path, model={"beta": 0.0}, max_steps=1)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.reference is None
+    assert not any(name.startswith("reference.") for name in module.state_dict())
+
+
+class _SaveAtStep(L.Callback):
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+class _DrawRecorder(L.Callback):
+    def __init__(self):
+        self.draws = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.draws.append((batch["curriculum_epoch"], batch["curriculum_batch"], batch["doc_ids"].tolist(), batch["positions"].tolist()))
+
+
+def test_checkpoint_has_policy_but_not_reference_and_resumes_the_same_draws(tmp_path):
+    path = tmp_path / "step2.ckpt"
+    full = _DrawRecorder()
+    module, datamodule, trainer = make_run(tmp_path, model={"beta": 0.05}, max_steps=5, max_epochs=2,
+                                           callbacks=[TokenBudget(b0=8, b_min=2, gamma=0.25), _SaveAtStep(2, path), full])
+    trainer.fit(module, datamodule=datamodule)
+    checkpoint = torch.load(path, weights_only=True)
+    assert any(k.startswith("policy.") for k in checkpoint["state_dict"])
+    assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
+    # The sampler runs a batch ahead of training; the checkpoint holds what training consumed.
+    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 0, "batches_yielded": 2, "seed": 0}
+    assert any("TokenBudget" in key for key in checkpoint["callbacks"])
+
+    resumed_draws = _DrawRecorder()
+    resumed, datamodule2, trainer2 = make_run(tmp_path, model={"beta": 0.05}, max_steps=5, max_epochs=2,
+                                              callbacks=[TokenBudget(b0=8, b_min=2, gamma=0.25), resumed_draws])
+    trainer2.fit(resumed, datamodule=datamodule2, ckpt_path=str(path))
+    assert trainer2.global_step == 5
+    assert resumed_draws.draws == full.draws[2:]
+
+
+def test_export_loads_with_from_pretrained(tmp_path):
+    export = tmp_path / "export"
+    module, datamodule, trainer = make_run(tmp_path, model={"beta": 0.0}, max_steps=1, callbacks=[HuggingFaceExport(str(export))])
+    trainer.fit(module, datamodule=datamodule)
+    reloaded = load_causal_lm(str(export))
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name])
+
+
+class _BudgetRecorder(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, trainer.global_step, pl_module.budget))
+
+
+@pytest.mark.parametrize("granularity", ["epoch", "step"])
+def test_budget_seen_by_module_follows_token_budget(tmp_path, granularity):
+    schedule = TokenBudget(b0=40, b_min=3, gamma=0.1, k=1.0, granularity=granularity)
+    recorder = _BudgetRecorder()  # after TokenBudget, so it sees the budget the step uses
+    module, datamodule, trainer = make_run(tmp_path, model={"beta": 0.0, "ntp_weight": 0.0, "answer_allowance": 2},
+                                           data={"batches_per_epoch": 2, "batch_size": 1}, callbacks=[schedule, recorder], max_epochs=3)
+    trainer.fit(module, datamodule=datamodule)
+    assert len(recorder.seen) == 6
+    for epoch, step, budget in recorder.seen:
+        progress = epoch / 3 if granularity == "epoch" else step / 6
+        assert budget == token_budget(progress, 40, 3, 0.1, 1.0)
+    assert len({b for _, _, b in recorder.seen}) == (3 if granularity == "epoch" else 6)
+
+
+def _write_corpus(path, documents):
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    return str(path)
+
+
+class _RewardRecorder(L.Callback):
+    def __init__(self):
+        self.rewards = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        value = trainer.callback_metrics.get("train/reward_correct")
+        if value is not None and not trainer.callback_metrics["train/format_warmup"]:
+            self.rewards.append(float(value))
+
+
+def test_reward_rises_on_a_learnable_toy(tmp_path):
+    """RL alone raises correctness when the next token is predictable.
+
+    Phase 1 teaches only the answer format (demonstrations whose next tokens are random digits, so the
+    answer itself carries no signal). Phase 2 runs pure RL (no NTP, no KL, no length reward) on documents
+    whose next token is always " 7": a reward that rises there is learned from rewards alone.
+    """
+    L.seed_everything(0)
+    generator = torch.Generator().manual_seed(0)
+    random_digits = [" ".join(str(int(d)) for d in torch.randint(0, 10, (24,), generator=generator)) for _ in range(60)]
+    sevens = [" ".join(["7"] * 24) for _ in range(60)]
+    common_model = {"budget": 6, "group_size": 8, "temperature": 1.0, "beta": 0.0, "ntp_weight": 0.0,
+                    "length_reward_weight": 0.0, "format_warmup_thought": "ok", "answer_allowance": 4}
+    common_data = {"text_field": "text", "val_documents": 4, "max_context_tokens": 16, "tier_thresholds": (0.5, 1.0, 1.5)}
+
+    export = tmp_path / "formatted"
+    module, datamodule, trainer = make_run(
+        tmp_path, model={**common_model, "lr": 3e-3, "format_warmup_steps": 60},
+        data={**common_data, "corpus": _write_corpus(tmp_path / "digits.jsonl", random_digits), "batch_size": 8, "batches_per_epoch": 60},
+        callbacks=[HuggingFaceExport(str(export))], max_steps=60)
+    trainer.fit(module, datamodule=datamodule)
+
+    recorder = _RewardRecorder()
+    module, datamodule, trainer = make_run(
+        tmp_path, model={**common_model, "model_name_or_path": str(export), "lr": 2e-3},
+        data={**common_data, "model_name_or_path": str(export), "corpus": _write_corpus(tmp_path / "sevens.jsonl", sevens),
+              "batch_size": 4, "batches_per_epoch": 30},
+        callbacks=[recorder], max_steps=30)
+    trainer.fit(module, datamodule=datamodule)
+    first, last = sum(recorder.rewards[:5]) / 5, sum(recorder.rewards[-5:]) / 5
+    assert last > first + 0.3, recorder.rewards
