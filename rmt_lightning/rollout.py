@@ -223,7 +223,7 @@ def generate_group(
                 text = raw[r].decode("utf-8", errors="ignore")
                 char_ends[r].append(len(text))
                 if phase[r] == _THINKING:
-                    thinking_tokens[r] += 1
+                    thinking_tokens[r] += int(by_policy)
                     if THINK_CLOSE in text:
                         phase[r] = _ANSWERING
                         if budget_forcing and not queued[r] and "\\boxed{" not in text.split(THINK_CLOSE, 1)[1]:
@@ -231,7 +231,7 @@ def generate_group(
                             forced[r] = True
                     elif token in eos_ids:
                         phase[r] = _DONE
-                    elif budget_forcing and thinking_tokens[r] >= think_cap:
+                    elif budget_forcing and not queued[r] and thinking_tokens[r] >= think_cap:
                         queued[r] = list(close_ids)
                         forced[r] = True
                         phase[r] = _ANSWERING
