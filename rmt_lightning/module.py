@@ -24,21 +24,18 @@ from .method import (
     zero_std_groups,
 )
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
-from .rollout import DEFAULT_INSTRUCTION, GroupRollout, build_prompt_ids, completion_logprobs, generate_group, positions_from_mask
+from .rollout import (
+    DEFAULT_INSTRUCTION,
+    GroupRollout,
+    build_prompt_ids,
+    completion_logprobs,
+    generate_group,
+    pad_left,
+    positions_from_mask,
+)
 from .tokens import TokenBytes
 
 CORRECTNESS_RULES = ("exact", "prefix")
-
-
-def _pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 class RMTModule(L.LightningModule):
@@ -189,11 +186,11 @@ class RMTModule(L.LightningModule):
         seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def rollout(self, contexts: list[list[int]], budget: int) -> GroupRollout:
-        """G completions per context under budget ``budget`` (thinking cap 2B, plus the answer allowance)."""
+    def rollout(self, prompts: list[list[int]], budget: int) -> GroupRollout:
+        """G completions per prompt under budget ``budget`` (thinking cap 2B, plus the answer allowance)."""
         hp = self.hparams
         return generate_group(
-            self.policy, self.tokenizer, self._prompts(contexts, budget), hp.group_size,
+            self.policy, self.tokenizer, prompts, hp.group_size,
             think_cap=2 * budget, answer_allowance=hp.answer_allowance, temperature=hp.temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
@@ -218,14 +215,17 @@ class RMTModule(L.LightningModule):
 
     def _completion_logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1) -> Tensor:
         # Gradient checkpointing turns the key/value cache off, so the shared-prompt path needs it off.
-        share = not getattr(model, "is_gradient_checkpointing", False)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        share = not checkpointing
         return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, share)
 
     def rl_backward(self, prompts: list[list[int]], rollout: GroupRollout, advantages: Tensor) -> dict[str, float]:
         """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
         hp = self.hparams
         group = hp.group_size
-        prompt_ids, prompt_mask = (t.to(self.device) for t in _pad_left(prompts, self.tokenizer.pad_token_id))
+        prompt_ids, prompt_mask = (t.to(self.device) for t in pad_left(prompts, self.tokenizer.pad_token_id))
         completion_ids = rollout.completion_ids.to(self.device)
         completion_mask = rollout.completion_mask.long().to(self.device)
         loss_mask = rollout.sampled_mask.to(self.device)
@@ -283,7 +283,7 @@ class RMTModule(L.LightningModule):
             target = continuation[0].decode("utf-8", errors="replace")
             text = f"{hp.format_warmup_thought}</think> \\boxed{{{target}}}"
             responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        prompt_ids, prompt_mask = _pad_left(prompts, self.tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
         width = max(len(r) for r in responses)
         response_ids = torch.full((len(responses), width), self.tokenizer.pad_token_id, dtype=torch.long)
         response_mask = torch.zeros((len(responses), width), dtype=torch.long)
@@ -319,11 +319,12 @@ class RMTModule(L.LightningModule):
             metrics["train/loss_ntp"] = loss
             metrics["timing/update"] = time.perf_counter() - started
         else:
-            rollout = self.rollout(contexts, budget)
+            prompts = self._prompts(contexts, budget)
+            rollout = self.rollout(prompts, budget)
             generated = time.perf_counter()
             rewards, correct, length = self.score(rollout, continuations, budget)
             advantages = group_advantages(rewards, eps=hp.advantage_eps).flatten()
-            terms = self.rl_backward(self._prompts(contexts, budget), rollout, advantages)
+            terms = self.rl_backward(prompts, rollout, advantages)
             loss_ntp = 0.0
             if hp.ntp_weight > 0:
                 loss_ntp = self.ntp_backward(
@@ -398,7 +399,7 @@ class RMTModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Next-token accuracy of the argmax at held-out positions, on the nested tiers H > 0.5, 1.0, 1.5."""
-        ids, mask = _pad_left(batch["contexts"], self.tokenizer.pad_token_id)
+        ids, mask = pad_left(batch["contexts"], self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=1).logits
         hits = (logits[:, -1].argmax(-1) == batch["next_token_ids"]).float()

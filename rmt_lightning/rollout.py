@@ -10,6 +10,7 @@ answer. Written-for-it tokens are part of the context but not of the policy-grad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -64,10 +65,22 @@ class GroupRollout:
     forced: list[bool]
     """Budget forcing wrote ``</think> \\boxed{`` for this row."""
 
-    @property
+    @cached_property
     def predictions(self) -> list[str | None]:
         """The ``\\boxed{}`` answer after ``</think>`` of each row, or None."""
         return [extract_prediction(text) for text in self.texts]
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ids ``[N, L]`` and their attention mask, so every sequence ends at the last column."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
 
 
 def positions_from_mask(attention: Tensor) -> Tensor:
@@ -172,13 +185,7 @@ def generate_group(
     if max_new_tokens is not None:
         cap = min(cap, max_new_tokens)
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention[row, width - len(prompt):] = 1
-    ids, attention = ids.to(device), attention.to(device)
+    ids, attention = (t.to(device) for t in pad_left(prompts, pad_id))
     positions = positions_from_mask(attention)
 
     was_training = model.training
