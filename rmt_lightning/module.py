@@ -68,7 +68,8 @@ class RMTModule(L.LightningModule):
         response_prefix: Text the response starts from, appended after the chat template (e.g. ``<think>\\n``).
         use_chat_template: Wrap the instruction in the tokenizer's chat template when it has one.
         format_warmup_steps: First optimizer steps trained on format demonstrations instead of RL (0: off).
-        format_warmup_thought: Thought text of the demonstrations ``<think>thought</think> \\boxed{next token}``.
+        format_warmup_thought: Thought of the demonstrations ``<think>thought</think> \\boxed{next token}``;
+            ``{context_tail}`` stands for the context's last B tokens (restating the tail, then continuing it).
         rl_micro_batch_size: Completions per forward/backward of the RL loss (bounds memory).
         ntp_micro_batch_size: Documents per forward/backward of the NTP loss.
         gradient_checkpointing: Recompute activations in backward to save memory.
@@ -279,9 +280,10 @@ class RMTModule(L.LightningModule):
         hp = self.hparams
         prompts = self._prompts(contexts, budget)
         responses = []
-        for continuation in continuations:
+        for context, continuation in zip(contexts, continuations):
             target = continuation[0].decode("utf-8", errors="replace")
-            text = f"{hp.format_warmup_thought}</think> \\boxed{{{target}}}"
+            thought = hp.format_warmup_thought.replace("{context_tail}", self.tokenizer.decode(context[-budget:]))
+            text = f"{thought}</think> \\boxed{{{target}}}"
             responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
         width = max(len(r) for r in responses)
