@@ -30,9 +30,9 @@ from .rollout import (
     build_prompt_ids,
     completion_logprobs,
     generate_group,
-    pad_left,
     positions_from_mask,
 )
+from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
 CORRECTNESS_RULES = ("exact", "prefix")
@@ -286,12 +286,7 @@ class RMTModule(L.LightningModule):
             text = f"{thought}</think> \\boxed{{{target}}}"
             responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(responses), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
-        for row, response in enumerate(responses):
-            response_ids[row, : len(response)] = torch.tensor(response)
-            response_mask[row, : len(response)] = 1
+        response_ids, response_mask = pad_right(responses, self.tokenizer.pad_token_id)
         args = [t.to(self.device) for t in (prompt_ids, prompt_mask, response_ids, response_mask)]
         logprobs = self._completion_logprobs(self.policy, *args)
         mask = args[3].float()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .method import extract_prediction, token_logprobs
+from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -69,18 +70,6 @@ class GroupRollout:
     def predictions(self) -> list[str | None]:
         """The ``\\boxed{}`` answer after ``</think>`` of each row, or None."""
         return [extract_prediction(text) for text in self.texts]
-
-
-def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-padded ids ``[N, L]`` and their attention mask, so every sequence ends at the last column."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 def positions_from_mask(attention: Tensor) -> Tensor:
@@ -265,14 +254,9 @@ def generate_group(
     finally:
         model.train(was_training)
 
-    length = max(1, max(len(g) for g in generated))
-    completion_ids = torch.full((rows, length), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((rows, length), dtype=torch.bool)
-    sampled_mask = torch.zeros((rows, length), dtype=torch.bool)
-    for r in range(rows):
-        completion_ids[r, : len(generated[r])] = torch.tensor(generated[r], dtype=torch.long)
-        completion_mask[r, : len(generated[r])] = True
-        sampled_mask[r, : len(sampled[r])] = torch.tensor(sampled[r], dtype=torch.bool)
+    completion_ids, completion_mask = pad_right(generated, pad_id, min_width=1)
+    sampled_mask = pad_right([[int(flag) for flag in row] for row in sampled], 0, min_width=1)[0].bool()
+    completion_mask = completion_mask.bool()
     texts = [response_prefix + bytes(b).decode("utf-8", errors="replace") for b in raw]
     lengths = [
         _reasoning_length(ends, bytes(b).decode("utf-8", errors="ignore"), response_prefix) for ends, b in zip(char_ends, raw)

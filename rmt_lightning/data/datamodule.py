@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..method import TIER_NAMES, assign_tiers
 from ..models import cache_root, load_causal_lm, load_tokenizer, parse_dtype, resolve_model_source
+from ..padding import pad_right
 from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, load_texts, tokenize_documents
 from .sampler import CurriculumBatchSampler
@@ -97,16 +98,10 @@ class PositionBatches(Dataset):
             contexts.append(tokens[max(0, p - self.max_context_tokens) : p])
             continuations.append(self.token_bytes.many(tokens[p : p + self.continuation_tokens]))
         unique_docs = sorted(set(doc.tolist()))
-        width = max(len(self.documents[d]) for d in unique_docs)
-        documents = torch.full((len(unique_docs), width), self.pad_token_id, dtype=torch.long)
-        ntp_mask = torch.zeros((len(unique_docs), width), dtype=torch.bool)
-        attention = torch.zeros((len(unique_docs), width), dtype=torch.long)
+        documents, attention = pad_right([self.documents[d] for d in unique_docs], self.pad_token_id)
+        ntp_mask = attention.bool()
+        ntp_mask[:, 0] = False  # token 0 has no context to be predicted from
         row_of = {d: row for row, d in enumerate(unique_docs)}
-        for row, d in enumerate(unique_docs):
-            length = len(self.documents[d])
-            documents[row, :length] = torch.tensor(self.documents[d])
-            attention[row, :length] = 1
-            ntp_mask[row, 1:length] = True  # token 0 has no context to be predicted from
         for d, p in zip(doc.tolist(), pos.tolist()):
             ntp_mask[row_of[d], p] = False  # RL positions are trained by RL only
         return {

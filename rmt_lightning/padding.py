@@ -1,0 +1,30 @@
+"""Pack token-id lists of different lengths into ``[N, L]`` tensors with their attention masks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ids ``[N, L]`` and their attention mask, so every sequence ends at the last column."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def pad_right(sequences: list[list[int]], pad_id: int, min_width: int = 0) -> tuple[Tensor, Tensor]:
+    """Right-padded ids ``[N, L]`` (L at least ``min_width``) and their attention mask, every sequence at column 0."""
+    width = max([min_width] + [len(seq) for seq in sequences])
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+    return ids, mask
