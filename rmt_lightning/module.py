@@ -9,8 +9,8 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from .method import (
     TIER_NAMES,
@@ -23,6 +23,8 @@ from .method import (
     total_reward,
     zero_std_groups,
 )
+from .callbacks.token_budget import TokenBudget
+from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
 from .rollout import (
     DEFAULT_INSTRUCTION,
@@ -30,7 +32,6 @@ from .rollout import (
     build_prompt_ids,
     completion_logprobs,
     generate_group,
-    positions_from_mask,
 )
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
@@ -69,12 +70,20 @@ class RMTModule(L.LightningModule):
         use_chat_template: Wrap the instruction in the tokenizer's chat template when it has one.
         format_warmup_steps: First optimizer steps trained on format demonstrations instead of RL (0: off).
         format_warmup_thought: Thought of the demonstrations ``<think>thought</think> \\boxed{next token}``;
-            ``{context_tail}`` stands for the context's last B tokens (restating the tail, then continuing it).
+            ``{context_tail}`` stands for the context's last B tokens and ``{next_token}`` for the true next
+            token, so ``{context_tail}{next_token}`` demonstrates "continue the text, then box the new token".
         rl_micro_batch_size: Completions per forward/backward of the RL loss (bounds memory).
         ntp_micro_batch_size: Documents per forward/backward of the NTP loss.
         gradient_checkpointing: Recompute activations in backward to save memory.
         sample_seed: Seed of completion sampling (per step and rank).
         log_samples: Completions kept per step for the TensorBoard table.
+        val_reasoning: Score held-out positions in reasoning mode too (generate, extract, match), not only by
+            the argmax (NTP mode); False saves the generation time.
+        val_budget: Budget of reasoning-mode validation and test outside ``fit`` (None: the TokenBudget
+            callback's final budget, at progress 1, or ``budget`` without one). During ``fit``, validation
+            uses the current budget.
+        val_group_size: Completions per held-out position in reasoning mode; accuracy is their mean.
+        val_temperature: Sampling temperature in reasoning-mode evaluation (0: greedy, the default).
     """
 
     def __init__(
@@ -111,6 +120,10 @@ class RMTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         sample_seed: int = 0,
         log_samples: int = 4,
+        val_reasoning: bool = True,
+        val_budget: int | None = None,
+        val_group_size: int = 1,
+        val_temperature: float = 0.0,
     ):
         super().__init__()
         if correctness not in CORRECTNESS_RULES:
@@ -119,6 +132,12 @@ class RMTModule(L.LightningModule):
             raise ValueError(f"group_size={group_size}: GRPO needs G >= 2 completions per position")
         if "{context}" not in instruction:
             raise ValueError("instruction must contain the '{context}' placeholder")
+        if val_budget is not None and val_budget < 1:
+            raise ValueError(f"val_budget={val_budget} must be >= 1 (or None for the final budget)")
+        if val_group_size < 1:
+            raise ValueError(f"val_group_size={val_group_size} must be >= 1")
+        if not val_temperature >= 0:
+            raise ValueError(f"val_temperature={val_temperature} must be >= 0 (0: greedy)")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.budget = budget
@@ -129,7 +148,14 @@ class RMTModule(L.LightningModule):
         self.skipped_steps = 0
         self.last_samples: list[dict] = []
         self.last_sampled_entropies: Tensor | None = None
-        self.val_ntp_acc = torch.nn.ModuleDict({name: MeanMetric() for name in TIER_NAMES})
+        self.last_reasoning_lengths: Tensor | None = None
+        self.eval_metrics = torch.nn.ModuleDict({stage: EvaluationMetrics() for stage in EVAL_STAGES})
+        self.eval_samples: list[dict] = []
+        """A few completions of the latest evaluation, for the TensorBoard table."""
+        self.eval_reasoning_lengths: list[int] = []
+        """Reasoning length of every completion of the latest evaluation on this rank (for a histogram)."""
+        self.last_evaluation: dict = {}
+        """Figures of the latest validation or test, as written to ``<log_dir>/<stage>_metrics.json``."""
 
     # ---- models ------------------------------------------------------------------------------------
 
@@ -187,29 +213,33 @@ class RMTModule(L.LightningModule):
         seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def rollout(self, prompts: list[list[int]], budget: int) -> GroupRollout:
-        """G completions per prompt under budget ``budget`` (thinking cap 2B, plus the answer allowance)."""
+    def rollout(self, prompts: list[list[int]], budget: int, group_size: int | None = None,
+                temperature: float | None = None) -> GroupRollout:
+        """G completions per prompt under budget ``budget`` (thinking cap 2B, plus the answer allowance);
+        ``group_size`` and ``temperature`` replace the training values (evaluation uses its own)."""
         hp = self.hparams
         return generate_group(
-            self.policy, self.tokenizer, prompts, hp.group_size,
-            think_cap=2 * budget, answer_allowance=hp.answer_allowance, temperature=hp.temperature, top_p=hp.top_p,
+            self.policy, self.tokenizer, prompts, group_size or hp.group_size,
+            think_cap=2 * budget, answer_allowance=hp.answer_allowance,
+            temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
         )
 
     def score(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Rewards ``[P, G]``: total, correctness and length parts."""
+        """Rewards ``[P, G]``: total, correctness and length parts (G: the rollout's completions per prompt)."""
         hp = self.hparams
+        group = len(rollout.texts) // len(continuations)
         correct, lengths = [], []
         for row, (prediction, reasoning) in enumerate(zip(rollout.predictions, rollout.reasoning_lengths)):
-            continuation = continuations[row // hp.group_size]
+            continuation = continuations[row // group]
             if hp.correctness == "exact":
                 correct.append(float(exact_match(prediction, continuation[0])))
             else:
                 correct.append(float(prefix_match(prediction, continuation)))
             lengths.append(length_reward(reasoning, budget, hp.r_max))
         total = [total_reward(c, l, hp.length_reward_weight) for c, l in zip(correct, lengths)]
-        shape = (len(continuations), hp.group_size)
+        shape = (len(continuations), group)
         return tuple(torch.tensor(x, dtype=torch.float32).view(shape) for x in (total, correct, lengths))
 
     # ---- losses ------------------------------------------------------------------------------------
@@ -283,6 +313,7 @@ class RMTModule(L.LightningModule):
         for context, continuation in zip(contexts, continuations):
             target = continuation[0].decode("utf-8", errors="replace")
             thought = hp.format_warmup_thought.replace("{context_tail}", self.tokenizer.decode(context[-budget:]))
+            thought = thought.replace("{next_token}", target)
             text = f"{thought}</think> \\boxed{{{target}}}"
             responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
@@ -375,12 +406,16 @@ class RMTModule(L.LightningModule):
         )
 
     def _keep_samples(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> None:
-        """A few rows for the TensorBoard completions table (one per position first)."""
-        hp = self.hparams
-        group = hp.group_size
-        rows = [p * group for p in range(len(batch["contexts"]))][: hp.log_samples]
+        """What the TensorBoard callback shows of this step: a few completions and every reasoning length."""
+        self.last_samples = self._sample_rows(batch, rollout, rewards)
+        self.last_reasoning_lengths = torch.tensor(rollout.reasoning_lengths, dtype=torch.float32)
+
+    def _sample_rows(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> list[dict]:
+        """A few rows for the TensorBoard completions table (the first completion of each position first)."""
+        group = len(rollout.texts) // len(batch["contexts"])
+        rows = [p * group for p in range(len(batch["contexts"]))][: self.hparams.log_samples]
         predictions = rollout.predictions
-        self.last_samples = [
+        return [
             {
                 "tier": TIER_NAMES[int(batch["tiers"][r // group])],
                 "context": self.tokenizer.decode(batch["contexts"][r // group][-24:]),
@@ -392,25 +427,75 @@ class RMTModule(L.LightningModule):
             for r in rows
         ]
 
-    # ---- validation --------------------------------------------------------------------------------
+    # ---- validation and test -----------------------------------------------------------------------
+
+    def evaluation_budget(self) -> int:
+        """Budget of reasoning-mode evaluation: during ``fit`` the current one; outside it ``val_budget``, else
+        the TokenBudget callback's final budget (progress 1), else the fixed ``budget``."""
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            return int(self.budget)
+        if self.hparams.val_budget is not None:
+            return int(self.hparams.val_budget)
+        schedules = [c for c in trainer.callbacks if isinstance(c, TokenBudget)] if trainer is not None else []
+        if schedules:
+            return schedules[0].final_budget
+        return int(self.budget)
+
+    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """Score one batch of held-out positions in NTP mode and, with ``val_reasoning``, in reasoning mode."""
+        hp = self.hparams
+        metrics = self.eval_metrics[stage]
+        if batch_idx == 0:
+            self.eval_samples, self.eval_reasoning_lengths = [], []
+        hits = argmax_hits(self.policy, batch["contexts"], batch["next_token_ids"], self.tokenizer.pad_token_id)
+        metrics.ntp.update(hits, batch["tiers"])
+        if not hp.val_reasoning:
+            return
+        budget = self.evaluation_budget()
+        rollout = self.rollout(self._prompts(batch["contexts"], budget), budget, hp.val_group_size, hp.val_temperature)
+        rewards, correct, _ = self.score(rollout, batch["continuations"], budget)
+        metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch["tiers"])
+        self.eval_reasoning_lengths.extend(rollout.reasoning_lengths)
+        if batch_idx == 0:
+            self.eval_samples = self._sample_rows(batch, rollout, rewards)
+
+    def _log_evaluation(self, stage: str) -> None:
+        """Log the stage's figures (reduced across ranks) and write them as JSON next to the TensorBoard run."""
+        hp = self.hparams
+        metrics = self.eval_metrics[stage]
+        figures = metrics.compute(stage, reasoning=hp.val_reasoning)
+        positions = int(metrics.ntp.total[0])  # every scored position is in the widest split
+        metrics.reset()
+        # Already reduced across ranks by torchmetrics: a second reduction would be wasted communication.
+        self.log_dict(figures, sync_dist=False)
+        headline = "acc_avg" if hp.val_reasoning and hp.rl else "ntp_acc_avg"
+        # The TensorBoard logger shows hp_metric next to the hparams: the accuracy the paper scores this model by.
+        self.log("hp_metric", figures[f"{stage}/{headline}"], sync_dist=False)
+        self.last_evaluation = {
+            "stage": stage,
+            "global_step": int(self.global_step),
+            "epoch": int(self.current_epoch),
+            "positions": positions,
+            "budget": self.evaluation_budget() if hp.val_reasoning else None,
+            "scored_by": "reasoning" if headline == "acc_avg" else "argmax",
+            # NaN (a split without positions) is not JSON: write null.
+            **{name: (float(v) if torch.isfinite(v) else None) for name, v in figures.items()},
+        }
+        folder = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
+        if folder is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            write_figures(folder, stage, self.last_evaluation)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Next-token accuracy of the argmax at held-out positions, on the nested tiers H > 0.5, 1.0, 1.5."""
-        ids, mask = pad_left(batch["contexts"], self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=1).logits
-        hits = (logits[:, -1].argmax(-1) == batch["next_token_ids"]).float()
-        for t, name in enumerate(TIER_NAMES):
-            members = batch["tiers"] >= t
-            if members.any():
-                self.val_ntp_acc[name].update(hits[members])
+        """Next-token accuracy at held-out positions on the nested tiers H > 0.5, 1.0, 1.5, in both modes."""
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """As ``validation_step``, logged under ``test/``."""
+        self._evaluate(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
-        values = {}
-        for name, metric in self.val_ntp_acc.items():
-            if metric.update_count > 0:
-                values[f"val/ntp_acc_{name}"] = metric.compute()
-            metric.reset()
-        if values:
-            values["val/ntp_acc_avg"] = torch.stack(list(values.values())).mean()
-            self.log_dict(values, sync_dist=False)
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")

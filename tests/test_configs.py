@@ -1,4 +1,4 @@
-"""Every YAML in configs/ parses and instantiates; the baselines differ from quickstart only in their own keys."""
+"""Every YAML in configs/ parses and instantiates; the baselines and ablations differ from rmt.yaml only in their own keys."""
 
 from pathlib import Path
 
@@ -8,12 +8,14 @@ import yaml
 from rmt_lightning import RMTDataModule, RMTModule, TokenBudget
 from rmt_lightning.cli import build_cli
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_configs_exist():
     names = {path.stem for path in CONFIGS}
-    assert {"quickstart", "tiny", "rpt_baseline", "ntp_only", "smollm2_gsm8k", "rmt_paper"} <= names
+    assert {"quickstart", "tiny", "rmt", "rpt_baseline", "ntp_only", "rmt_no_budget", "rmt_no_curriculum",
+            "rmt_no_ntp", "smollm2_gsm8k", "rmt_paper"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -39,32 +41,81 @@ def _flatten(tree, prefix=""):
     return {prefix.rstrip("."): tree}
 
 
-def _differences(name):
-    base = yaml.safe_load(Path(CONFIGS[0]).with_name("quickstart.yaml").read_text())
-    other = yaml.safe_load(Path(CONFIGS[0]).with_name(f"{name}.yaml").read_text())
-    flat_base, flat_other = _flatten(base), _flatten(other)
-    keys = set(flat_base) | set(flat_other)
-    return {k for k in keys if flat_base.get(k) != flat_other.get(k)}
+def _load(name):
+    return yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
 
 
-def test_rpt_baseline_differs_only_in_budget_curriculum_and_ntp():
-    assert _differences("rpt_baseline") == {
-        "trainer.logger.init_args.name", "trainer.callbacks",  # the TokenBudget callback is removed
-        "model.budget", "model.length_reward_weight", "model.ntp_weight", "data.curriculum",
+def _differences(name, base="rmt"):
+    flat_base, flat_other = _flatten(_load(base)), _flatten(_load(name))
+    return {k for k in set(flat_base) | set(flat_other) if flat_base.get(k) != flat_other.get(k)}
+
+
+def _without_token_budget(callbacks):
+    return [c for c in callbacks if "TokenBudget" not in c["class_path"]]
+
+
+# What each row of the paper's table changes in rmt.yaml, and nothing else (the logger name is the run's name).
+NO_BUDGET = {"trainer.callbacks", "model.length_reward_weight"}
+NO_CURRICULUM = {"data.curriculum"}
+NO_NTP = {"model.ntp_weight"}
+ROW_KEYS = {
+    "rmt_no_budget": NO_BUDGET,
+    "rmt_no_curriculum": NO_CURRICULUM,
+    "rmt_no_ntp": NO_NTP,
+    "rpt_baseline": NO_BUDGET | NO_CURRICULUM | NO_NTP,
+    "ntp_only": {"model.rl", "model.ntp_weight", "model.format_warmup_steps"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_KEYS))
+def test_baselines_and_ablations_differ_from_rmt_only_in_their_keys(name):
+    assert _differences(name) == ROW_KEYS[name] | {"trainer.logger.init_args.name"}
+    assert _load(name)["trainer"]["logger"]["init_args"]["name"] == name
+    rmt, other = _load("rmt"), _load(name)
+    if "trainer.callbacks" in ROW_KEYS[name]:
+        # Without a budget: the TokenBudget callback is the one callback removed, and B stays at its b0.
+        assert other["trainer"]["callbacks"] == _without_token_budget(rmt["trainer"]["callbacks"])
+        schedule = next(c for c in rmt["trainer"]["callbacks"] if "TokenBudget" in c["class_path"])
+        assert other["model"]["budget"] == schedule["init_args"]["b0"]
+        assert other["model"]["length_reward_weight"] == 0.0
+    if NO_CURRICULUM <= ROW_KEYS[name]:
+        assert rmt["data"]["curriculum"] is True and other["data"]["curriculum"] is False
+    if NO_NTP <= ROW_KEYS[name] and name != "ntp_only":  # NTP only turns lambda up, not off
+        assert other["model"]["ntp_weight"] == 0.0 and rmt["model"]["ntp_weight"] > 0
+
+
+def test_ntp_only_trains_next_token_prediction_alone():
+    rmt, ntp = _load("rmt"), _load("ntp_only")
+    assert ntp["model"]["rl"] is False and ntp["model"]["ntp_weight"] == 1.0
+    assert rmt["model"]["format_warmup_steps"] > 0 and ntp["model"]["format_warmup_steps"] == 0
+
+
+def test_rmt_is_the_quickstart_with_evaluation_settings():
+    # The compare command's RMT row and the README's quickstart must not drift apart.
+    assert _differences("quickstart") == {
+        "trainer.logger.init_args.name", "trainer.accelerator", "trainer.check_val_every_n_epoch",
+        "model.budget", "model.val_reasoning", "model.val_group_size", "model.val_temperature", "data.curriculum",
     }
-    cli_callbacks = yaml.safe_load(Path(CONFIGS[0]).with_name("rpt_baseline.yaml").read_text())["trainer"]["callbacks"]
-    assert not any("TokenBudget" in c["class_path"] for c in cli_callbacks)
+    rmt = _load("rmt")
+    assert rmt["data"]["curriculum"] is True and RMTDataModule().hparams.curriculum is True
+    schedule = next(c for c in rmt["trainer"]["callbacks"] if "TokenBudget" in c["class_path"])
+    assert rmt["model"]["budget"] == schedule["init_args"]["b0"]
 
 
-def test_ntp_only_differs_only_in_rl():
-    assert _differences("ntp_only") == {
-        "trainer.logger.init_args.name", "model.rl", "model.ntp_weight", "model.format_warmup_steps",
-    }
+def test_gsm8k_data_config_composes_with_a_method_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(CONFIG_DIR / "rmt.yaml"), "--config", str(CONFIG_DIR / "data" / "gsm8k.yaml"),
+                     "--trainer.accelerator", "cpu"], run=False)
+    data = cli.datamodule.hparams
+    assert data.corpus.endswith("gsm8k/train.jsonl") and data.val_corpus.endswith("gsm8k/test.jsonl")
+    assert data.text_template == "{question}\n{answer}"
+    assert data.batch_size == _load("rmt")["data"]["batch_size"]  # the method's keys are untouched
+    assert cli.model.hparams.ntp_weight == _load("rmt")["model"]["ntp_weight"]
 
 
 def test_print_config_prints_every_section(capsys):
     with pytest.raises(SystemExit):
-        build_cli(["fit", "--config", str(Path(CONFIGS[0]).with_name("tiny.yaml")), "--model.lr", "0.5", "--print_config"])
+        build_cli(["fit", "--config", str(CONFIG_DIR / "tiny.yaml"), "--model.lr", "0.5", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["lr"] == 0.5
     assert printed["model"]["model_name_or_path"] == "builtin:tiny-llama"

@@ -1,9 +1,12 @@
-"""TensorBoard views of what the policy does: a table of sample completions and the sampled entropies."""
+"""TensorBoard views of what the policy does: completions tables, histograms, and charts that pair related curves."""
 
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from ..method import TIER_NAMES
 
 
 def _cell(text) -> str:
@@ -21,25 +24,79 @@ def completions_markdown(samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chart_layout() -> dict:
+    """TensorBoard custom-scalars layout: curves a researcher reads together, drawn on one chart each."""
+    return {
+        "curriculum": {
+            f"{name}: scheduled p vs drawn share": ["Multiline", [f"curriculum/p_{name}", f"curriculum/drawn_{name}"]]
+            for name in TIER_NAMES
+        },
+        "budget": {"budget vs reasoning length": ["Multiline", ["train/budget", "train/reasoning_length"]]},
+        "evaluation": {
+            f"{stage} accuracy ({mode})": ["Multiline", [f"{stage}/{prefix}_{split}" for split in (*TIER_NAMES, "avg")]]
+            for stage in ("val",)
+            for mode, prefix in (("reasoning mode", "acc"), ("argmax", "ntp_acc"))
+        },
+    }
+
+
+def _writers(trainer):
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
 class CompletionsTable(L.Callback):
-    """Every ``every_n_steps`` optimizer steps, writes the module's latest sample completions as a markdown
-    table (tag ``completions``) and a histogram of the sampled positions' entropies (``curriculum/sampled_entropy``).
+    """Writes what a researcher checks while a run goes to TensorBoard (rank 0 only):
+
+    - every ``every_n_steps`` optimizer steps: the latest completions as a markdown table (text tag
+      ``completions``: tier, context tail, completion, target, prediction, reward) and histograms of the
+      sampled positions' entropy (``curriculum/sampled_entropy``) and of the reasoning lengths
+      (``train/reasoning_length_hist``);
+    - after each validation or test: a table of the first held-out completions (``completions/val``,
+      ``completions/test``) and a histogram of their reasoning lengths (``val/reasoning_length_hist``);
+    - once at the start of ``fit``: charts that draw ``curriculum/p_*`` with ``curriculum/drawn_*``, the budget
+      with the reasoning length, and the accuracy splits together (the CUSTOM SCALARS tab).
+
+    The hyperparameters are in the HPARAMS tab with ``hp_metric``, the accuracy the model is scored by.
 
     Args:
-        every_n_steps: Steps between two tables.
+        every_n_steps: Optimizer steps between two tables.
     """
 
     def __init__(self, every_n_steps: int = 10):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps = every_n_steps
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            for writer in _writers(trainer):
+                writer.add_custom_scalars(chart_layout())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if (step - 1) % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment
-                if pl_module.last_samples:
-                    writer.add_text("completions", completions_markdown(pl_module.last_samples), step)
-                if pl_module.last_sampled_entropies is not None and len(pl_module.last_sampled_entropies):
-                    writer.add_histogram("curriculum/sampled_entropy", pl_module.last_sampled_entropies, step)
+        for writer in _writers(trainer):
+            if pl_module.last_samples:
+                writer.add_text("completions", completions_markdown(pl_module.last_samples), step)
+            if pl_module.last_sampled_entropies is not None and len(pl_module.last_sampled_entropies):
+                writer.add_histogram("curriculum/sampled_entropy", pl_module.last_sampled_entropies, step)
+            if pl_module.last_reasoning_lengths is not None and len(pl_module.last_reasoning_lengths):
+                writer.add_histogram("train/reasoning_length_hist", pl_module.last_reasoning_lengths, step)
+
+    def _evaluation_views(self, trainer, pl_module, stage: str) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        for writer in _writers(trainer):
+            if pl_module.eval_samples:
+                writer.add_text(f"completions/{stage}", completions_markdown(pl_module.eval_samples), step)
+            if pl_module.eval_reasoning_lengths:
+                writer.add_histogram(f"{stage}/reasoning_length_hist", torch.tensor(pl_module.eval_reasoning_lengths, dtype=torch.float32), step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._evaluation_views(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._evaluation_views(trainer, pl_module, "test")
+

@@ -67,10 +67,11 @@ class TokenBudget(L.Callback):
         if self.granularity == "step":
             self._apply(trainer, pl_module)
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        # A standalone validate has no training loop to set the budget: use the one at the current progress.
-        if not trainer.training:
-            self._apply(trainer, pl_module)
+    @property
+    def final_budget(self) -> int:
+        """The budget at progress 1, where training ends: what a finished model is evaluated with outside
+        ``fit`` (see ``RMTModule.evaluation_budget``)."""
+        return token_budget(1.0, self.b0, self.b_min, self.gamma, self.k)
 
     def state_dict(self) -> dict:
         return {"budget": self.budget, "progress": self.progress}

@@ -136,7 +136,11 @@ class RMTDataModule(L.LightningDataModule):
         max_documents: Read at most this many documents (None: all).
         embedded_documents: Number of documents generated for ``embedded:math``.
         max_document_tokens: Documents longer than this are split into chunks of this many tokens.
-        val_documents: Documents held out for validation (never sampled for training).
+        val_documents: Documents held out for validation (never sampled for training); with ``val_corpus``, the
+            number of records read from that corpus instead, and the training corpus is used whole.
+        val_corpus: A separate corpus for validation and test (e.g. GSM8K's ``test.jsonl`` beside ``train.jsonl``),
+            read with the same fields and template (None: hold out ``val_documents`` of ``corpus``).
+        val_split: Split of ``val_corpus`` to read when it is a hub dataset.
         model_name_or_path: Policy model; its tokenizer tokenizes the corpus (linked from ``model`` by the CLI).
         proxy_name_or_path: Model that scores entropy (None: the policy checkpoint).
         trust_remote_code: Allow custom model code from the hub (linked from ``model`` by the CLI).
@@ -156,7 +160,8 @@ class RMTDataModule(L.LightningDataModule):
         batches_per_epoch: Optimizer steps per epoch.
         max_context_tokens: Context of an RL position, left-truncated to this many tokens.
         continuation_tokens: Corpus tokens after the position kept for the ``prefix`` rule.
-        val_positions: Held-out positions scored in validation (seeded).
+        val_positions: Held-out positions scored in validation and test (seeded, the same in every run with the
+            same seed and corpus); with several processes they are split evenly across ranks.
         val_batch_size: Positions per validation batch.
         seed: Seed of the document split, the curriculum draws and the validation positions.
     """
@@ -172,6 +177,8 @@ class RMTDataModule(L.LightningDataModule):
         embedded_documents: int = 2000,
         max_document_tokens: int = 512,
         val_documents: int = 32,
+        val_corpus: str | None = None,
+        val_split: str = "test",
         model_name_or_path: str = "builtin:smollm2-135m-instruct",
         proxy_name_or_path: str | None = None,
         trust_remote_code: bool = False,
@@ -211,20 +218,41 @@ class RMTDataModule(L.LightningDataModule):
     def proxy_source(self) -> str:
         return self.hparams.proxy_name_or_path or self.hparams.model_name_or_path
 
-    def _load_documents(self) -> list[list[int]]:
+    def _read(self, corpus: str, split: str, max_documents: int | None) -> list[list[int]]:
         hp = self.hparams
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
         texts = load_texts(
-            hp.corpus, split=hp.split, text_field=hp.text_field, text_template=hp.text_template,
-            max_documents=hp.max_documents, subset=hp.subset, embedded_documents=hp.embedded_documents, seed=hp.seed,
+            corpus, split=split, text_field=hp.text_field, text_template=hp.text_template,
+            max_documents=max_documents, subset=hp.subset, embedded_documents=hp.embedded_documents, seed=hp.seed,
         )
-        documents = tokenize_documents(texts, self.tokenizer, hp.max_document_tokens)
-        if len(documents) <= hp.val_documents:
+        return tokenize_documents(texts, self.tokenizer, hp.max_document_tokens)
+
+    def _load_documents(self) -> list[list[int]]:
+        """The training corpus (with its held-out validation documents when there is no ``val_corpus``)."""
+        hp = self.hparams
+        documents = self._read(hp.corpus, hp.split, hp.max_documents)
+        held_out = 0 if hp.val_corpus else hp.val_documents
+        if len(documents) <= held_out:
             raise ValueError(
                 f"corpus '{hp.corpus}' gave {len(documents)} documents, but val_documents={hp.val_documents} "
                 "are held out; use a larger corpus or fewer val_documents"
             )
+        return documents
+
+    def _load_val_documents(self) -> list[list[int]]:
+        """The first ``val_documents`` records of ``val_corpus`` (none without one)."""
+        hp = self.hparams
+        if not hp.val_corpus:
+            return []
+        if hp.val_corpus == hp.corpus and hp.val_split == hp.split:
+            raise ValueError(
+                f"val_corpus '{hp.val_corpus}' is the training corpus, so validation would score trained-on text; "
+                "leave val_corpus unset to hold out val_documents of the corpus instead"
+            )
+        documents = self._read(hp.val_corpus, hp.val_split, hp.val_documents)
+        if not documents:
+            raise ValueError(f"val_corpus '{hp.val_corpus}' gave no document to validate on")
         return documents
 
     def _cache_file(self, documents) -> tuple[Path, str]:
@@ -259,15 +287,23 @@ class RMTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Score the corpus once (local rank 0); ``setup`` on every rank then reads the cache."""
         self._score(self._load_documents())
+        validation = self._load_val_documents()
+        if validation:
+            self._score(validation)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_candidates is not None:
             return
         hp = self.hparams
-        self.documents = self._load_documents()
-        scores = self._score(self.documents)
-        order = torch.randperm(len(self.documents), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        val_docs, train_docs = sorted(order[: hp.val_documents]), sorted(order[hp.val_documents :])
+        training, validation = self._load_documents(), self._load_val_documents()
+        # Scored separately, so the training corpus's cache is the same with or without a val_corpus.
+        scores = self._score(training) + (self._score(validation) if validation else [])
+        self.documents = training + validation
+        if validation:
+            train_docs, val_docs = list(range(len(training))), list(range(len(training), len(self.documents)))
+        else:
+            order = torch.randperm(len(training), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+            val_docs, train_docs = sorted(order[: hp.val_documents]), sorted(order[hp.val_documents :])
         self.train_candidates = Candidates.from_scores(scores, train_docs, hp.tier_thresholds)
         self.val_candidates = Candidates.from_scores(scores, val_docs, hp.tier_thresholds)
         tiers = self.train_candidates.tier_members()
@@ -315,12 +351,27 @@ class RMTDataModule(L.LightningDataModule):
         self.sampler.total_batches = self._total_batches()
         return DataLoader(self._batches(self.train_candidates), sampler=_DrawsWithProgress(self.sampler), batch_size=None)
 
-    def val_dataloader(self) -> DataLoader:
+    def eval_positions(self) -> Tensor:
+        """Indices into ``val_candidates`` of the positions this rank scores: a seeded draw of ``val_positions``
+        among the held-out positions with ``H > tier_thresholds[0]`` (the widest evaluation split), dealt
+        round-robin across ranks. The draw is cut to a multiple of the world size, so every rank runs the same
+        number of batches (generation and metric reduction are collectives under DDP and FSDP)."""
         hp = self.hparams
         eligible = torch.nonzero(self.val_candidates.tier >= 0).flatten()
         chosen = eligible[torch.randperm(len(eligible), generator=torch.Generator().manual_seed(hp.seed))[: hp.val_positions]]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return chosen[: len(chosen) // world_size * world_size][rank::world_size]
+
+    def val_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        chosen = self.eval_positions()
         batches = [chosen[i : i + hp.val_batch_size].tolist() for i in range(0, len(chosen), hp.val_batch_size)]
         return DataLoader(self._batches(self.val_candidates), sampler=batches, batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        """The same held-out positions as validation: ``test`` scores a finished model on them."""
+        return self.val_dataloader()
 
     # ---- state -------------------------------------------------------------------------------------
 

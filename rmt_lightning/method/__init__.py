@@ -1,7 +1,7 @@
 """The RMT paper's formulas as small pure functions (arXiv 2509.24375)."""
 
 from .budget import length_reward, token_budget
-from .curriculum import TIER_NAMES, assign_tiers, renormalise_over_nonempty, tier_probabilities
+from .curriculum import TIER_NAMES, assign_tiers, nested_tier_masks, renormalise_over_nonempty, tier_probabilities
 from .entropy import token_entropy
 from .grpo import GRPOLossTerms, group_advantages, grpo_token_loss, grpo_token_loss_terms, zero_std_groups
 from .logprobs import token_logprobs
@@ -13,6 +13,7 @@ __all__ = [
     "TIER_NAMES",
     "tier_probabilities",
     "assign_tiers",
+    "nested_tier_masks",
     "renormalise_over_nonempty",
     "extract_prediction",
     "exact_match",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["TIER_NAMES", "tier_probabilities", "assign_tiers", "renormalise_over_nonempty"]
+__all__ = ["TIER_NAMES", "tier_probabilities", "assign_tiers", "nested_tier_masks", "renormalise_over_nonempty"]
 
 TIER_NAMES: tuple[str, str, str] = ("easy", "medium", "hard")
 
@@ -74,6 +74,16 @@ def assign_tiers(entropy: Tensor, thresholds: Sequence[float] = (0.5, 1.0, 1.5))
     for tier, bound in enumerate(bounds):
         tiers[entropy > bound] = tier
     return tiers
+
+
+def nested_tier_masks(tiers: Tensor) -> Tensor:
+    """Membership of each position in the nested evaluation splits of RPT: ``[..., 3]`` booleans.
+
+    Split ``t`` holds the positions with ``H > t_t``: easy ``H > t0``, medium ``H > t1``, hard ``H > t2``, so a
+    hard position counts in all three splits. ``tiers`` are the disjoint tiers of :func:`assign_tiers`
+    (-1 .. 2), and ``H > t_t`` is exactly ``tier >= t``.
+    """
+    return torch.stack([tiers >= t for t in range(len(TIER_NAMES))], dim=-1)
 
 
 def renormalise_over_nonempty(probs: Sequence[float], nonempty: Sequence[bool]) -> tuple[float, ...]:
