@@ -334,6 +334,7 @@ def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_pa
     assert list(rows) == [BASE_ROW, "RMT", "RPT-style", "NTP only"]
     assert rows[BASE_ROW]["steps"] == 0
     assert {rows[m]["steps"] for m in ("RMT", "RPT-style", "NTP only")} == {4} and result["same_steps"]
+    assert all(rows[m]["train_cpu_seconds"] > 0 and rows[m]["train_seconds"] > 0 for m in ("RMT", "RPT-style", "NTP only"))
     assert rows["RMT"]["eval_budget"] == token_budget(1.0, 8, 2, 0.25)  # rmt.yaml's final budget
     assert rows["RPT-style"]["eval_budget"] == 8  # B fixed at B_0
     assert rows["NTP only"]["scored_by"] == "argmax" and rows["NTP only"]["reasoning_length"] is None
@@ -369,3 +370,15 @@ def test_compare_on_the_gsm8k_jsonl(tmp_path, monkeypatch):
 def test_compare_rejects_a_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
         compare([str(tmp_path / "no_such.yaml")], tmp_path / "out")
+
+
+def test_python_m_rmt_lightning_compare_passes_what_follows_the_double_dash_to_every_run(monkeypatch):
+    import rmt_lightning.compare as compare_module
+    from rmt_lightning.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(compare_module, "compare", lambda *args, **kwargs: calls.append((args, kwargs)))
+    main(["compare", "--configs", "a.yaml", "b.yaml", "--out", "out", "--seed", "4", "--no-base", "--",
+          "--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"])
+    assert calls == [((["a.yaml", "b.yaml"], "out", ["--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"]),
+                      {"seed": 4, "base": False, "keep_artifacts": False})]
