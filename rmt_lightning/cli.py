@@ -1,19 +1,160 @@
-"""``python -m rmt_lightning fit|validate|test --config configs/<name>.yaml``: LightningCLI for RMT."""
+"""``python -m rmt_lightning fit|validate|test --config configs/<name>.yaml``: LightningCLI for RMT.
+
+Before a run starts, before any model is loaded, every input is checked (``preflight``); a bad one ends the
+command with one line, ``error: ...``, and exit status 2. Checkpoints are written atomically and
+``--ckpt_path last`` finds the newest ``last.ckpt`` across the logger's version folders.
+"""
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+import difflib
+import re
+import sys
+from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from .callbacks import HuggingFaceExport, TokenBudget
+from .checkpointing import AtomicCheckpointIO, verify_checkpoint_file
+from .checks import InputError, check_rollout_fits, check_writable_directory
 from .data.datamodule import RMTDataModule
-from .module import RMTModule
+from .module import NonFiniteLossError, RMTModule
+
+_LAST = re.compile(r"^last(-\d+)?\.ckpt$")
+
+
+class RMTArgumentParser(LightningArgumentParser):
+    """Reports a bad option in one line, with the closest valid name, instead of the whole usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        unknown = re.search(r"does not accept option '([^']+)'", message)
+        if unknown:
+            options = [action.dest for action in parser._actions]
+            close = difflib.get_close_matches(unknown.group(1), options, n=1)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\n`{prog} --help` lists every valid option\n")
+        sys.exit(2)
 
 
 class RMTCLI(LightningCLI):
-    """LightningCLI that gives the datamodule the policy's name, so the corpus is tokenized by its tokenizer."""
+    """LightningCLI that gives the datamodule the policy's name (the corpus is tokenized by its tokenizer),
+    checks every input before a model is loaded, and writes checkpoints atomically."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before anything else: a damaged file must be one
+        # clear error here, not a stream reader's traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "last", "best", "hpc") and "://" not in str(ckpt_path):
+            verify_checkpoint_file(ckpt_path, full=True)
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            # A constructor's ValueError is a bad config value; jsonargparse wraps those raised in lists.
+            cause = _root_value_error(error)
+            if cause is None:
+                raise
+            raise InputError(str(cause)) from None
+        strategy = self.trainer.strategy
+        # Strategies with their own checkpoint IO (sharded checkpoints) keep it.
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def before_fit(self) -> None:
+        self.preflight("fit")
+
+    def before_validate(self) -> None:
+        self.preflight("validate")
+
+    def before_test(self) -> None:
+        self.preflight("test")
+
+    def preflight(self, subcommand: str) -> None:
+        """Check the output folders, the data and models, the sequence lengths and the checkpoint to resume
+        from, before any model is loaded. Every process runs it, so all of them stop alike."""
+        trainer = self.trainer
+        for folder, what in _output_folders(trainer):
+            check_writable_directory(folder, what)
+        self.datamodule.check_inputs()
+        budgets = [c.b0 for c in trainer.callbacks if isinstance(c, TokenBudget)] or [self.model.hparams.budget]
+        check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens, max(budgets))
+        config = self.config_init[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            config["ckpt_path"] = find_last_checkpoint(trainer)
+
+
+def _root_value_error(error: BaseException) -> ValueError | None:
+    """The innermost ValueError in ``error``'s chain of causes, if any."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ValueError):
+            found = error
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def _output_folders(trainer) -> list[tuple[str, str]]:
+    folders = [(trainer.default_root_dir, "trainer.default_root_dir")]
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None) or logger.save_dir
+        if folder:
+            folders.append((folder, f"log directory of {type(logger).__name__}"))
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            folders.append((callback.dirpath, "checkpoint directory (ModelCheckpoint dirpath)"))
+        if isinstance(callback, HuggingFaceExport) and callback.dirpath:
+            folders.append((callback.dirpath, "export directory (HuggingFaceExport dirpath)"))
+    return folders
+
+
+def _checkpoint_folders(trainer) -> list[Path]:
+    """Where this run's ModelCheckpoint callbacks write; with a logger, that folder of every version."""
+    folders = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        if callback.dirpath:
+            folders.append(Path(callback.dirpath))
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+            folders.extend(sorted(root.glob("*/checkpoints")))
+        else:
+            folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    return folders
+
+
+def find_last_checkpoint(trainer) -> str | None:
+    """The newest ``last.ckpt`` of the run's ModelCheckpoint callbacks, or None with a warning.
+
+    Lightning looks for ``last`` only in the folder of the *new* logger version, which never holds one, so
+    ``--ckpt_path last`` would silently start from scratch; this looks through every version folder."""
+    folders = _checkpoint_folders(trainer)
+    candidates = [path for folder in folders if folder.is_dir() for path in folder.iterdir() if _LAST.match(path.name)]
+    if not candidates:
+        rank_zero_warn(f"ckpt_path='last': no last.ckpt in {[str(f) for f in folders] or 'any checkpoint folder'}; training starts from the beginning")
+        return None
+    newest = max(candidates, key=lambda path: path.stat().st_mtime)
+    verify_checkpoint_file(newest)
+    rank_zero_info(f"ckpt_path='last': resuming from {newest}")
+    return str(newest)
 
 
 def build_cli(args=None, run: bool = True) -> RMTCLI:
@@ -28,11 +169,20 @@ def build_cli(args=None, run: bool = True) -> RMTCLI:
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "logs", "name": "rmt"}},
         },
         save_config_kwargs={"overwrite": True},
+        parser_class=RMTArgumentParser,
         args=args,
         run=run,
     )
 
 
 def main(args=None) -> None:
-    """Entry point of ``python -m rmt_lightning``."""
-    build_cli(args)
+    """Entry point of ``python -m rmt_lightning``: a bad input or a diverged run ends with one line on stderr
+    and exit status 2 (input) or 1 (NaN/inf losses), not a traceback."""
+    try:
+        build_cli(args)
+    except InputError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(1)

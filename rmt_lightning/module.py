@@ -25,6 +25,8 @@ from .method import (
 )
 from .callbacks.token_budget import TokenBudget
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
+from .checkpointing import reopen_unfinished_epoch, restore_rng_states, rng_states
+from .checks import as_input_error, at_least, between
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
 from .rollout import (
     DEFAULT_INSTRUCTION,
@@ -37,6 +39,10 @@ from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
 CORRECTNESS_RULES = ("exact", "prefix")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients were NaN/inf on ``max_consecutive_skips`` steps in a row."""
 
 
 class RMTModule(L.LightningModule):
@@ -77,6 +83,9 @@ class RMTModule(L.LightningModule):
         gradient_checkpointing: Recompute activations in backward to save memory.
         sample_seed: Seed of completion sampling (per step and rank).
         log_samples: Completions kept per step for the TensorBoard table.
+        max_consecutive_skips: A step whose loss or gradients are not finite (NaN/inf) is skipped (no update,
+            gradients zeroed, counted in ``train/skipped_steps``); this many skips in a row stop the run
+            with an error, since the weights or the data are then broken rather than unlucky.
         val_reasoning: Score held-out positions in reasoning mode too (generate, extract, match), not only by
             the argmax (NTP mode); False saves the generation time.
         val_budget: Budget of reasoning-mode validation and test outside ``fit`` (None: the TokenBudget
@@ -120,6 +129,7 @@ class RMTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         sample_seed: int = 0,
         log_samples: int = 4,
+        max_consecutive_skips: int = 5,
         val_reasoning: bool = True,
         val_budget: int | None = None,
         val_group_size: int = 1,
@@ -132,6 +142,19 @@ class RMTModule(L.LightningModule):
             raise ValueError(f"group_size={group_size}: GRPO needs G >= 2 completions per position")
         if "{context}" not in instruction:
             raise ValueError("instruction must contain the '{context}' placeholder")
+        with as_input_error():
+            parse_dtype(dtype)
+        for name, value, minimum in (
+            ("lr", lr, 0.0), ("weight_decay", weight_decay, 0.0), ("grad_clip", grad_clip, 0.0), ("beta", beta, 0.0),
+            ("temperature", temperature, 0.0), ("clip_eps", clip_eps, 0.0),
+            ("ntp_weight", ntp_weight, 0.0), ("budget", budget, 1), ("answer_allowance", answer_allowance, 0),
+            ("max_response_length", max_response_length, 1), ("lr_warmup_steps", lr_warmup_steps, 0),
+            ("format_warmup_steps", format_warmup_steps, 0), ("rl_micro_batch_size", rl_micro_batch_size, 1),
+            ("ntp_micro_batch_size", ntp_micro_batch_size, 1), ("max_consecutive_skips", max_consecutive_skips, 1),
+        ):
+            at_least(name, value, minimum)
+        between("length_reward_weight", length_reward_weight, 0.0, 1.0)
+        between("top_p", top_p, 1e-9, 1.0)
         if val_budget is not None and val_budget < 1:
             raise ValueError(f"val_budget={val_budget} must be >= 1 (or None for the final budget)")
         if val_group_size < 1:
@@ -146,6 +169,7 @@ class RMTModule(L.LightningModule):
         self.reference = None
         self.tokenizer = None
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.last_samples: list[dict] = []
         self.last_sampled_entropies: Tensor | None = None
         self.last_reasoning_lengths: Tensor | None = None
@@ -192,6 +216,10 @@ class RMTModule(L.LightningModule):
         for key in [k for k in state if k.startswith("reference.")]:
             del state[key]
         checkpoint["rmt_skipped_steps"] = self.skipped_steps
+        checkpoint["rmt_consecutive_skips"] = self.consecutive_skips
+        checkpoint["rng_states"] = rng_states()
+        if self._trainer is not None:
+            reopen_unfinished_epoch(checkpoint, self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.reference is not None:
@@ -199,6 +227,17 @@ class RMTModule(L.LightningModule):
             for key, value in self.reference.state_dict().items():
                 state.setdefault(f"reference.{key}", value)
         self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
+        self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
+        if "rng_states" in checkpoint:
+            # Nothing draws from them between here and the first resumed step (the loaders have their own
+            # generators), so the resumed steps see the generators the interrupted run would have.
+            restore_rng_states(checkpoint["rng_states"])
+
+    def _gradients_finite(self) -> bool:
+        """Whether every policy gradient on this rank is finite (its local shard under FSDP)."""
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     # ---- rollout and rewards -----------------------------------------------------------------------
 
@@ -379,11 +418,19 @@ class RMTModule(L.LightningModule):
             })
             self._keep_samples(batch, rollout, rewards)
 
-        if not math.isfinite(loss):
-            # A non-finite loss would poison the weights and the optimizer moments: drop this update.
+        if not (math.isfinite(loss) and self._gradients_finite()):
+            # A non-finite loss or gradient would poison the weights and the optimizer moments: drop this update.
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= hp.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"the loss or the gradients were NaN/inf on {self.consecutive_skips} consecutive steps (up to step "
+                    f"{self.global_step}, epoch {self.current_epoch}; max_consecutive_skips={hp.max_consecutive_skips}), "
+                    f"so the run stops; lower lr (now {hp.lr}), check the corpus, or resume from an earlier checkpoint"
+                )
         else:
+            self.consecutive_skips = 0
             if hp.grad_clip > 0:
                 self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             optimizer.step()

@@ -6,6 +6,7 @@ import math
 
 import lightning as L
 
+from ..checks import InputError, in_open_interval
 from ..method import token_budget
 
 GRANULARITIES = ("epoch", "step")
@@ -29,13 +30,11 @@ class TokenBudget(L.Callback):
 
     def __init__(self, b0: int = 800, b_min: int = 1, gamma: float = 0.2, k: float = 1.0, granularity: str = "epoch"):
         if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity '{granularity}' is not valid; valid: {list(GRANULARITIES)}")
+            raise InputError(f"granularity '{granularity}' is not valid; valid: {list(GRANULARITIES)}")
         if not 1 <= b_min <= b0:
-            raise ValueError(f"budget needs 1 <= b_min <= b0, got b_min={b_min}, b0={b0}")
-        if not 0 < gamma < 1:
-            raise ValueError(f"gamma={gamma} must be in (0, 1)")
-        if k <= 0:
-            raise ValueError(f"k={k} must be > 0")
+            raise InputError(f"budget b_min={b_min}, b0={b0} is not valid: it needs 1 <= b_min <= b0")
+        in_open_interval("gamma", gamma, 0.0, 1.0)
+        in_open_interval("k", k, 0.0, math.inf)
         self.b0, self.b_min, self.gamma, self.k, self.granularity = b0, b_min, gamma, k, granularity
         self.budget = b0
         self.progress = 0.0
@@ -58,6 +57,10 @@ class TokenBudget(L.Callback):
         self.progress = self.progress_of(trainer)
         self.budget = token_budget(self.progress, self.b0, self.b_min, self.gamma, self.k)
         pl_module.budget = self.budget
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: set its budget here.
+        self._apply(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.granularity == "epoch":

@@ -6,10 +6,33 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checks import InputError
+
 EMBEDDED_CORPUS = "embedded:math"
 """Name of the project's own corpus: generated GSM8K-style word problems (see ``data/mathgen.py``)."""
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _is_local(source: str) -> bool:
+    # A hub dataset is "name" or "org/name"; a file suffix or a path prefix means a local file.
+    return Path(source).suffix.lower() in _LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")) or Path(source).exists()
+
+
+def check_corpus_source(source: str, field: str = "corpus") -> None:
+    """A local corpus exists, has a known suffix and is not empty; the embedded corpus and hub names pass
+    (``datasets`` reports those). Reads at most the file's first bytes."""
+    if source == EMBEDDED_CORPUS or not _is_local(source):
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(f"{field} '{source}' does not exist; give a .jsonl/.json/.txt/.parquet/.csv file, a hub dataset or '{EMBEDDED_CORPUS}'")
+    if path.is_file():
+        if path.suffix.lower() not in _LOCAL_BUILDERS:
+            raise InputError(f"{field} file '{source}' has suffix '{path.suffix}'; valid: {sorted(_LOCAL_BUILDERS)}")
+        with open(path, "rb") as handle:
+            if not handle.read(1 << 16).strip():
+                raise InputError(f"{field} '{source}' is empty: it holds no document")
 
 
 def template_fields(template: str) -> list[str]:
@@ -19,10 +42,10 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name.isidentifier():
-            raise ValueError(f"text_template field '{{{name}}}' is not a plain field name like '{{question}}'")
+            raise InputError(f"text_template field '{{{name}}}' is not a plain field name like '{{question}}'")
         fields.append(name)
     if not fields:
-        raise ValueError(f"text_template '{template}' names no field; write e.g. '{{question}}\\n{{answer}}'")
+        raise InputError(f"text_template '{template}' names no field; write e.g. '{{question}}\\n{{answer}}'")
     return fields
 
 
@@ -50,26 +73,30 @@ def load_texts(
     import datasets
 
     path = Path(source)
-    if path.is_file():
-        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"corpus file '{source}' has suffix '{path.suffix}'; valid: {sorted(_LOCAL_BUILDERS)}")
-        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
-    else:
-        dataset = datasets.load_dataset(source, subset, split=split)
+    check_corpus_source(source)
+    try:
+        if path.is_file():
+            dataset = datasets.load_dataset(_LOCAL_BUILDERS[path.suffix.lower()], data_files={split: str(path)}, split=split)
+        else:
+            dataset = datasets.load_dataset(source, subset, split=split)
+    except Exception as error:
+        raise InputError(f"corpus '{source}' cannot be read ({type(error).__name__}: {error})") from None
 
     columns = set(dataset.column_names)
     needed = template_fields(text_template) if text_template else [text_field]
     missing = [name for name in needed if name not in columns]
     if missing:
-        raise ValueError(f"corpus '{source}' has no field {missing}; its fields are {sorted(columns)}")
+        raise InputError(f"corpus '{source}' has no field {missing}; its fields are {sorted(columns)}")
     if max_documents is not None:
         dataset = dataset.select(range(min(max_documents, len(dataset))))
     if text_template:
         texts = [text_template.format_map({name: row[name] for name in needed}) for row in dataset]
     else:
         texts = [str(row) for row in dataset[text_field]]
-    return [text for text in texts if text.strip()]
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise InputError(f"corpus '{source}' is empty: no record has text in {needed}")
+    return texts
 
 
 def tokenize_documents(texts: Sequence[str], tokenizer, max_document_tokens: int, min_document_tokens: int = 2) -> list[list[int]]:

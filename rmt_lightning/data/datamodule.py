@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..method import TIER_NAMES, assign_tiers
+from ..checks import InputError, as_input_error, at_least, check_fits_model, check_model_source, check_writable_directory, max_positions, model_config
+from ..method import TIER_NAMES, assign_tiers, tier_probabilities
 from ..models import cache_root, load_causal_lm, load_tokenizer, parse_dtype, resolve_model_source
 from ..padding import pad_right
 from ..tokens import TokenBytes
-from .corpus import EMBEDDED_CORPUS, load_texts, tokenize_documents
+from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
 from .sampler import CurriculumBatchSampler
-from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy
+from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy, window_plan
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,22 @@ class RMTDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        if not 0 < t1 < t2 < 1:
+            raise InputError(f"t1={t1!r}, t2={t2!r} are not valid: the curriculum needs 0 < t1 < t2 < 1")
+        with as_input_error():
+            tier_probabilities(0.0, p1, p2, t1, t2)
+            assign_tiers(torch.zeros(0), tier_thresholds)
+            window_plan(1, scoring_window, scoring_stride)
+            parse_dtype(scoring_dtype)
+        for name, value, minimum in (
+            ("batch_size", batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("val_documents", val_documents, 0),
+            ("max_context_tokens", max_context_tokens, 1), ("max_document_tokens", max_document_tokens, 2),
+            ("continuation_tokens", continuation_tokens, 1), ("embedded_documents", embedded_documents, 1),
+            ("val_positions", val_positions, 0), ("val_batch_size", val_batch_size, 1), ("scoring_batch_size", scoring_batch_size, 1),
+        ):
+            at_least(name, value, minimum)
         self.save_hyperparameters()
+        self._inputs_checked = False
         self.tokenizer = None
         self.documents: list[list[int]] = []
         self.train_candidates: Candidates | None = None
@@ -217,6 +235,33 @@ class RMTDataModule(L.LightningDataModule):
     @property
     def proxy_source(self) -> str:
         return self.hparams.proxy_name_or_path or self.hparams.model_name_or_path
+
+    @property
+    def cache_folder(self) -> Path:
+        """Folder of the entropy cache files."""
+        return Path(self.hparams.cache_dir).expanduser() if self.hparams.cache_dir else cache_root() / "entropy"
+
+    def check_inputs(self) -> None:
+        """Check what this datamodule will read, before any model is loaded: the policy and proxy sources, the
+        corpus files, the cache folder, and the lengths against the positions the models support. Raises
+        ``InputError``; the corpus's fields and size are checked when it is read, still before any model loads."""
+        if self._inputs_checked:
+            return
+        hp = self.hparams
+        check_model_source(hp.model_name_or_path, "model_name_or_path")
+        if hp.proxy_name_or_path:
+            check_model_source(hp.proxy_name_or_path, "proxy_name_or_path")
+        check_corpus_source(hp.corpus, "corpus")
+        if hp.val_corpus:
+            check_corpus_source(hp.val_corpus, "val_corpus")
+        check_writable_directory(self.cache_folder, "entropy cache folder (cache_dir)")
+        policy_limit = max_positions(model_config(hp.model_name_or_path, hp.trust_remote_code))
+        check_fits_model({"max_context_tokens": hp.max_context_tokens, "max_document_tokens": hp.max_document_tokens},
+                         hp.model_name_or_path, policy_limit)
+        # A scoring window never exceeds a document, so the shorter of the two is what the proxy sees.
+        window = {"scoring_window": hp.scoring_window} if hp.scoring_window < hp.max_document_tokens else {"max_document_tokens": hp.max_document_tokens}
+        check_fits_model(window, self.proxy_source, max_positions(model_config(self.proxy_source, hp.trust_remote_code)))
+        self._inputs_checked = True
 
     def _read(self, corpus: str, split: str, max_documents: int | None) -> list[list[int]]:
         hp = self.hparams
@@ -257,14 +302,11 @@ class RMTDataModule(L.LightningDataModule):
 
     def _cache_file(self, documents) -> tuple[Path, str]:
         hp = self.hparams
-        from transformers import AutoConfig
-
         source = resolve_model_source(self.proxy_source)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=hp.trust_remote_code)
+        config = model_config(source, hp.trust_remote_code)
         settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k, "dtype": hp.scoring_dtype}
         key = fingerprint(documents, proxy_identity(source, config.to_json_string()), settings)
-        folder = Path(hp.cache_dir) if hp.cache_dir else cache_root() / "entropy"
-        return cache_path(folder, key), key
+        return cache_path(self.cache_folder, key), key
 
     def _score(self, documents) -> list[Tensor]:
         hp = self.hparams
@@ -286,6 +328,7 @@ class RMTDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Score the corpus once (local rank 0); ``setup`` on every rank then reads the cache."""
+        self.check_inputs()
         self._score(self._load_documents())
         validation = self._load_val_documents()
         if validation:
@@ -308,9 +351,18 @@ class RMTDataModule(L.LightningDataModule):
         self.val_candidates = Candidates.from_scores(scores, val_docs, hp.tier_thresholds)
         tiers = self.train_candidates.tier_members()
         if sum(len(t) for t in tiers) == 0:
-            raise ValueError(
-                f"no position of corpus '{hp.corpus}' has entropy above {hp.tier_thresholds[0]} under proxy "
-                f"'{self.proxy_source}', so there is nothing to train with RL; lower tier_thresholds or use another corpus"
+            entropy = torch.nan_to_num(self.train_candidates.entropy, nan=float("-inf"))
+            highest = float(entropy.max()) if len(entropy) else float("nan")
+            raise InputError(
+                f"no position of corpus '{hp.corpus}' has entropy above tier_thresholds[0]={hp.tier_thresholds[0]} under "
+                f"proxy '{self.proxy_source}' (the highest is {highest:.3f} nats), so there is nothing to train with RL; "
+                "valid: a first threshold below the highest entropy, or another corpus"
+            )
+        empty = [name for name, members in zip(TIER_NAMES, tiers) if len(members) == 0]
+        if empty and hp.curriculum:
+            rank_zero_warn(
+                f"curriculum tier(s) {empty} have no candidate position under tier_thresholds={tuple(hp.tier_thresholds)}; "
+                "their share of p1/p2 is spread over the other tiers (renormalised)"
             )
         trainer = self.trainer
         world_size = trainer.world_size if trainer is not None else 1
@@ -337,6 +389,9 @@ class RMTDataModule(L.LightningDataModule):
             hp.max_context_tokens, hp.continuation_tokens,
         )
 
+    def _loader_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.hparams.seed)
+
     def _total_batches(self) -> int:
         per_epoch = self.hparams.batches_per_epoch
         limits = []
@@ -349,7 +404,10 @@ class RMTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.sampler.total_batches = self._total_batches()
-        return DataLoader(self._batches(self.train_candidates), sampler=_DrawsWithProgress(self.sampler), batch_size=None)
+        # Its own generator: creating the iterator would otherwise draw from the global one, which a resumed
+        # run restores from the checkpoint and must find untouched.
+        return DataLoader(self._batches(self.train_candidates), sampler=_DrawsWithProgress(self.sampler), batch_size=None,
+                          generator=self._loader_generator())
 
     def eval_positions(self) -> Tensor:
         """Indices into ``val_candidates`` of the positions this rank scores: a seeded draw of ``val_positions``
@@ -367,7 +425,7 @@ class RMTDataModule(L.LightningDataModule):
         hp = self.hparams
         chosen = self.eval_positions()
         batches = [chosen[i : i + hp.val_batch_size].tolist() for i in range(0, len(chosen), hp.val_batch_size)]
-        return DataLoader(self._batches(self.val_candidates), sampler=batches, batch_size=None)
+        return DataLoader(self._batches(self.val_candidates), sampler=batches, batch_size=None, generator=self._loader_generator())
 
     def test_dataloader(self) -> DataLoader:
         """The same held-out positions as validation: ``test`` scores a finished model on them."""
@@ -393,6 +451,9 @@ class RMTDataModule(L.LightningDataModule):
         state = state_dict.get("sampler")
         if state is None:
             return
+        # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is stateful; here
+        # the sampler resumes from this state instead, exactly.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         if self.sampler is None:
             self._pending_sampler_state = state
         else:

@@ -1,0 +1,151 @@
+"""Checkpoints that survive faults and resume exactly.
+
+- ``AtomicCheckpointIO`` writes each checkpoint to a temporary file in the target folder, flushes it to disk
+  and renames it over the target, so a process killed mid-write leaves the previous file intact. It loads
+  with ``weights_only=True`` after checking every record's CRC, so a truncated or corrupted file is an error
+  naming the file, never silently wrong weights.
+- ``rng_states`` / ``restore_rng_states``: the global random generators, saved in every checkpoint.
+- ``reopen_unfinished_epoch``: keeps a checkpoint written after ``max_steps`` stopped an epoch early from
+  resuming at the next epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .checks import InputError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint files written atomically (temporary file in the same folder, fsync, rename) and verified when
+    loaded. Lightning's default writes through a temporary file in the system's temp folder, which is a copy,
+    not a rename, when that folder is on another disk; a kill during the copy leaves a truncated checkpoint.
+
+    ``RMTCLI`` installs it as the default; with the Python API pass ``plugins=[AtomicCheckpointIO()]``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Not named like a checkpoint, so ModelCheckpoint never takes a partial file for "last".
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_folder(path.parent)
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(path):
+            verify_checkpoint_file(path, full=True)
+        try:
+            # Checkpoints hold only tensors and plain values: nothing in one may run code when it is loaded.
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"GLOBAL (\S+)", str(error))
+            raise InputError(
+                f"checkpoint '{path}' holds {found.group(1) if found else 'an object'}, not only tensors and plain "
+                "values; it is not loaded, since unpickling it could run code"
+            ) from None
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise InputError(f"checkpoint '{path}' cannot be loaded: {type(error).__name__}: {first_line}") from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk; some systems cannot open folders.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def verify_checkpoint_file(path, full: bool = False) -> None:
+    """``path`` is a readable checkpoint file: it exists and its zip directory reads (a truncated file fails
+    here); with ``full``, every record also matches its CRC (reads the whole file once). A folder (a sharded
+    checkpoint) is left to its strategy."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise InputError(f"checkpoint '{path}' does not exist; give an existing .ckpt file or 'last'")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip() if full else None
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise InputError(
+            f"checkpoint '{path}' is truncated or not a PyTorch checkpoint ({error}); resume from an earlier checkpoint"
+        ) from None
+    if damaged is not None:
+        raise InputError(f"checkpoint '{path}' is corrupted (record '{damaged}' fails its CRC check); resume from an earlier checkpoint")
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random generators of this process (torch, CUDA, numpy, Python), as plain values and tensors."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global random generators to ``states`` from ``rng_states``."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def reopen_unfinished_epoch(checkpoint: dict[str, Any], batches_per_epoch: int | float) -> None:
+    """Count an epoch that ``max_steps`` stopped early as unfinished in ``checkpoint``.
+
+    Lightning marks an epoch processed when its loop ends, whether its batches ran out or ``max_steps``
+    stopped it. A checkpoint written then (the ``last.ckpt`` of a run that ends mid-epoch) resumes at the
+    *next* epoch and silently skips the rest of this one. Counted as unfinished, it resumes mid-epoch, at
+    the batch where the sampler's state points, as a checkpoint written after a training batch does.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or "epoch_progress" not in loop:
+        return
+    epochs = loop["epoch_progress"]
+    batches_done = loop["epoch_loop.batch_progress"]["current"]["completed"]
+    if epochs["current"]["processed"] == epochs["current"]["started"] and 0 < batches_done < batches_per_epoch:
+        for counts in (epochs["total"], epochs["current"]):
+            counts["processed"] = counts["started"] - 1
+            counts["completed"] = counts["processed"]
+        checkpoint["epoch"] = epochs["current"]["completed"]
