@@ -51,6 +51,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             raise
         _fsync_folder(path.parent)
+        # Partial files of earlier writes to this path were killed mid-way (only one process writes a path).
+        for stale in path.parent.glob(f".{path.name}.partial-*"):
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         if "://" not in str(path):

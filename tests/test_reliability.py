@@ -26,7 +26,7 @@ import rmt_lightning
 from rmt_lightning import RMTDataModule, RMTModule
 from rmt_lightning.checkpointing import AtomicCheckpointIO, verify_checkpoint_file
 from rmt_lightning.checks import InputError
-from rmt_lightning.cli import build_cli, main
+from rmt_lightning.cli import _LAST, build_cli, main
 from rmt_lightning.data import scoring
 from rmt_lightning.models import BUILTIN_TINY, build_builtin_tiny, load_tokenizer
 from rmt_lightning.module import NonFiniteLossError
@@ -123,7 +123,7 @@ def test_resume_at_an_epoch_boundary_is_exact(uninterrupted, dropout_model):
 
 def test_resume_mid_epoch_is_exact(uninterrupted, dropout_model):
     folder = uninterrupted[0]
-    checkpoint = folder / "full" / "steps" / "step=4.ckpt"  # after the 2nd of 3 steps of epoch 1
+    checkpoint = folder / "full" / "steps" / "step=4.ckpt"  # after the 1st of 3 steps of epoch 1
     resumed = fit(resume_config(folder, "mid-epoch", dropout_model), "--ckpt_path", str(checkpoint))
     assert_same_run(resumed, uninterrupted, first_step=4)
 
@@ -139,7 +139,13 @@ def test_resume_last_after_max_steps_continues_the_unfinished_epoch(uninterrupte
     resumed = fit(config, "--ckpt_path", "last")
     assert_same_run(resumed, uninterrupted, first_step=4)
     checkpoint = torch.load(next((folder / "logs" / "max-steps").glob("version_0/checkpoints/last.ckpt")), weights_only=True)
-    assert checkpoint["RMTDataModule"]["sampler"]["batches_yielded"] == 1 and "rng_states" in checkpoint
+    # What a resume needs: the policy (not the frozen reference), optimizer, LR schedule, loop counters,
+    # budget schedule, sampler position and RNG states.
+    assert checkpoint["state_dict"] and all(key.startswith("policy.") for key in checkpoint["state_dict"])
+    assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"] and checkpoint["loops"]["fit_loop"]
+    assert any("TokenBudget" in key for key in checkpoint["callbacks"])
+    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 1, "batches_yielded": 1, "seed": 0}
+    assert {"torch", "numpy", "python"} <= set(checkpoint["rng_states"])
 
 
 # ---- checkpoint faults -------------------------------------------------------------------------------------
@@ -185,10 +191,10 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_loadable(
     assert partial.stat().st_size > 2**20  # the new checkpoint was being written
     checkpoint = AtomicCheckpointIO().load_checkpoint(path)
     assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["state_dict"]["w"], torch.zeros(8))
-    # The partial file is never taken for a checkpoint, not even for "last".
-    from rmt_lightning.cli import _LAST
-
+    # The partial file is never taken for a checkpoint, not even for "last", and the next write removes it.
     assert not _LAST.match(partial.name)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +370,15 @@ def test_bad_input_exit_status_of_the_command(tmp_path):
     assert "Traceback" not in process.stderr and not (tmp_path / "logs").exists()
 
 
+def test_a_diverged_run_exits_with_status_1_and_one_line(monkeypatch, capsys):
+    def diverge(args):
+        raise NonFiniteLossError("the loss or the gradients were NaN/inf on 5 consecutive steps")
+
+    monkeypatch.setattr("rmt_lightning.cli.build_cli", diverge)
+    assert run_main(["fit"]) == 1
+    assert capsys.readouterr().err == "error: the loss or the gradients were NaN/inf on 5 consecutive steps\n"
+
+
 def test_empty_tiers_warn_and_the_mix_is_renormalised(tmp_path):
     # A random model is equally unsure everywhere: every candidate is hard, easy and medium are empty.
     datamodule = RMTDataModule(model_name_or_path=BUILTIN_TINY, embedded_documents=24, val_documents=4, batch_size=4,
@@ -378,7 +393,8 @@ def test_empty_tiers_warn_and_the_mix_is_renormalised(tmp_path):
         assert batch["tiers"].tolist() == [2, 2, 2, 2]
 
 
-def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without a logger the CLI writes its config.yaml to the working directory
     def drop_pad(config):
         config.pop("pad_token", None)
 

@@ -210,8 +210,10 @@ class RMTDataModule(L.LightningDataModule):
             raise InputError(f"t1={t1!r}, t2={t2!r} are not valid: the curriculum needs 0 < t1 < t2 < 1")
         with as_input_error():
             tier_probabilities(0.0, p1, p2, t1, t2)
-            assign_tiers(torch.zeros(0), tier_thresholds)
             window_plan(1, scoring_window, scoring_stride)
+        with as_input_error("tier_thresholds: "):
+            assign_tiers(torch.zeros(0), tier_thresholds)
+        with as_input_error("scoring_dtype: "):
             parse_dtype(scoring_dtype)
         for name, value, minimum in (
             ("batch_size", batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("val_documents", val_documents, 0),
