@@ -165,6 +165,15 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
     for config, label, run_name, train in runs:
         print(f"compare: {label} ({config}{'' if train else ', untrained'})", file=sys.stderr, flush=True)
         rows.append(evaluate_run(config, label, run_name, out_dir, common, train=train, keep_artifacts=keep_artifacts))
+        # Rewritten after every row: a long comparison can be read while it runs, and an interrupted one keeps
+        # the rows it finished.
+        result, markdown = write_table(rows, out_dir, seed, overrides, pending=len(runs) - len(rows))
+    print(markdown)
+    return result
+
+
+def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str], pending: int = 0) -> tuple[dict, str]:
+    """Write ``comparison.md`` and ``comparison.json`` for the rows so far; returns the JSON's content and the markdown."""
     trained_steps = {row["steps"] for row in rows if row["method"] != BASE_ROW}
     result = {
         "rows": rows,
@@ -172,10 +181,12 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
         "seed": seed,
         "overrides": list(overrides),
         "same_steps": len(trained_steps) <= 1,
+        "pending_rows": pending,
     }
-    table = markdown_table(rows)
     notes = [f"Accuracy in % on {rows[0]['positions']} held-out positions (nested splits easy H > t0, medium H > t1, "
              f"hard H > t2 under the proxy; avg = their unweighted mean); seed {seed}."]
+    if pending:
+        notes.append(f"{pending} more row(s) still to run.")
     if not result["same_steps"]:
         notes.append(f"WARNING: the trained rows ran different numbers of steps: {sorted(trained_steps)}.")
     if result["summary"].get("avg_relative_gain") is not None:
@@ -184,11 +195,10 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
         notes.append(f"RMT vs RPT-style: avg {s['rmt_avg']:.2f} vs {s['rpt_avg']:.2f} "
                      f"({s['avg_relative_gain']:+.1%} relative); reasoning length ratio "
                      f"{'n/a' if ratio is None else f'{ratio:.2f}'}.")
-    markdown = table + "\n\n" + "\n".join(notes) + "\n"
+    markdown = markdown_table(rows) + "\n\n" + "\n".join(notes) + "\n"
     (out_dir / "comparison.md").write_text(markdown)
     (out_dir / "comparison.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(markdown)
-    return result
+    return result, markdown
 
 
 def build_parser() -> argparse.ArgumentParser:

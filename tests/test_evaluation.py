@@ -349,7 +349,8 @@ def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_pa
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert markdown.splitlines()[0].startswith("| method | scored by | easy | medium | hard | avg | reasoning length")
     assert all(f"| {m} |" in markdown for m in rows)
-    assert json.loads((tmp_path / "out" / "comparison.json").read_text())["seed"] == 3
+    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert written["seed"] == 3 and written["pending_rows"] == 0
     # Same seed, same data: the untrained model scores the same in a second comparison.
     again = compare(configs[:1], tmp_path / "again", [*TINY_RUN, "--data.cache_dir", str(tmp_path / "cache")], seed=3)
     assert again["rows"][0]["figures"] == {**rows[BASE_ROW]["figures"]}
@@ -382,3 +383,26 @@ def test_python_m_rmt_lightning_compare_passes_what_follows_the_double_dash_to_e
           "--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"])
     assert calls == [((["a.yaml", "b.yaml"], "out", ["--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"]),
                       {"seed": 4, "base": False, "keep_artifacts": False})]
+
+
+def test_an_interrupted_comparison_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    import rmt_lightning.compare as compare_module
+
+    configs = []
+    for name in ("rmt", "rpt_baseline"):
+        configs.append(tmp_path / f"{name}.yaml")
+        configs[-1].write_text("{}\n")
+
+    def fake_run(config, label, run_name, out_dir, overrides, train=True, keep_artifacts=False):
+        if run_name == "rpt_baseline":
+            raise KeyboardInterrupt
+        return {"method": label, "scored_by": "reasoning", "easy": 50.0, "medium": 40.0, "hard": 30.0, "avg": 40.0,
+                "reasoning_length": 3.0, "answer_rate": 1.0, "argmax_avg": 20.0, "eval_budget": 2, "positions": 8,
+                "steps": 0 if not train else 4, "train_seconds": 1.0, "train_cpu_seconds": 1.0}
+
+    monkeypatch.setattr(compare_module, "evaluate_run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        compare_module.compare([str(c) for c in configs], tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [row["method"] for row in written["rows"]] == [BASE_ROW, "RMT"] and written["pending_rows"] == 1
+    assert "| RMT | reasoning | 50.00 | 40.00 | 30.00 | 40.00 | 3.0 |" in (tmp_path / "out" / "comparison.md").read_text()
