@@ -35,6 +35,7 @@ from .rollout import (
     completion_logprobs,
     generate_group,
 )
+from .distributed import shard_model
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
@@ -194,8 +195,16 @@ class RMTModule(L.LightningModule):
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         if hp.beta > 0 and hp.rl:
-            self.reference = copy.deepcopy(self.policy).eval()
-            self.reference.requires_grad_(False)
+            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints,
+            # strict loading of sharded checkpoints), out of the DDP wrapper and out of Lightning's precision
+            # and device handling. It follows the policy's device when it is used.
+            object.__setattr__(self, "reference", reference)
+        if self.device_mesh is not None:
+            # ModelParallelStrategy (FSDP2): shard each decoder layer, then the rest, for both models.
+            shard_model(self.policy, self.device_mesh)
+            if self.reference is not None:
+                shard_model(self.reference, self.device_mesh)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -211,10 +220,6 @@ class RMTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference is the initial policy, rebuilt at start-up: saving it would double the checkpoint.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("reference.")]:
-            del state[key]
         checkpoint["rmt_skipped_steps"] = self.skipped_steps
         checkpoint["rmt_consecutive_skips"] = self.consecutive_skips
         checkpoint["rng_states"] = rng_states()
@@ -222,16 +227,38 @@ class RMTModule(L.LightningModule):
             reopen_unfinished_epoch(checkpoint, self.trainer.num_training_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.reference is not None:
-            state = checkpoint["state_dict"]
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(f"reference.{key}", value)
         self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
         self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
         if "rng_states" in checkpoint:
             # Nothing draws from them between here and the first resumed step (the loaders have their own
             # generators), so the resumed steps see the generators the interrupted run would have.
             restore_rng_states(checkpoint["rng_states"])
+
+    def _reference_model(self):
+        if self.reference is not None and self.device_mesh is None:
+            device = next(self.reference.parameters()).device
+            if device != self.device:
+                self.reference.to(self.device)
+        return self.reference
+
+    # ---- agreement across ranks ----------------------------------------------------------------------
+
+    def _world_size(self) -> int:
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every rank (every rank must call this)."""
+        if self._world_size() == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        return bool(self.trainer.strategy.reduce(value, reduce_op="min") > 0)
+
+    def _max_over_ranks(self, count: int) -> int:
+        """The largest ``count`` of any rank, so that every rank runs as many forward/backward passes."""
+        if self._world_size() == 1:
+            return count
+        value = torch.tensor(float(count), device=self.device)
+        return int(self.trainer.strategy.reduce(value, reduce_op="max"))
 
     def _gradients_finite(self) -> bool:
         """Whether every policy gradient on this rank is finite (its local shard under FSDP)."""
@@ -263,6 +290,7 @@ class RMTModule(L.LightningModule):
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
+            all_finished=self._all_ranks if self._world_size() > 1 else None,
         )
 
     def score(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -307,14 +335,15 @@ class RMTModule(L.LightningModule):
             owners = slice(first, first + prompts_per_micro_batch)
             rows = slice(first * group, (first + prompts_per_micro_batch) * group)
             tokens = int(loss_mask[rows].sum())
-            if tokens == 0:
+            # Every rank has as many micro-batches; under DDP/FSDP each must run its passes even when empty.
+            if tokens == 0 and self._world_size() == 1:
                 continue
             args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group)
             logprobs = self._completion_logprobs(self.policy, *args)
             reference = None
             if self.reference is not None:
                 with torch.no_grad():
-                    reference = self._completion_logprobs(self.reference, *args)
+                    reference = self._completion_logprobs(self._reference_model(), *args)
             terms = grpo_token_loss_terms(
                 logprobs, logprobs.detach(), advantages[rows], loss_mask[rows], clip_eps=hp.clip_eps,
                 ref_logprobs=reference, beta=hp.beta,
@@ -332,14 +361,18 @@ class RMTModule(L.LightningModule):
         targets = ntp_mask[:, 1:]
         total = max(1, int(targets.sum()))
         nll = 0.0
-        for start in range(0, documents.shape[0], hp.ntp_micro_batch_size):
-            rows = slice(start, start + hp.ntp_micro_batch_size)
-            count = int(targets[rows].sum())
-            if count == 0:
+        size = hp.ntp_micro_batch_size
+        micro_batches = math.ceil(documents.shape[0] / size)
+        # Ranks hold different numbers of documents, but under DDP/FSDP every rank must run as many
+        # forward/backward passes: a rank that runs out repeats its first rows at weight 0.
+        for index in range(self._max_over_ranks(micro_batches)):
+            rows = slice(index * size, (index + 1) * size) if index < micro_batches else slice(0, size)
+            count = int(targets[rows].sum()) if index < micro_batches else 0
+            if count == 0 and self._world_size() == 1:
                 continue
             logits = self.policy(input_ids=documents[rows], attention_mask=attention[rows]).logits
             logprobs = token_logprobs(logits[:, :-1], documents[rows, 1:])
-            loss = -(logprobs * targets[rows]).sum() / count
+            loss = -(logprobs * targets[rows]).sum() / max(1, count)
             self.manual_backward(loss * (count / total) * weight)
             nll += float(loss.detach()) * count / total
         return nll
@@ -418,7 +451,8 @@ class RMTModule(L.LightningModule):
             })
             self._keep_samples(batch, rollout, rewards)
 
-        if not (math.isfinite(loss) and self._gradients_finite()):
+        # One rank's non-finite loss reaches every rank through the gradient all-reduce: all skip together.
+        if not self._all_ranks(math.isfinite(loss) and self._gradients_finite()):
             # A non-finite loss or gradient would poison the weights and the optimizer moments: drop this update.
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1

@@ -9,6 +9,7 @@ answer. Written-for-it tokens are part of the context but not of the policy-grad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -157,12 +158,17 @@ def generate_group(
     max_new_tokens: int | None = None,
     generator: torch.Generator | None = None,
     token_bytes: TokenBytes | None = None,
+    all_finished: Callable[[bool], bool] | None = None,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
     Without budget forcing a row stops at its closed answer, at an end-of-sequence token or at the cap.
     With it, thinking stops at ``think_cap`` tokens and the answer gets ``answer_allowance`` tokens written
     by the model; the scaffold the generator writes does not count against either.
+
+    ``all_finished(local_done) -> bool``, when given, decides when to stop from every process's state: under
+    FSDP each decoding step is a collective, so a process whose rows are done keeps stepping (its rows
+    unchanged) until the others are done too.
     """
     device = next(model.parameters()).device
     token_bytes = token_bytes or TokenBytes(tokenizer)
@@ -199,47 +205,57 @@ def generate_group(
         clipped = [False] * rows
         forced = [False] * rows
 
-        for _ in range(cap):
-            draws = _sample(logits, temperature, top_p, generator).tolist()
-            step = []
-            for r in range(rows):
-                if phase[r] == _DONE:
-                    step.append(pad_id)
-                    continue
-                token, by_policy = draws[r], True
-                if queued[r]:
-                    token, by_policy = queued[r].pop(0), False
-                elif token in eos_ids and phase[r] == _THINKING and budget_forcing:
-                    # Ending without an answer: write the answer scaffold instead of the end token.
-                    queued[r] = list(close_ids)
-                    token, by_policy, forced[r] = queued[r].pop(0), False, True
-                generated[r].append(token)
-                sampled[r].append(by_policy)
-                raw[r] += token_bytes(token)
-                text = raw[r].decode("utf-8", errors="ignore")
-                char_ends[r].append(len(text))
-                if phase[r] == _THINKING:
-                    thinking_tokens[r] += int(by_policy)
-                    if THINK_CLOSE in text:
-                        phase[r] = _ANSWERING
-                        if budget_forcing and not queued[r] and "\\boxed{" not in text.split(THINK_CLOSE, 1)[1]:
-                            queued[r] = list(box_ids)
-                            forced[r] = True
-                    elif token in eos_ids:
-                        phase[r] = _DONE
-                    elif budget_forcing and not queued[r] and thinking_tokens[r] >= think_cap:
+        steps = 0
+        while True:
+            # Past its own cap a process only steps along (padding) while another one is still generating.
+            step = [pad_id] * rows
+            if steps < cap:
+                steps += 1
+                draws = _sample(logits, temperature, top_p, generator).tolist()
+                step = []
+                for r in range(rows):
+                    if phase[r] == _DONE:
+                        step.append(pad_id)
+                        continue
+                    token, by_policy = draws[r], True
+                    if queued[r]:
+                        token, by_policy = queued[r].pop(0), False
+                    elif token in eos_ids and phase[r] == _THINKING and budget_forcing:
+                        # Ending without an answer: write the answer scaffold instead of the end token.
                         queued[r] = list(close_ids)
-                        forced[r] = True
-                        phase[r] = _ANSWERING
-                else:
-                    answer_tokens[r] += int(by_policy)
-                    if extract_prediction(response_prefix + text) is not None or token in eos_ids:
-                        if not queued[r]:
+                        token, by_policy, forced[r] = queued[r].pop(0), False, True
+                    generated[r].append(token)
+                    sampled[r].append(by_policy)
+                    raw[r] += token_bytes(token)
+                    text = raw[r].decode("utf-8", errors="ignore")
+                    char_ends[r].append(len(text))
+                    if phase[r] == _THINKING:
+                        thinking_tokens[r] += int(by_policy)
+                        if THINK_CLOSE in text:
+                            phase[r] = _ANSWERING
+                            if budget_forcing and not queued[r] and "\\boxed{" not in text.split(THINK_CLOSE, 1)[1]:
+                                queued[r] = list(box_ids)
+                                forced[r] = True
+                        elif token in eos_ids:
                             phase[r] = _DONE
-                    elif budget_forcing and answer_tokens[r] >= answer_allowance:
+                        elif budget_forcing and not queued[r] and thinking_tokens[r] >= think_cap:
+                            queued[r] = list(close_ids)
+                            forced[r] = True
+                            phase[r] = _ANSWERING
+                    else:
+                        answer_tokens[r] += int(by_policy)
+                        if extract_prediction(response_prefix + text) is not None or token in eos_ids:
+                            if not queued[r]:
+                                phase[r] = _DONE
+                        elif budget_forcing and answer_tokens[r] >= answer_allowance:
+                            phase[r], clipped[r] = _DONE, True
+                    step.append(token)
+            if steps >= cap:
+                for r in range(rows):
+                    if phase[r] != _DONE:
                         phase[r], clipped[r] = _DONE, True
-                step.append(token)
-            if all(p == _DONE for p in phase):
+            finished = all(p == _DONE for p in phase)
+            if all_finished(finished) if all_finished is not None else finished:
                 break
             tokens = torch.tensor(step, device=device).unsqueeze(1)
             attention = torch.cat([attention, torch.ones((rows, 1), dtype=attention.dtype, device=device)], dim=1)
@@ -248,9 +264,6 @@ def generate_group(
             cache = out.past_key_values
             logits = out.logits[:, -1]
             next_position = next_position + 1
-        for r in range(rows):
-            if phase[r] != _DONE:
-                clipped[r] = True
     finally:
         model.train(was_training)
 

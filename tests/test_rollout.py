@@ -220,10 +220,10 @@ def test_scripted_without_forcing(model, tokenizer, token_bytes):
 
     assert (rollout.completion_mask.sum(1) <= cap).all()
     assert torch.equal(rollout.sampled_mask, rollout.completion_mask)
-    # Each generated token was fed back as context; finished rows are fed padding.
-    assert len(lm.fed) == cap
-    assert [step[0] for step in lm.fed] == answer + [tokenizer.pad_token_id] * (cap - 17)
-    assert [step[1] for step in lm.fed] == ids_of_row(rollout, 1)
+    # Each generated token but the last was fed back as context; finished rows are fed padding.
+    assert len(lm.fed) == cap - 1
+    assert [step[0] for step in lm.fed] == answer + [tokenizer.pad_token_id] * (cap - 1 - 17)
+    assert [step[1] for step in lm.fed] == ids_of_row(rollout, 1)[:-1]
 
 
 def test_scripted_max_new_tokens_caps_below_think_cap(model, tokenizer):

@@ -6,6 +6,8 @@ import os
 
 import lightning as L
 
+from ..distributed import full_state_dict
+
 
 class HuggingFaceExport(L.Callback):
     """At the end of ``fit``, saves the policy and tokenizer with ``save_pretrained``.
@@ -22,7 +24,9 @@ class HuggingFaceExport(L.Callback):
         return self.dirpath or os.path.join(trainer.log_dir or ".", "hf_export")
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # Both calls are collectives (log_dir broadcasts, a sharded policy gathers): every rank makes them.
+        folder = self.export_dir(trainer)
+        state = full_state_dict(pl_module.policy)
         if trainer.is_global_zero:
-            folder = self.export_dir(trainer)
-            pl_module.policy.save_pretrained(folder)
+            pl_module.policy.save_pretrained(folder, state_dict=state)
             pl_module.tokenizer.save_pretrained(folder)

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..distributed import gather_objects
 from ..method import TIER_NAMES
 
 
@@ -40,12 +41,17 @@ def chart_layout() -> dict:
     }
 
 
+def _concatenated(tensors) -> torch.Tensor | None:
+    present = [torch.as_tensor(t, dtype=torch.float32) for t in tensors if t is not None and len(t)]
+    return torch.cat(present) if present else None
+
+
 def _writers(trainer):
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
 class CompletionsTable(L.Callback):
-    """Writes what a researcher checks while a run goes to TensorBoard (rank 0 only):
+    """Writes what a researcher checks while a run goes to TensorBoard, gathered from every rank to rank 0:
 
     - every ``every_n_steps`` optimizer steps: the latest completions as a markdown table (text tag
       ``completions``: tier, context tail, completion, target, prediction, reward) and histograms of the
@@ -74,25 +80,39 @@ class CompletionsTable(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if (step - 1) % self.every_n_steps != 0 or not trainer.is_global_zero:
+        if (step - 1) % self.every_n_steps != 0:
             return
+        # Every rank sends what it saw (a collective); rank 0 alone writes.
+        per_rank = gather_objects(
+            (pl_module.last_samples, pl_module.last_sampled_entropies, pl_module.last_reasoning_lengths)
+        )
+        if not trainer.is_global_zero:
+            return
+        samples = [sample for rank_samples, _, _ in per_rank for sample in rank_samples]
+        entropies = _concatenated(entropies for _, entropies, _ in per_rank)
+        lengths = _concatenated(lengths for _, _, lengths in per_rank)
         for writer in _writers(trainer):
-            if pl_module.last_samples:
-                writer.add_text("completions", completions_markdown(pl_module.last_samples), step)
-            if pl_module.last_sampled_entropies is not None and len(pl_module.last_sampled_entropies):
-                writer.add_histogram("curriculum/sampled_entropy", pl_module.last_sampled_entropies, step)
-            if pl_module.last_reasoning_lengths is not None and len(pl_module.last_reasoning_lengths):
-                writer.add_histogram("train/reasoning_length_hist", pl_module.last_reasoning_lengths, step)
+            if samples:
+                writer.add_text("completions", completions_markdown(samples), step)
+            if entropies is not None:
+                writer.add_histogram("curriculum/sampled_entropy", entropies, step)
+            if lengths is not None:
+                writer.add_histogram("train/reasoning_length_hist", lengths, step)
 
     def _evaluation_views(self, trainer, pl_module, stage: str) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
+        per_rank = gather_objects((pl_module.eval_samples, pl_module.eval_reasoning_lengths))
+        if not trainer.is_global_zero:
+            return
+        samples = [sample for rank_samples, _ in per_rank for sample in rank_samples]
+        lengths = _concatenated(lengths for _, lengths in per_rank)
         step = trainer.global_step
         for writer in _writers(trainer):
-            if pl_module.eval_samples:
-                writer.add_text(f"completions/{stage}", completions_markdown(pl_module.eval_samples), step)
-            if pl_module.eval_reasoning_lengths:
-                writer.add_histogram(f"{stage}/reasoning_length_hist", torch.tensor(pl_module.eval_reasoning_lengths, dtype=torch.float32), step)
+            if samples:
+                writer.add_text(f"completions/{stage}", completions_markdown(samples), step)
+            if lengths is not None:
+                writer.add_histogram(f"{stage}/reasoning_length_hist", lengths, step)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._evaluation_views(trainer, pl_module, "val")

@@ -112,13 +112,20 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, batch]))
         n = self.batch_size * self.world_size
+        # Positions are drawn without replacement within a global batch (while a tier has enough), so the
+        # ranks' shares of a step never hold the same position twice.
         if self.curriculum:
             probs = np.asarray(self.probabilities(self.progress(batch, epoch)))
             tiers = rng.choice(len(TIER_NAMES), size=n, p=probs / probs.sum())
-            # Empty tiers have probability 0 and are never chosen; the max only keeps the bound valid.
-            within = rng.integers(0, np.maximum(self._sizes[tiers], 1))
+            within = np.zeros(n, dtype=np.int64)
+            for tier in range(len(TIER_NAMES)):
+                slots = np.flatnonzero(tiers == tier)
+                if len(slots):  # an empty tier has probability 0 and no slots
+                    size = int(self._sizes[tier])
+                    within[slots] = rng.choice(size, size=len(slots), replace=len(slots) > size)
         else:
-            flat = rng.integers(0, int(self._sizes.sum()), size=n)
+            total = int(self._sizes.sum())
+            flat = rng.choice(total, size=n, replace=n > total)
             offsets = np.cumsum(self._sizes)
             tiers = np.searchsorted(offsets, flat, side="right")
             within = flat - (offsets[tiers] - self._sizes[tiers])

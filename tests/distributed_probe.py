@@ -1,0 +1,72 @@
+"""Runs ``python -m rmt_lightning fit`` with a probe callback that records, per rank, what the distributed
+tests check: the budget and the drawn (document, position) pairs of every step, the logged losses, and
+checksums of the policy and reference weights before and after. Launched by tests/test_distributed.py;
+Lightning relaunches this same script for the other ranks.
+
+Usage: python tests/distributed_probe.py OUT_DIR CKPT_PATH|none [CLI arguments of ``fit``]
+"""
+
+import json
+import math
+import os
+import sys
+
+import lightning as L
+import torch
+
+from rmt_lightning.cli import build_cli
+from rmt_lightning.distributed import full_state_dict, is_sharded
+
+
+def _checksums(model) -> dict[str, float]:
+    # A collective under FSDP2: every rank calls it.
+    return {name: float(value.double().sum()) + float(value.double().abs().sum()) for name, value in full_state_dict(model).items()}
+
+
+class Probe(L.Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.record = {"steps": []}
+
+    def on_train_start(self, trainer, pl_module):
+        self.record["start_step"] = trainer.global_step
+        self.record["world_size"] = trainer.world_size
+        self.record["policy_sharded"] = is_sharded(pl_module.policy)
+        self.record["policy_before"] = _checksums(pl_module.policy)
+        if pl_module.reference is not None:
+            self.record["reference_sharded"] = is_sharded(pl_module.reference)
+            self.record["reference_before"] = _checksums(pl_module.reference)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.record["steps"].append({
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "budget": int(pl_module.budget),
+            "draws": [[int(d), int(p)] for d, p in zip(batch["doc_ids"].tolist(), batch["positions"].tolist())],
+        })
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        metrics = trainer.callback_metrics
+        self.record["steps"][-1]["loss"] = float(metrics["train/loss"])
+        self.record["steps"][-1]["reward"] = float(metrics.get("train/reward", math.nan))
+
+    def on_train_end(self, trainer, pl_module):
+        self.record["policy_after"] = _checksums(pl_module.policy)
+        if pl_module.reference is not None:
+            self.record["reference_after"] = _checksums(pl_module.reference)
+        path = os.path.join(self.out_dir, f"probe_rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump(self.record, f)
+
+
+def main() -> None:
+    out_dir, ckpt_path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    torch.set_num_threads(1)
+    cli = build_cli(args, run=False)
+    cli.trainer.callbacks.append(Probe(out_dir))
+    ckpt_path = None if ckpt_path == "none" else ckpt_path
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+
+
+if __name__ == "__main__":
+    main()

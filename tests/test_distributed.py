@@ -1,0 +1,185 @@
+"""DDP and FSDP2 (Lightning's ModelParallelStrategy with ``fully_shard``) over the whole RMT loop, with two
+real CPU processes (gloo): one budget on every rank, disjoint curriculum shards that add up to a
+single-process draw, finite losses, a policy that moves, a reference that does not, and a checkpoint that
+resumes. Also: sharded generation does not deadlock when one rank generates far longer than the other."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rmt_lightning.cli import build_cli
+from rmt_lightning.distributed import shard_model
+from rmt_lightning.method import token_budget
+from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.rollout import generate_group
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+EPOCHS = 2
+STRATEGIES = {
+    "ddp": ["--trainer.strategy", "ddp"],
+    "fsdp2": ["--trainer.strategy.class_path", "lightning.pytorch.strategies.ModelParallelStrategy"],
+}
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _probe(workdir: Path, out: Path, strategy: str, epochs: int, ckpt: str = "none") -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, str(ROOT / "tests" / "distributed_probe.py"), str(out), ckpt,
+        "--config", TINY, "--trainer.devices", "2", *STRATEGIES[strategy],
+        "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
+        "--data.cache_dir", str(workdir / "cache"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module", params=sorted(STRATEGIES))
+def runs(request, tmp_path_factory):
+    """A 2-epoch run under the strategy, then a resumed run from its last checkpoint for one more epoch."""
+    strategy = request.param
+    workdir = tmp_path_factory.mktemp(strategy)
+    first = _probe(workdir, workdir / "first", strategy, EPOCHS)
+    checkpoint = workdir / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert checkpoint.exists()
+    resumed = _probe(workdir, workdir / "resumed", strategy, EPOCHS + 1, ckpt=str(checkpoint))
+    return strategy, workdir, first, resumed
+
+
+def _single_process_draws(workdir: Path, epochs: int) -> list[list[list[int]]]:
+    """What one process draws with the same seed for the global batch of both ranks (2 x batch_size)."""
+    cli = build_cli(["--config", TINY, "--data.batch_size", "4", "--data.cache_dir", str(workdir / "cache")], run=False)
+    datamodule = cli.datamodule
+    datamodule.trainer = L.Trainer(max_epochs=epochs, logger=False, accelerator="cpu", devices=1)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    draws = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            draws.append([[int(d), int(p)] for d, p in zip(batch["doc_ids"].tolist(), batch["positions"].tolist())])
+    return draws
+
+
+def test_both_ranks_ran_every_step_with_the_same_budget(runs):
+    strategy, _, first, _ = runs
+    assert [r["world_size"] for r in first] == [2, 2]
+    steps = [r["steps"] for r in first]
+    assert len(steps[0]) == len(steps[1]) == EPOCHS * 2
+    for a, b in zip(*steps):
+        assert a["global_step"] == b["global_step"] and a["epoch"] == b["epoch"]
+        assert a["budget"] == b["budget"] == token_budget(a["epoch"] / EPOCHS, 8, 2, 0.25)
+
+
+def test_ranks_draw_disjoint_shares_that_add_up_to_one_process_draw(runs):
+    _, workdir, first, _ = runs
+    single = _single_process_draws(workdir, EPOCHS)
+    for step, (a, b) in enumerate(zip(first[0]["steps"], first[1]["steps"])):
+        ours, theirs = {tuple(x) for x in a["draws"]}, {tuple(x) for x in b["draws"]}
+        assert len(ours) == len(a["draws"]) == 2 and not ours & theirs, f"step {step}: shares overlap"
+        assert sorted(a["draws"] + b["draws"]) == sorted(single[step]), f"step {step}"
+
+
+def test_losses_finite_policy_moved_reference_frozen(runs):
+    strategy, _, first, _ = runs
+    for record in first:
+        assert all(torch.isfinite(torch.tensor(s["loss"])) for s in record["steps"])
+        assert record["policy_sharded"] is (strategy == "fsdp2")
+        assert record["reference_sharded"] is (strategy == "fsdp2")
+    # Rank 0 holds the full weights (under FSDP2 they are gathered to it alone).
+    before, after = first[0]["policy_before"], first[0]["policy_after"]
+    assert len(before) > 10
+    moved = {name for name in before if before[name] != after[name]}
+    assert moved >= {n for n in before if n != "lm_head.weight"}, "some policy weights did not move"
+    assert first[0]["reference_after"] == first[0]["reference_before"]
+    if strategy == "ddp":
+        assert first[1]["policy_after"] == after, "DDP replicas diverged"
+
+
+def test_checkpoint_resumes_where_the_run_stopped(runs):
+    _, _, first, resumed = runs
+    for before, after in zip(first, resumed):
+        assert after["start_step"] == EPOCHS * 2
+        assert after["policy_before"] == before["policy_after"]
+        assert [s["epoch"] for s in after["steps"]] == [EPOCHS, EPOCHS]
+        assert all(s["budget"] == token_budget(EPOCHS / (EPOCHS + 1), 8, 2, 0.25) for s in after["steps"])
+    assert resumed[0]["steps"][0]["budget"] == resumed[1]["steps"][0]["budget"]
+
+
+# ---- generation with uneven lengths under FSDP2 ------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _uneven_generation(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(BUILTIN_TINY)
+    model = shard_model(load_causal_lm(BUILTIN_TINY), None)
+    prompts = [tokenizer("three four five", add_special_tokens=False)["input_ids"]]
+
+    def all_finished(done: bool) -> bool:
+        flag = torch.tensor(float(done))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag > 0)
+
+    # Rank 0 stops after 2 tokens, rank 1 writes 40: every decoding step of rank 1 needs rank 0's shards.
+    cap = 2 if rank == 0 else 40
+    rollout = generate_group(model, tokenizer, prompts, 2, think_cap=cap, answer_allowance=0, temperature=1.0,
+                             generator=torch.Generator().manual_seed(5), all_finished=all_finished)
+    torch.save({"ids": rollout.completion_ids, "mask": rollout.completion_mask}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process(tmp_path):
+    context = mp.get_context("spawn")
+    port = _free_port()
+    workers = [context.Process(target=_uneven_generation, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    hung = [w for w in workers if w.is_alive()]
+    for worker in hung:
+        worker.kill()
+    assert not hung, "sharded generation deadlocked"
+    assert all(w.exitcode == 0 for w in workers)
+    short, long = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert short["mask"].sum(1).tolist() == [2, 2]
+    assert long["mask"].sum(1).tolist() == [40, 40]
+
+    # The sharded model generates exactly what the unsharded one does.
+    tokenizer = load_tokenizer(BUILTIN_TINY)
+    prompts = [tokenizer("three four five", add_special_tokens=False)["input_ids"]]
+    alone = generate_group(load_causal_lm(BUILTIN_TINY), tokenizer, prompts, 2, think_cap=40, answer_allowance=0,
+                           temperature=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(alone.completion_ids, long["ids"])
+
+
+def test_completions_table_gathers_every_rank(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, workdir, _, _ = runs
+    events = EventAccumulator(str(workdir / "logs" / "tiny" / "version_0"), size_guidance={"tensors": 0})
+    events.Reload()
+    table = events.Tensors("completions/text_summary")[0].tensor_proto.string_val[0].decode()
+    rows = table.strip().splitlines()[2:]
+    # tiny.yaml: 2 positions per rank, one completion shown per position.
+    assert len(rows) == 2 * 2, table
