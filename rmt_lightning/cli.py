@@ -100,10 +100,12 @@ class RMTCLI(LightningCLI):
 
 
 def _root_value_error(error: BaseException) -> ValueError | None:
-    """The innermost ValueError in ``error``'s chain of causes, if any."""
+    """The first InputError in ``error``'s chain of causes, else the innermost ValueError, if any."""
     found, seen = None, set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
+        if isinstance(error, InputError):
+            return error
         if isinstance(error, ValueError):
             found = error
         error = error.__cause__ or error.__context__

@@ -315,6 +315,8 @@ BAD_INPUTS = {
     "gamma 0": (["--config", "{gamma_0}"], "gamma=0.0 is not valid: it must be in (0.0, 1.0)"),
     "t1 >= t2": (["--data.t1", "0.7", "--data.t2", "0.7"], "t1=0.7, t2=0.7 are not valid: the curriculum needs 0 < t1 < t2 < 1"),
     "t2 outside (0, 1)": (["--data.t2", "1.2"], "t1=0.3, t2=1.2 are not valid: the curriculum needs 0 < t1 < t2 < 1"),
+    "tier_thresholds not increasing": (["--data.tier_thresholds", "[1.0, 0.5, 1.5]"],
+                                       "tier_thresholds: thresholds must be 3 strictly increasing values (t0, t1, t2), got (1.0, 0.5, 1.5)"),
     "p1 not summing to 1": (["--data.p1", "[0.5, 0.3, 0.1]"], "p1 must sum to 1 (within 1e-06), got sum 0.9"),
     "p2 negative": (["--data.p2", "[-0.2, 0.6, 0.6]"], "p2 entries must be non-negative, got (-0.2, 0.6, 0.6)"),
     "negative lambda": (["--model.ntp_weight", "-0.1"], "ntp_weight=-0.1 is not valid: it must be >= 0.0"),
