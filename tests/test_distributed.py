@@ -33,13 +33,13 @@ STRATEGIES = {
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def _probe(workdir: Path, out: Path, strategy: str, epochs: int, ckpt: str = "none") -> list[dict]:
+def _probe(workdir: Path, out: Path, strategy: str, epochs: int, ckpt: str = "none", extra=()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable, str(ROOT / "tests" / "distributed_probe.py"), str(out), ckpt,
         "--config", TINY, "--trainer.devices", "2", *STRATEGIES[strategy],
         "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
-        "--data.cache_dir", str(workdir / "cache"),
+        "--data.cache_dir", str(workdir / "cache"), *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
@@ -144,11 +144,16 @@ def _uneven_generation(rank: int, port: int, out: str) -> None:
     cap = 2 if rank == 0 else 40
     rollout = generate_group(model, tokenizer, prompts, 2, think_cap=cap, answer_allowance=0, temperature=1.0,
                              generator=torch.Generator().manual_seed(5), all_finished=all_finished)
-    torch.save({"ids": rollout.completion_ids, "mask": rollout.completion_mask}, f"{out}/rank{rank}.pt")
+    # Gradient clipping: Lightning clips FSDP2 gradients with clip_grad_norm_, which must see the global norm.
+    ids = torch.tensor([prompts[0] * 2])
+    model(input_ids=ids, labels=ids).loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    torch.save({"ids": rollout.completion_ids, "mask": rollout.completion_mask, "grad_norm": norm}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process(tmp_path):
+def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process_and_clips_globally(tmp_path):
     context = mp.get_context("spawn")
     port = _free_port()
     workers = [context.Process(target=_uneven_generation, args=(rank, port, str(tmp_path))) for rank in range(2)]
@@ -172,6 +177,13 @@ def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process
                            temperature=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(alone.completion_ids, long["ids"])
 
+    model = load_causal_lm(BUILTIN_TINY)
+    ids = torch.tensor([prompts[0] * 2])
+    model(input_ids=ids, labels=ids).loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
+    torch.testing.assert_close(short["grad_norm"], norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(long["grad_norm"], norm, rtol=1e-5, atol=0)
+
 
 def test_completions_table_gathers_every_rank(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -180,6 +192,29 @@ def test_completions_table_gathers_every_rank(runs):
     events = EventAccumulator(str(workdir / "logs" / "tiny" / "version_0"), size_guidance={"tensors": 0})
     events.Reload()
     table = events.Tensors("completions/text_summary")[0].tensor_proto.string_val[0].decode()
-    rows = table.strip().splitlines()[2:]
+    rows = table.strip().split("\n")[2:]
     # tiny.yaml: 2 positions per rank, one completion shown per position.
     assert len(rows) == 2 * 2, table
+
+
+def test_full_fsdp2_checkpoint_validates_and_exports_in_one_process(tmp_path):
+    from distributed_probe import _checksums
+    from transformers import AutoModelForCausalLM
+
+    full = ["--trainer.strategy.init_args.save_distributed_checkpoint", "false"]
+    records = _probe(tmp_path, tmp_path / "run", "fsdp2", 1, extra=full)
+    checkpoint = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file(), "FSDP2 wrote no single-file checkpoint"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    validate = [sys.executable, "-m", "rmt_lightning", "validate", "--config", TINY, "--ckpt_path", str(checkpoint),
+                "--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run(validate, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "val/ntp_acc_avg" in result.stdout
+
+    exported = tmp_path / "exported"
+    export = [sys.executable, "-m", "rmt_lightning", "export", str(checkpoint), str(exported)]
+    result = subprocess.run(export, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _checksums(AutoModelForCausalLM.from_pretrained(exported)) == records[0]["policy_after"]
