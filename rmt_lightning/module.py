@@ -17,6 +17,7 @@ from .method import (
     exact_match,
     group_advantages,
     grpo_token_loss_terms,
+    head_positions,
     length_reward,
     prefix_match,
     token_logprobs,
@@ -311,13 +312,15 @@ class RMTModule(L.LightningModule):
 
     # ---- losses ------------------------------------------------------------------------------------
 
-    def _completion_logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1) -> Tensor:
+    def _completion_logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1,
+                             logprob_mask=None) -> Tensor:
         # Gradient checkpointing turns the key/value cache off, so the shared-prompt path needs it off.
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         share = not checkpointing
-        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, share)
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, share,
+                                   logprob_mask=logprob_mask)
 
     def rl_backward(self, prompts: list[list[int]], rollout: GroupRollout, advantages: Tensor) -> dict[str, float]:
         """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
@@ -339,11 +342,12 @@ class RMTModule(L.LightningModule):
             if tokens == 0 and self._world_size() == 1:
                 continue
             args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group)
-            logprobs = self._completion_logprobs(self.policy, *args)
+            # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
+            logprobs = self._completion_logprobs(self.policy, *args, logprob_mask=loss_mask[rows])
             reference = None
             if self.reference is not None:
                 with torch.no_grad():
-                    reference = self._completion_logprobs(self._reference_model(), *args)
+                    reference = self._completion_logprobs(self._reference_model(), *args, logprob_mask=loss_mask[rows])
             terms = grpo_token_loss_terms(
                 logprobs, logprobs.detach(), advantages[rows], loss_mask[rows], clip_eps=hp.clip_eps,
                 ref_logprobs=reference, beta=hp.beta,
@@ -370,9 +374,17 @@ class RMTModule(L.LightningModule):
             count = int(targets[rows].sum()) if index < micro_batches else 0
             if count == 0 and self._world_size() == 1:
                 continue
-            logits = self.policy(input_ids=documents[rows], attention_mask=attention[rows]).logits
-            logprobs = token_logprobs(logits[:, :-1], documents[rows, 1:])
-            loss = -(logprobs * targets[rows]).sum() / max(1, count)
+            # The head projects only the positions that predict a target (not padding, not RL positions), so
+            # no [N, T, V] logits tensor is built. A rank with nothing to add runs one position at weight 0.
+            select = torch.zeros_like(ntp_mask[rows])
+            if count:
+                select[:, :-1] = targets[rows]
+            else:
+                select[0, 0] = True
+            with head_positions(self.policy, select) as pick:
+                logits = pick(self.policy(input_ids=documents[rows], attention_mask=attention[rows]).logits)
+            logprobs = token_logprobs(logits, documents[rows][:, 1:][select[:, :-1]] if count else documents[rows][:1, 1])
+            loss = -logprobs.sum() / max(1, count)
             self.manual_backward(loss * (count / total) * weight)
             nll += float(loss.detach()) * count / total
         return nll

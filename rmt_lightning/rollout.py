@@ -15,8 +15,9 @@ from functools import cached_property
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicLayer
 
-from .method import extract_prediction, token_logprobs
+from .method import extract_prediction, head_positions, token_logprobs
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
@@ -79,37 +80,60 @@ def positions_from_mask(attention: Tensor) -> Tensor:
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                        completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True) -> Tensor:
+                        completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True,
+                        logprob_mask: Tensor | None = None) -> Tensor:
     """Log-probs ``[N, C]`` of each completion token given its prompt and the completion before it.
 
     Prompts are ``[P, Lp]`` (left-padded), completions ``[P * group_size, C]`` (right-padded), row ``i``
     belonging to prompt ``i // group_size``. With ``share_prompt`` each prompt runs through the model
     once and its key/value cache, still attached to the graph, is repeated for its group, so the
     gradient through the shared prompt is computed once instead of G times.
+
+    Only the positions of ``logprob_mask`` (default: ``completion_mask``) get a log-prob, the others are 0:
+    the output head projects just those positions (``head_positions``), so padding and tokens written by
+    budget forcing, which no loss reads, cost no vocabulary projection.
     """
+    keep = (completion_mask if logprob_mask is None else logprob_mask).bool()
+    out_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     prompt_rows = prompt_mask.repeat_interleave(group_size, 0)
     if not share_prompt:
         ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], dim=1)
         attention = torch.cat([prompt_rows, completion_mask], dim=1)
         width = completion_ids.shape[1]
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention),
-                       logits_to_keep=width + 1).logits
-        return token_logprobs(logits[:, :-1], completion_ids)
+        # logits_to_keep=width+1 leaves the hidden states from the last prompt token on; the last one predicts
+        # nothing that is scored.
+        select = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)
+        with head_positions(model, select) as pick:
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention),
+                           logits_to_keep=width + 1).logits
+            return out_logprobs.masked_scatter(keep, token_logprobs(pick(logits), completion_ids[keep]))
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
                 use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1:].repeat_interleave(group_size, 0)
+    # The first completion token is predicted by its prompt's last position, shared by the group.
+    first = token_logprobs(out.logits[:, -1].repeat_interleave(group_size, 0), completion_ids[:, 0])
+    parts = [torch.where(keep[:, 0], first, torch.zeros_like(first)).unsqueeze(1)]
     if completion_ids.shape[1] > 1:
         cache = out.past_key_values
         cache.batch_repeat_interleave(group_size)
         attention = torch.cat([prompt_rows, completion_mask], dim=1)[:, :-1]
         positions = positions_from_mask(attention)[:, prompt_ids.shape[1]:]
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
-                     past_key_values=cache, use_cache=True).logits
-        logits = torch.cat([logits, rest], dim=1)
-    return token_logprobs(logits, completion_ids)
+        rest_keep = keep[:, 1:]
+        with head_positions(model, rest_keep) as pick:
+            logits = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                           past_key_values=cache, use_cache=True).logits
+            rest = out_logprobs[:, 1:].masked_scatter(rest_keep, token_logprobs(pick(logits), completion_ids[:, 1:][rest_keep]))
+        parts.append(rest)
+    return torch.cat(parts, dim=1)
 
 
-def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
+            rows: int | None = None, index: Tensor | None = None) -> Tensor:
+    """One token per row of ``logits``: argmax at temperature 0, else a draw from the tempered (nucleus) softmax.
+
+    The draw is ``argmax(p / q)`` with ``q ~ Exp(1)``, exactly what ``torch.multinomial(p, 1)`` computes. The
+    noise is drawn for all ``rows`` rows of the rollout and ``index`` picks the ones present in ``logits``, so
+    the random stream, and every row's sample, is the same whether or not finished rows were dropped.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -119,7 +143,88 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.G
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    rows = probs.shape[0] if rows is None else rows
+    noise = torch.empty((rows, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1, generator=generator)
+    if index is not None:
+        noise = noise.index_select(0, index)
+    return (probs / noise).argmax(-1)
+
+
+class _GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in storage allocated once for the whole rollout.
+
+    ``DynamicLayer`` concatenates every new token onto its tensors, copying the whole cache at each decoding
+    step (quadratic in the length; at a 1024-token context it costs more than the step's matmuls on a CPU).
+    Here each step writes one slot in place and ``keys``/``values`` are views of the filled part.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, length: int):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._keys, self._values, self._length = keys, values, length
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.keys = self._keys[:, :, : self._length]
+        self.values = self._values[:, :, : self._length]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        end = self._length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # past the planned length: grow (never happens within generate_group)
+            extra = max(end - self._keys.shape[-2], self._keys.shape[-2])
+            pad = (0, 0, 0, extra)
+            self._keys = torch.nn.functional.pad(self._keys, pad)
+            self._values = torch.nn.functional.pad(self._values, pad)
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self._refresh()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._keys = self._keys.index_select(0, indices)
+        self._values = self._values.index_select(0, indices)
+        self._refresh()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._keys = self._keys.repeat_interleave(repeats, dim=0)
+        self._values = self._values.repeat_interleave(repeats, dim=0)
+        self._refresh()
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self._length = max(0, self._length + tokens_to_remove)
+        self._refresh()
+
+
+def _expand_cache(cache, group_size: int, new_tokens: int):
+    """Give each of the cache's prompts ``group_size`` rows, with room for ``new_tokens`` more tokens.
+
+    Plain ``DynamicLayer`` layers (full attention) become ``_GrowingLayer`` storage, filled by one broadcast
+    copy of the prompt's keys and values per group row; any other layer type (sliding windows, linear
+    attention, quantised caches) is repeated by its own ``batch_repeat_interleave``.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        cache.batch_repeat_interleave(group_size)
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
+            layer.batch_repeat_interleave(group_size)
+            continue
+        grown = []
+        for tensor in (layer.keys, layer.values):
+            prompts, heads, length, dim = tensor.shape
+            storage = tensor.new_empty((prompts * group_size, heads, length + new_tokens, dim))
+            storage.view(prompts, group_size, heads, length + new_tokens, dim)[:, :, :, :length] = tensor.unsqueeze(1)
+            grown.append(storage)
+        layers[i] = _GrowingLayer(*grown, length=layer.keys.shape[-2])
+    return cache
 
 
 def end_of_sequence_ids(model, tokenizer) -> set[int]:
@@ -159,6 +264,7 @@ def generate_group(
     generator: torch.Generator | None = None,
     token_bytes: TokenBytes | None = None,
     all_finished: Callable[[bool], bool] | None = None,
+    compact_finished: bool = True,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
@@ -166,9 +272,14 @@ def generate_group(
     With it, thinking stops at ``think_cap`` tokens and the answer gets ``answer_allowance`` tokens written
     by the model; the scaffold the generator writes does not count against either.
 
+    Each prompt is prefilled once; its key/value cache is copied to its ``group_size`` rows into storage
+    sized for the whole rollout, so decoding writes in place. With ``compact_finished``, rows that are done
+    are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
+    costing compute; the samples are the same either way (see ``_sample``).
+
     ``all_finished(local_done) -> bool``, when given, decides when to stop from every process's state: under
-    FSDP each decoding step is a collective, so a process whose rows are done keeps stepping (its rows
-    unchanged) until the others are done too.
+    FSDP each decoding step is a collective, so a process whose rows are done keeps stepping (on one row of
+    padding) until the others are done too.
     """
     device = next(model.parameters()).device
     token_bytes = token_bytes or TokenBytes(tokenizer)
@@ -180,20 +291,25 @@ def generate_group(
     if max_new_tokens is not None:
         cap = min(cap, max_new_tokens)
 
-    ids, attention = (t.to(device) for t in pad_left(prompts, pad_id))
-    positions = positions_from_mask(attention)
+    ids, prompt_mask = (t.to(device) for t in pad_left(prompts, pad_id))
+    positions = positions_from_mask(prompt_mask)
+    rows = len(prompts) * group_size
+    prompt_width = ids.shape[1]
 
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(group_size)
+        out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache = _expand_cache(out.past_key_values, group_size, cap)
         logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
-        attention = attention.repeat_interleave(group_size, dim=0)
+        # The attention mask of the whole rollout, filled as it goes; each step passes its filled part.
+        attention = torch.ones((rows, prompt_width + cap), dtype=prompt_mask.dtype, device=device)
+        attention[:, :prompt_width] = prompt_mask.repeat_interleave(group_size, dim=0)
         next_position = positions[:, -1].repeat_interleave(group_size) + 1
+        # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
+        active = list(range(rows))
+        active_index = torch.arange(rows, device=device)
 
-        rows = len(prompts) * group_size
         generated = [[] for _ in range(rows)]
         sampled = [[] for _ in range(rows)]
         raw = [bytearray() for _ in range(rows)]
@@ -208,16 +324,14 @@ def generate_group(
         steps = 0
         while True:
             # Past its own cap a process only steps along (padding) while another one is still generating.
-            step = [pad_id] * rows
+            step = {r: pad_id for r in active}
             if steps < cap:
                 steps += 1
-                draws = _sample(logits, temperature, top_p, generator).tolist()
-                step = []
-                for r in range(rows):
+                draws = _sample(logits, temperature, top_p, generator, rows, active_index).tolist()
+                for b, r in enumerate(active):
                     if phase[r] == _DONE:
-                        step.append(pad_id)
                         continue
-                    token, by_policy = draws[r], True
+                    token, by_policy = draws[b], True
                     if queued[r]:
                         token, by_policy = queued[r].pop(0), False
                     elif token in eos_ids and phase[r] == _THINKING and budget_forcing:
@@ -249,18 +363,28 @@ def generate_group(
                                 phase[r] = _DONE
                         elif budget_forcing and answer_tokens[r] >= answer_allowance:
                             phase[r], clipped[r] = _DONE, True
-                    step.append(token)
+                    step[r] = token
             if steps >= cap:
-                for r in range(rows):
+                for r in active:
                     if phase[r] != _DONE:
                         phase[r], clipped[r] = _DONE, True
-            finished = all(p == _DONE for p in phase)
+            finished = all(phase[r] == _DONE for r in active)
             if all_finished(finished) if all_finished is not None else finished:
                 break
-            tokens = torch.tensor(step, device=device).unsqueeze(1)
-            attention = torch.cat([attention, torch.ones((rows, 1), dtype=attention.dtype, device=device)], dim=1)
-            out = model(input_ids=tokens, attention_mask=attention, position_ids=next_position.unsqueeze(1),
-                        past_key_values=cache, use_cache=True)
+            done_rows = sum(phase[r] == _DONE for r in active)
+            if compact_finished and done_rows and 4 * done_rows >= len(active):
+                # A process whose rows are all done keeps one row to step along with the others.
+                keep = [b for b, r in enumerate(active) if phase[r] != _DONE] or [0]
+                if len(keep) < len(active):
+                    keep_index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(keep_index)
+                    attention = attention.index_select(0, keep_index)
+                    next_position = next_position.index_select(0, keep_index)
+                    active = [active[b] for b in keep]
+                    active_index = active_index.index_select(0, keep_index)
+            tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
+            out = model(input_ids=tokens, attention_mask=attention[:, : prompt_width + steps],
+                        position_ids=next_position.unsqueeze(1), past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1]
             next_position = next_position + 1

@@ -121,6 +121,9 @@ def _run_scripted(model, tokenizer, scripts, group_size, seed=0, **kwargs):
     lm = ScriptedLM(model, scripts, group_size, filler)
     prompts = _prompts(tokenizer, ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3"][: len(scripts) // group_size])
     generator = torch.Generator().manual_seed(seed)
+    # The scripted model picks each row's token by its index in the batch, which dropping finished rows would
+    # renumber; compaction is checked on its own (test_compaction_changes_no_sample) and keeps every sample.
+    kwargs.setdefault("compact_finished", False)
     rollout = generate_group(lm, tokenizer, prompts, group_size, temperature=0.8, generator=generator, **kwargs)
     return rollout, lm
 
@@ -516,3 +519,155 @@ def test_completion_logprobs_match_independent_loop(model, tokenizer):
         expected = torch.stack([logp[len(prompt) - 1 + j, comp[j]] for j in range(n)])
         assert torch.allclose(shared[r, :n], expected, atol=1e-4, rtol=0), r
         assert torch.allclose(plain[r, :n], expected, atol=1e-4, rtol=0), r
+
+
+# ---------------------------------------------------------------- decoding fast paths (real tiny model)
+
+
+class EndsByContent(nn.Module):
+    """The real model, with the end-of-sequence logit raised by 1e4 after any fed token divisible by ``every``.
+
+    Rows then end at different steps, decided by their own tokens rather than their place in the batch, so
+    the outcome does not depend on which rows share a batch. Records the batch size of every call.
+    """
+
+    def __init__(self, lm: nn.Module, eos: int, every: int = 5):
+        super().__init__()
+        self.lm, self.eos, self.every = lm, eos, every
+        self.batch_sizes: list[int] = []
+
+    @property
+    def generation_config(self):
+        return self.lm.generation_config
+
+    def forward(self, input_ids, **kwargs):
+        out = self.lm(input_ids=input_ids, **kwargs)
+        self.batch_sizes.append(input_ids.shape[0])
+        trigger = input_ids[:, -1] % self.every == 0
+        out.logits[trigger, -1, self.eos] += 1e4
+        return out
+
+
+@pytest.mark.parametrize("budget_forcing, top_p", [(False, 1.0), (True, 0.9)])
+def test_compaction_changes_no_sample(model, tokenizer, budget_forcing, top_p):
+    """Dropping finished rows from the batch and the cache leaves every completion exactly as it was."""
+    prompts = _prompts(tokenizer, ["1 + 1 = 2", "a longer context: 3 * 4 = 12, 5 - 2 = 3", "7 - 7 = 0"])
+    G = 4
+    results = []
+    for compact in (False, True):
+        lm = EndsByContent(model, tokenizer.eos_token_id)
+        rollout = generate_group(lm, tokenizer, prompts, G, think_cap=24, answer_allowance=6, temperature=1.0,
+                                 top_p=top_p, budget_forcing=budget_forcing, compact_finished=compact,
+                                 generator=torch.Generator().manual_seed(7))
+        results.append((rollout, lm.batch_sizes))
+    (plain, plain_sizes), (compact, compact_sizes) = results
+    lengths = plain.completion_mask.sum(1)
+    assert lengths.min() < lengths.max(), "rows should end at different steps for this test to mean anything"
+    assert torch.equal(plain.completion_ids, compact.completion_ids)
+    assert torch.equal(plain.completion_mask, compact.completion_mask)
+    assert torch.equal(plain.sampled_mask, compact.sampled_mask)
+    assert (plain.texts, plain.reasoning_lengths, plain.clipped, plain.forced) == (
+        compact.texts, compact.reasoning_lengths, compact.clipped, compact.forced)
+    assert set(plain_sizes[1:]) == {len(prompts) * G}
+    assert len(compact_sizes) == len(plain_sizes)
+    assert min(compact_sizes[1:]) < len(prompts) * G
+    assert sum(compact_sizes[1:]) < sum(plain_sizes[1:])
+
+
+def test_compaction_keeps_stepping_for_other_processes(model, tokenizer):
+    """With ``all_finished`` saying another process is still decoding, a process whose rows are all done keeps
+    calling the model (on one padding row), and its completions are unchanged."""
+    prompts = _prompts(tokenizer, ["2 + 3 = 5"])
+    kwargs = dict(think_cap=10, answer_allowance=0, temperature=1.0)
+    alone = generate_group(EndsByContent(model, tokenizer.eos_token_id), tokenizer, prompts, 3,
+                           generator=torch.Generator().manual_seed(1), **kwargs)
+    extra_steps = 4
+    waited = []
+
+    def others_still_going(local_done: bool) -> bool:
+        if local_done:
+            waited.append(1)
+        return local_done and len(waited) > extra_steps
+
+    lm = EndsByContent(model, tokenizer.eos_token_id)
+    synced = generate_group(lm, tokenizer, prompts, 3, generator=torch.Generator().manual_seed(1),
+                            all_finished=others_still_going, **kwargs)
+    assert torch.equal(alone.completion_ids, synced.completion_ids) and alone.texts == synced.texts
+    assert lm.batch_sizes[-extra_steps:] == [1] * extra_steps
+
+
+@torch.no_grad()
+def test_expanded_cache_matches_repeated_cache(model, tokenizer):
+    """The prompt cache copied into preallocated storage gives the same next-token logits, step after step, as
+    the cache repeated by ``batch_repeat_interleave`` and grown by concatenation."""
+    from rmt_lightning.padding import pad_left
+    from rmt_lightning.rollout import _expand_cache, _GrowingLayer
+
+    ids, mask = pad_left(_prompts(tokenizer, ["4 * 4 = 16", "a longer one: 9 - 1 = 8, 2 + 2 = 4"]), tokenizer.pad_token_id)
+    G, steps = 3, 5
+    tokens = torch.randint(3, len(tokenizer), (2 * G, steps), generator=torch.Generator().manual_seed(2))
+    outputs = []
+    for expand in (False, True):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
+        cache = out.past_key_values
+        if expand:
+            _expand_cache(cache, G, steps)
+            assert all(isinstance(layer, _GrowingLayer) for layer in cache.layers)
+        else:
+            cache.batch_repeat_interleave(G)
+        attention = mask.repeat_interleave(G, 0)
+        position = positions_from_mask(mask)[:, -1].repeat_interleave(G) + 1
+        logits = []
+        for s in range(steps):
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            step = model(input_ids=tokens[:, s : s + 1], attention_mask=attention, position_ids=(position + s)[:, None],
+                         past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            logits.append(step.logits[:, -1])
+        # Dropping rows keeps the others' cache intact.
+        keep = torch.tensor([0, 2, 5])
+        cache.batch_select_indices(keep)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)[keep]
+        last = model(input_ids=tokens[keep, :1], attention_mask=attention, position_ids=(position[keep] + steps)[:, None],
+                     past_key_values=cache, use_cache=True).logits[:, -1]
+        outputs.append(torch.stack(logits + [torch.zeros_like(logits[0])]).clone())
+        outputs[-1][-1, keep] = last
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5, rtol=0)
+
+
+def test_completion_logprobs_only_where_asked(model, tokenizer):
+    """With ``logprob_mask`` the head projects only those positions: the same log-probs and gradients there as
+    the full computation, 0 elsewhere, on both the shared-prompt and the plain path."""
+    prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
+    wanted = cmask.bool() & (torch.arange(completions.shape[1]) % 3 != 1)
+    wanted[2, 0] = False  # a row whose first token (predicted from the prompt) is not wanted
+    weights = torch.linspace(-1.0, 2.0, completions.numel()).reshape(completions.shape)
+    for share in (True, False):
+        runs = []
+        for mask in (None, wanted):
+            model.zero_grad(set_to_none=True)
+            lp = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=share,
+                                     logprob_mask=mask)
+            (lp * weights * wanted).sum().backward()
+            runs.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (full, g_full), (narrow, g_narrow) = runs
+        assert torch.allclose(narrow[wanted], full[wanted], atol=1e-5, rtol=0)
+        assert (narrow[~wanted] == 0).all()
+        for name, ref in g_full.items():
+            assert ((g_narrow[name] - ref).norm() / ref.norm()).item() < 1e-5, name
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_head_positions_returns_the_selected_logits(model, tokenizer):
+    from rmt_lightning.method import head_positions
+
+    ids = torch.randint(3, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(4))
+    full = model(input_ids=ids).logits
+    select = torch.rand(3, 9, generator=torch.Generator().manual_seed(5)) < 0.4
+    with head_positions(model, select) as pick:
+        narrow = model(input_ids=ids).logits
+        assert narrow.shape == (1, int(select.sum()), full.shape[-1])
+        assert torch.allclose(pick(narrow), full[select], atol=1e-5, rtol=0)
+    # The hook is gone after the block.
+    assert model(input_ids=ids).logits.shape == full.shape
