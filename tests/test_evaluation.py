@@ -47,7 +47,7 @@ def trained_tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained_tiny")
     L.seed_everything(0)
     module = RMTModule(model_name_or_path=BUILTIN_TINY, rl=False, lr=1e-2, val_reasoning=False)
-    data = _data(folder, batch_size=8, batches_per_epoch=40)
+    data = _data(folder, batch_size=8, batches_per_epoch=80)
     trainer = _trainer(folder, callbacks=[HuggingFaceExport(str(folder / "model"))], limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     return str(folder / "model")
