@@ -1,0 +1,106 @@
+"""What the decaying budget saves: an RMT step at the final budget against an RPT-style step with B fixed at B_0,
+on the same batch, same model, same G, in one process.
+
+    python benchmarks/budget_step.py                    # SmolLM2-135M, B_0 64 -> final 12 (gamma 0.2)
+    python benchmarks/budget_step.py --b0 8 --gamma 0.25 --b_min 2     # the quickstart's schedule
+
+The final budget is ``token_budget`` at progress 1 (``max(b_min, floor(b0 * gamma))``), the paper's schedule
+scaled to a CPU. Rows:
+- ``RPT, B=B_0``: ``configs/rpt_baseline.yaml``'s module settings (no length reward, lambda 0) at B_0;
+- ``RMT, final B``: ``configs/rmt.yaml``'s settings (length reward 0.1, NTP lambda 0.1) at the final budget;
+- ``RMT, final B, NTP off``: the same without the NTP pass, to show which part of the step the budget acts on.
+Budget forcing is on in all (as in both configs), so thinking runs to its cap ``2B`` unless the model
+closes it. Each row trains ``warmup + steps`` steps on a fresh model; medians of the timed steps. Ratio =
+row / RPT step time (target <= 0.35 for RMT). Written to ``results/budget_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from common import PeakMemory, add_common_arguments, apply_threads, print_table, quiet_transformers, write_json
+from harness import corpus_batch, make_module, run_steps
+from rmt_lightning.method import token_budget
+from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer
+
+
+def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float) -> dict:
+    torch.manual_seed(args.seed)
+    module = make_module(
+        model_name_or_path=args.model, lr=2e-5, group_size=args.group_size, beta=0.01, ntp_weight=ntp_weight,
+        length_reward_weight=length_reward_weight, answer_allowance=args.answer_allowance, budget_forcing=True,
+        budget=budget, rl_micro_batch_size=args.micro_batch, sample_seed=args.seed,
+    )
+    with PeakMemory() as memory:
+        timer = run_steps(module, batch, steps=args.warmup + args.steps)
+    timed = timer.steps[args.warmup:]
+    med = lambda key: statistics.median(s.get(key, float("nan")) for s in timed)  # noqa: E731
+    return {
+        "budget": budget, "step_s": med("wall"), "step_cpu_s": med("cpu"), "generate_s": med("timing/generate"),
+        "update_s": med("timing/update"), "completion_length": med("train/completion_length"),
+        "reasoning_length": med("train/reasoning_length"), "peak_mb": memory.mb, "steps": timer.steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=BUILTIN_SMOLLM2)
+    parser.add_argument("--b0", type=int, default=64)
+    parser.add_argument("--gamma", type=float, default=0.2)
+    parser.add_argument("--b_min", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group_size", type=int, default=4)
+    parser.add_argument("--context_tokens", type=int, default=48)
+    parser.add_argument("--answer_allowance", type=int, default=4)
+    parser.add_argument("--micro_batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the three rows, interleaved")
+    add_common_arguments(parser)
+    parser.add_argument("--out", default="budget_step")
+    args = parser.parse_args()
+    quiet_transformers()
+    apply_threads(args.threads)
+    final = token_budget(1.0, args.b0, args.b_min, args.gamma)
+    batch = corpus_batch(load_tokenizer(args.model), args.prompts, args.context_tokens, seed=args.seed)
+    cases = {
+        "RPT, B=B_0": (args.b0, 0.0, 0.0),
+        "RMT, final B": (final, 0.1, 0.1),
+        "RMT, final B, NTP off": (final, 0.0, 0.1),
+    }
+    runs = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, (budget, ntp, length) in cases.items():
+            runs[name].append(run(args, batch, budget, ntp, length))
+            print(f"  {name}: {runs[name][-1]['step_s']:.2f} s/step", flush=True)
+    base = statistics.median(r["step_s"] for r in runs["RPT, B=B_0"])
+    base_cpu = statistics.median(r["step_cpu_s"] for r in runs["RPT, B=B_0"])
+    rows = []
+    for name, results in runs.items():
+        step = statistics.median(r["step_s"] for r in results)
+        cpu = statistics.median(r["step_cpu_s"] for r in results)
+        rows.append({
+            "row": name, "budget": results[0]["budget"], "cap": 2 * results[0]["budget"] + args.answer_allowance,
+            "ratio": step / base, "cpu_ratio": cpu / base_cpu, "step_s": step,
+            "generate_s": statistics.median(r["generate_s"] for r in results),
+            "update_s": statistics.median(r["update_s"] for r in results),
+            "completion_length": statistics.mean(r["completion_length"] for r in results),
+            "reasoning_length": statistics.mean(r["reasoning_length"] for r in results),
+            "peak_mb": max((r["peak_mb"] or 0) for r in results),
+        })
+    print_table(
+        f"step time at the final budget vs B fixed at B_0 ({args.model.removeprefix('builtin:')}, B_0={args.b0}, "
+        f"gamma={args.gamma}, final B={final}, P={args.prompts}, G={args.group_size})",
+        ["row", "B", "ratio (to RPT)", "CPU-time ratio", "s/step", "generate s", "update s", "mean completion",
+         "mean reasoning", "peak MB"],
+        [[r["row"], r["budget"], r["ratio"], r["cpu_ratio"], r["step_s"], r["generate_s"], r["update_s"],
+          r["completion_length"], r["reasoning_length"], r["peak_mb"]] for r in rows],
+    )
+    write_json(args.out, {"args": vars(args), "final_budget": final, "rows": rows, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Run real ``RMTModule`` training steps under a Lightning ``Trainer`` on one fixed batch, and time each step.
+
+The batch is built as ``RMTDataModule`` builds one (contexts before a position, the continuation's bytes,
+the whole documents with an NTP mask that leaves out token 0 and the RL positions), from the embedded corpus,
+without entropy scoring: the benchmarks time steps, not the curriculum.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rmt_lightning import RMTModule
+from rmt_lightning.data.mathgen import generate_math_corpus
+from rmt_lightning.padding import pad_right
+from rmt_lightning.tokens import TokenBytes
+
+
+def corpus_batch(tokenizer, positions: int, context_tokens: int = 48, max_document_tokens: int = 512, seed: int = 0) -> dict:
+    """One training batch of ``positions`` RL positions, one per document, ``context_tokens`` of context each."""
+    token_bytes = TokenBytes(tokenizer)
+    documents = []
+    for text in generate_math_corpus(positions * 4, seed=seed):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_document_tokens]
+        if len(ids) >= context_tokens + 16:
+            documents.append(ids)
+        if len(documents) == positions:
+            break
+    contexts, continuations, where = [], [], []
+    for index, doc in enumerate(documents):
+        # A position past the context length, spread over the documents' bodies.
+        p = context_tokens + (index * 7) % max(1, len(doc) - context_tokens - 8)
+        contexts.append(doc[p - context_tokens : p])
+        continuations.append(token_bytes.many(doc[p : p + 8]))
+        where.append(p)
+    padded, attention = pad_right(documents, tokenizer.pad_token_id)
+    ntp_mask = attention.bool()
+    ntp_mask[:, 0] = False
+    for row, p in enumerate(where):
+        ntp_mask[row, p] = False
+    return {
+        "contexts": contexts,
+        "continuations": continuations,
+        "documents": padded,
+        "document_attention_mask": attention,
+        "ntp_mask": ntp_mask,
+        "tiers": torch.full((positions,), 2, dtype=torch.long),
+        "entropies": torch.ones(positions),
+        "curriculum_probabilities": torch.tensor([0.0, 0.0, 1.0]),
+        "curriculum_progress": 0.0,
+    }
+
+
+class StepTimer(L.Callback):
+    """Wall and CPU time of every training step, with the module's logged ``timing/*`` and a few train figures."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        record = {"wall": time.perf_counter() - self._wall, "cpu": time.process_time() - self._cpu}
+        for key in ("timing/generate", "timing/update", "train/completion_length", "train/reasoning_length",
+                    "train/clipped_ratio", "train/budget"):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                record[key] = float(value)
+        self.steps.append(record)
+
+
+def make_module(**overrides) -> RMTModule:
+    return RMTModule(**overrides)
+
+
+def run_steps(module: RMTModule, batch: dict, steps: int, callbacks=(), profiler=None) -> StepTimer:
+    """Train ``module`` for ``steps`` optimizer steps on ``batch`` repeated; returns the per-step timer."""
+    timer = StepTimer()
+    loader = DataLoader([batch] * steps, batch_size=None, collate_fn=lambda item: item)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False, callbacks=[timer, *callbacks], profiler=profiler,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=loader)
+    return timer

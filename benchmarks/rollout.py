@@ -1,0 +1,119 @@
+"""Rollout tokens/s: ``generate_group`` (prefill once per prompt, cache copied to its G rows) against
+``model.generate(num_return_sequences=G)`` (the prompt repeated G times before the prefill), same model,
+prompts, seeds and sampling settings, in one process.
+
+    python benchmarks/rollout.py                       # tiny model sweep + SmolLM2-135M headline
+    python benchmarks/rollout.py --models builtin:tiny-llama --contexts 256 --caps 32
+
+Both sides decode exactly ``cap`` new tokens per row: the end-of-sequence token is suppressed in both
+(``min_new_tokens`` for ``generate``; a wrapper that masks its logit for ``generate_group``, whose small cost
+counts against it), so tokens/s compares the same work. Prompts are ``context`` tokens cut from the embedded
+corpus. Timings are interleaved and the median is reported; the ratio is ours / generate in tokens/s
+(higher is better for us). Written to ``results/rollout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from common import add_common_arguments, apply_threads, device, interleaved, print_table, quiet_transformers, write_json, corpus_prompts
+from rmt_lightning.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
+from rmt_lightning.rollout import end_of_sequence_ids, generate_group
+
+
+class SuppressEnd(nn.Module):
+    """The model with its end-of-sequence logits at -inf, so every row decodes to the cap (what
+    ``min_new_tokens`` does for ``generate``)."""
+
+    def __init__(self, lm: nn.Module, eos_ids: set[int]):
+        super().__init__()
+        self.lm = lm
+        self.eos = torch.tensor(sorted(eos_ids))
+
+    @property
+    def generation_config(self):
+        return self.lm.generation_config
+
+    def forward(self, *args, **kwargs):
+        out = self.lm(*args, **kwargs)
+        out.logits[..., self.eos.to(out.logits.device)] = float("-inf")
+        return out
+
+
+def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int, prompts_per_batch: int,
+                repeats: int, dtype: str, seed: int) -> list[dict]:
+    tokenizer = load_tokenizer(name)
+    model = load_causal_lm(name, dtype=parse_dtype(dtype)).to(device()).eval()
+    eos_ids = end_of_sequence_ids(model, tokenizer)
+    ours_model = SuppressEnd(model, eos_ids)
+    rows = []
+    for context in contexts:
+        prompts = corpus_prompts(tokenizer, prompts_per_batch, context, seed=seed)
+        ids = torch.tensor(prompts, device=device())
+        mask = torch.ones_like(ids)
+        for cap in caps:
+            def ours():
+                rollout = generate_group(ours_model, tokenizer, prompts, group_size, think_cap=cap, answer_allowance=0,
+                                         temperature=1.0, generator=torch.Generator(device()).manual_seed(seed))
+                return {"tokens": int(rollout.completion_mask.sum())}
+
+            def hf():
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                                         top_k=0, max_new_tokens=cap, min_new_tokens=cap, num_return_sequences=group_size,
+                                         pad_token_id=tokenizer.pad_token_id)
+                return {"tokens": int(out[:, ids.shape[1]:].numel())}
+
+            # Warm up on a short run of each (allocator, kernels), then time the real size interleaved.
+            result = interleaved({"ours": ours, "generate": hf}, repeats=repeats, warmup=0)
+            o, h = result["ours"], result["generate"]
+            row = {
+                "model": name, "context": context, "cap": cap, "G": group_size, "prompts": prompts_per_batch,
+                "ours_tokens": o["extra"]["tokens"], "generate_tokens": h["extra"]["tokens"],
+                "ours_s": o["wall_median"], "generate_s": h["wall_median"],
+                "ours_tok_s": o["extra"]["tokens"] / o["wall_median"], "generate_tok_s": h["extra"]["tokens"] / h["wall_median"],
+                "ours_cpu_s": o["cpu_median"], "generate_cpu_s": h["cpu_median"],
+                "ours_peak_mb": o["peak_mb"], "generate_peak_mb": h["peak_mb"],
+                "ours_runs_s": o["wall"], "generate_runs_s": h["wall"],
+            }
+            row["ratio"] = row["ours_tok_s"] / row["generate_tok_s"]
+            row["cpu_ratio"] = (o["extra"]["tokens"] / o["cpu_median"]) / (h["extra"]["tokens"] / h["cpu_median"])
+            rows.append(row)
+            print(f"  {name} context {context} cap {cap}: ours {row['ours_tok_s']:.1f} tok/s, generate "
+                  f"{row['generate_tok_s']:.1f} tok/s, ratio {row['ratio']:.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[BUILTIN_TINY, BUILTIN_SMOLLM2])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[256, 1024])
+    parser.add_argument("--caps", nargs="+", type=int, default=[32, 256])
+    parser.add_argument("--group_size", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per batch (each gets G rows)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="bfloat16 on a GPU")
+    add_common_arguments(parser)
+    parser.add_argument("--out", default="rollout")
+    args = parser.parse_args()
+    quiet_transformers()
+    apply_threads(args.threads)
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.contexts, args.caps, args.group_size, args.prompts, args.repeats, args.dtype, args.seed)
+    print_table(
+        f"rollout tokens/s, G={args.group_size}, {args.prompts} prompt(s) per batch: generate_group vs generate(num_return_sequences)",
+        ["model", "context", "cap", "ratio (ours/generate)", "CPU-time ratio", "ours tok/s", "generate tok/s",
+         "ours s", "generate s", "ours peak MB", "generate peak MB"],
+        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r["cpu_ratio"], r["ours_tok_s"],
+          r["generate_tok_s"], r["ours_s"], r["generate_s"], r["ours_peak_mb"], r["generate_peak_mb"]] for r in rows],
+    )
+    write_json(args.out, {"args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
