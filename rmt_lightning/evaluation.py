@@ -31,8 +31,9 @@ class TierAccuracy(Metric):
     """Accuracy on the nested entropy splits: position-weighted within a split, splits averaged unweighted.
 
     ``update(correct, tiers)`` takes each position's correctness in ``[0, 1]`` (the share of its completions
-    that were right, or 0/1 for an argmax) and its disjoint tier (-1 .. 2). ``compute()`` returns the
-    accuracy of each split ``[easy, medium, hard]``; a split with no position is NaN.
+    that were right, or 0/1 for an argmax) and its disjoint tier (-1 .. 2). ``compute()`` returns
+    ``{"accuracy": [easy, medium, hard], "positions": [easy, medium, hard]}`` over all ranks; a split with no
+    position has accuracy NaN.
     """
 
     full_state_update = False
@@ -48,8 +49,9 @@ class TierAccuracy(Metric):
         self.correct += (correct.to(members).unsqueeze(-1) * members).sum(0)
         self.total += members.sum(0)
 
-    def compute(self) -> Tensor:
-        return torch.where(self.total > 0, self.correct / self.total.clamp(min=1), torch.full_like(self.total, float("nan")))
+    def compute(self) -> dict[str, Tensor]:
+        accuracy = torch.where(self.total > 0, self.correct / self.total.clamp(min=1), torch.full_like(self.total, float("nan")))
+        return {"accuracy": accuracy, "positions": self.total.clone()}
 
 
 def tier_figures(prefix: str, accuracies: Tensor) -> dict[str, Tensor]:
@@ -76,17 +78,19 @@ class EvaluationMetrics(torch.nn.Module):
         self.reasoning_length.update(torch.tensor(reasoning_lengths, dtype=torch.float32))
         self.answer_rate.update(torch.tensor([p is not None for p in predictions], dtype=torch.float32))
 
-    def compute(self, stage: str, reasoning: bool) -> dict[str, Tensor]:
-        """Figures named ``{stage}/ntp_acc_*`` and, with ``reasoning``, ``{stage}/acc_*``, ``reasoning_length``, ``answer_rate``.
+    def compute(self, stage: str, reasoning: bool) -> tuple[dict[str, Tensor], int]:
+        """Figures named ``{stage}/ntp_acc_*`` and, with ``reasoning``, ``{stage}/acc_*``, ``reasoning_length``,
+        ``answer_rate``; and the number of positions scored on all ranks.
 
         Every rank must call this with the same ``reasoning``: computing a metric is a collective under DDP.
         """
-        figures = tier_figures(f"{stage}/ntp_acc", self.ntp.compute())
+        ntp = self.ntp.compute()
+        figures = tier_figures(f"{stage}/ntp_acc", ntp["accuracy"])
         if reasoning:
-            figures.update(tier_figures(f"{stage}/acc", self.reasoning.compute()))
+            figures.update(tier_figures(f"{stage}/acc", self.reasoning.compute()["accuracy"]))
             figures[f"{stage}/reasoning_length"] = self.reasoning_length.compute()
             figures[f"{stage}/answer_rate"] = self.answer_rate.compute()
-        return figures
+        return figures, int(ntp["positions"][0])  # every scored position is in the widest split
 
     def reset(self) -> None:
         for metric in (self.ntp, self.reasoning, self.reasoning_length, self.answer_rate):

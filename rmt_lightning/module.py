@@ -56,7 +56,7 @@ class RMTModule(L.LightningModule):
         dtype: Weights' precision: float32, bfloat16 or float16.
         lr: AdamW learning rate (paper: 1e-6).
         weight_decay: AdamW weight decay.
-        lr_warmup_steps: Linear learning-rate warm-up steps (0: constant).
+        lr_warmup_steps: Linear learning-rate warm-up steps, counted after the format warm-up (0: constant).
         grad_clip: Max gradient norm (0: no clipping).
         group_size: Completions per RL position, G (paper: 8).
         temperature: Sampling temperature (RPT: 0.8).
@@ -77,6 +77,8 @@ class RMTModule(L.LightningModule):
         response_prefix: Text the response starts from, appended after the chat template (e.g. ``<think>\\n``).
         use_chat_template: Wrap the instruction in the tokenizer's chat template when it has one.
         format_warmup_steps: First optimizer steps trained on format demonstrations instead of RL (0: off).
+        format_warmup_lr: Learning rate of the format warm-up steps (None: ``lr``); a format is learnt in a
+            few steps only at a rate well above the one RL can take.
         format_warmup_thought: Thought of the demonstrations ``<think>thought</think> \\boxed{next token}``;
             ``{context_tail}`` stands for the context's last B tokens and ``{next_token}`` for the true next
             token, so ``{context_tail}{next_token}`` demonstrates "continue the text, then box the new token".
@@ -125,6 +127,7 @@ class RMTModule(L.LightningModule):
         response_prefix: str = "<think>\n",
         use_chat_template: bool = True,
         format_warmup_steps: int = 0,
+        format_warmup_lr: float | None = None,
         format_warmup_thought: str = "The next token continues the text.",
         rl_micro_batch_size: int = 8,
         ntp_micro_batch_size: int = 4,
@@ -157,6 +160,11 @@ class RMTModule(L.LightningModule):
             at_least(name, value, minimum)
         between("length_reward_weight", length_reward_weight, 0.0, 1.0)
         between("top_p", top_p, 1e-9, 1.0)
+        if format_warmup_lr is not None and not (format_warmup_lr > 0 and lr > 0):
+            raise ValueError(
+                f"format_warmup_lr={format_warmup_lr} needs format_warmup_lr > 0 and lr > 0 (lr={lr}); "
+                "leave it unset (None) to warm up at lr"
+            )
         if val_budget is not None and val_budget < 1:
             raise ValueError(f"val_budget={val_budget} must be >= 1 (or None for the final budget)")
         if val_group_size < 1:
@@ -217,7 +225,14 @@ class RMTModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         warmup = max(1, hp.lr_warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        format_factor = 1.0 if hp.format_warmup_lr is None else hp.format_warmup_lr / hp.lr
+
+        def factor(step: int) -> float:
+            if step < hp.format_warmup_steps:
+                return format_factor
+            return min(1.0, (step - hp.format_warmup_steps + 1) / warmup)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -557,8 +572,7 @@ class RMTModule(L.LightningModule):
         """Log the stage's figures (reduced across ranks) and write them as JSON next to the TensorBoard run."""
         hp = self.hparams
         metrics = self.eval_metrics[stage]
-        figures = metrics.compute(stage, reasoning=hp.val_reasoning)
-        positions = int(metrics.ntp.total[0])  # every scored position is in the widest split
+        figures, positions = metrics.compute(stage, reasoning=hp.val_reasoning)
         metrics.reset()
         # Already reduced across ranks by torchmetrics: a second reduction would be wasted communication.
         self.log_dict(figures, sync_dist=False)

@@ -108,17 +108,47 @@ def test_ntp_accuracy_equals_an_independent_argmax_loop_and_tiers_follow_entropy
     assert "val/acc_avg" not in figures  # reasoning mode is off
 
 
+def _validate_cli(workdir: Path, model: str, *extra: str) -> dict:
+    """``python -m rmt_lightning validate`` on tiny.yaml with ``model``; returns the figures it wrote."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "rmt_lightning", "validate", "--config", str(ROOT / "configs" / "tiny.yaml"),
+               "--model.model_name_or_path", model, "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+               "--data.val_positions", "12", "--data.cache_dir", str(workdir.parent / "cache"), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return json.loads(next(workdir.joinpath("logs").rglob("val_metrics.json")).read_text())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_report_the_figures_of_one(tmp_path, trained_tiny):
+    """Under DDP each rank scores half the positions; the figures, reduced across ranks, are those of one process."""
+    single = _validate_cli(tmp_path / "one", trained_tiny)
+    double = _validate_cli(tmp_path / "two", trained_tiny, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert single["positions"] == double["positions"] == 12
+    for key, value in single.items():
+        if key.startswith("val/"):
+            assert double[key] == pytest.approx(value, abs=1e-6), key
+    assert 0 < single["val/ntp_acc_easy"] < 1
+
+
 def test_tier_accuracy_splits_are_nested_and_averaged_unweighted():
     metric = TierAccuracy()
     # tiers: -1 (in no split), 0 easy, 1 medium, 2 hard; correctness per position
     metric.update(torch.tensor([1.0, 0.0, 1.0, 0.5, 1.0]), torch.tensor([-1, 0, 0, 1, 2]))
-    easy, medium, hard = metric.compute().tolist()
+    computed = metric.compute()
+    assert computed["positions"].tolist() == [4, 2, 1]
+    easy, medium, hard = computed["accuracy"].tolist()
     assert easy == pytest.approx((0.0 + 1.0 + 0.5 + 1.0) / 4)
     assert medium == pytest.approx((0.5 + 1.0) / 2)
     assert hard == pytest.approx(1.0)
     empty = TierAccuracy()
     empty.update(torch.tensor([1.0]), torch.tensor([0]))
-    assert math.isnan(empty.compute()[2])
+    assert math.isnan(empty.compute()["accuracy"][2])
 
 
 # ---- reasoning mode on scripted completions ---------------------------------------------------------------
