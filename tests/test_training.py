@@ -164,3 +164,19 @@ def test_reward_rises_on_a_learnable_toy(tmp_path):
     trainer.fit(module, datamodule=datamodule)
     first, last = sum(recorder.rewards[:5]) / 5, sum(recorder.rewards[-5:]) / 5
     assert last > first + 0.3, recorder.rewards
+
+
+def test_format_warmup_runs_at_its_own_lr_then_rl_warms_up_from_zero_steps():
+    module = RMTModule(model_name_or_path=BUILTIN_TINY, lr=1e-3, format_warmup_steps=2, format_warmup_lr=1e-2,
+                       lr_warmup_steps=2)
+    module.configure_model()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1e-2, 1e-2, 0.5e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="format_warmup_lr"):
+        RMTModule(model_name_or_path=BUILTIN_TINY, lr=0.0, format_warmup_lr=1e-4)
