@@ -38,7 +38,7 @@ def _probe(workdir: Path, out: Path, strategy: str, epochs: int, ckpt: str = "no
     command = [
         sys.executable, str(ROOT / "tests" / "distributed_probe.py"), str(out), ckpt,
         "--config", TINY, "--trainer.devices", "2", *STRATEGIES[strategy],
-        "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
+        "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
         "--data.cache_dir", str(workdir / "cache"), *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
