@@ -16,7 +16,7 @@ import functools
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from common import PeakMemory, print_table, quiet_transformers, write_json
+from common import PeakMemory, add_common_arguments, apply_threads, print_table, quiet_transformers, write_json
 from harness import corpus_batch, make_module, run_steps
 
 PHASES = ("rollout", "score", "rl_backward", "ntp_backward")
@@ -70,9 +70,11 @@ def main() -> None:
     parser.add_argument("--ntp_weight", type=float, default=0.1)
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
     parser.add_argument("--tag", default="", help="suffix of the JSON file (e.g. before/after)")
+    add_common_arguments(parser)
     args = parser.parse_args()
     quiet_transformers()
-    torch.manual_seed(0)
+    apply_threads(args.threads)
+    torch.manual_seed(args.seed)
 
     module = make_module(
         model_name_or_path=args.model, lr=2e-5, group_size=args.group_size, beta=0.01, ntp_weight=args.ntp_weight,

@@ -68,7 +68,13 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
                                          pad_token_id=tokenizer.pad_token_id)
                 return {"tokens": int(out[:, ids.shape[1]:].numel())}
 
-            # Warm up on a short run of each (allocator, kernels), then time the real size interleaved.
+            # Warm up each side on a short run (first-call costs: allocator, kernels, caches), then time the
+            # real size interleaved.
+            generate_group(ours_model, tokenizer, prompts, group_size, think_cap=2, answer_allowance=0, temperature=1.0,
+                           generator=torch.Generator(device()).manual_seed(seed))
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=2, min_new_tokens=2,
+                               num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id)
             result = interleaved({"ours": ours, "generate": hf}, repeats=repeats, warmup=0)
             o, h = result["ours"], result["generate"]
             row = {

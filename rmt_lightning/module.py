@@ -334,8 +334,10 @@ class RMTModule(L.LightningModule):
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
         share = not checkpointing
+        # Under FSDP the processes must agree on running the shared prompt prefix as a pass of its own.
+        agree = self._all_ranks if self._world_size() > 1 else None
         return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, share,
-                                   logprob_mask=logprob_mask)
+                                   logprob_mask=logprob_mask, all_agree=agree)
 
     def rl_backward(self, prompts: list[list[int]], rollout: GroupRollout, advantages: Tensor) -> dict[str, float]:
         """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""

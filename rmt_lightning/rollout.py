@@ -79,15 +79,88 @@ def positions_from_mask(attention: Tensor) -> Tensor:
     return (attention.cumsum(-1) - 1).clamp(min=0)
 
 
+MIN_SHARED_PREFIX = 8
+"""Shortest common prefix (tokens) worth a forward pass of its own in ``prefill``."""
+
+
+@dataclass
+class Prefill:
+    """Prompts run through the model, ready to be continued: row ``p`` is prompt ``p``."""
+
+    last_logits: Tensor
+    """``[P, V]`` logits at each prompt's last token (the first completion token's distribution)."""
+    cache: object
+    """The key/value cache of the ``[P, W]`` layout of ``attention``."""
+    attention: Tensor
+    """``[P, W]`` attention mask of the cached positions (1: a prompt token)."""
+    positions: Tensor
+    """``[P]`` position id of each prompt's last token."""
+    shared: int
+    """Tokens of the common prefix computed once for all prompts (0: none)."""
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest prefix every prompt starts with, leaving each prompt at least one token of its own."""
+    if not prompts:
+        return 0
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: bool = True,
+            all_agree: Callable[[bool], bool] | None = None) -> Prefill:
+    """Run the prompts through the model once, for a cache to continue from (with gradients when enabled).
+
+    Prompts built from one template start with the same tokens (chat template, system prompt, the task
+    instruction with the budget: 79 of SmolLM2's 144 prompt tokens in the quickstart). With
+    ``share_prefix`` and two or more prompts, that common prefix runs once as a batch of one and its cache
+    is copied to every prompt; the prompts' own suffixes then run, left-padded, against it. The cache
+    layout is ``[prefix | padding | suffix]``: the padding is masked and position ids count only real
+    tokens, so every prompt token sees exactly what it sees in a plain left-padded forward.
+
+    ``all_agree(flag) -> bool`` (True when ``flag`` holds on every process) makes all processes take the
+    same path: under FSDP every forward is a collective, so they must all run two forwards or all one.
+    """
+    shared = common_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    use = shared >= MIN_SHARED_PREFIX
+    if all_agree is not None:
+        use = all_agree(use)
+    if not use:
+        ids, mask = (t.to(device) for t in pad_left(prompts, pad_id))
+        positions = positions_from_mask(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return Prefill(out.logits[:, -1], out.past_key_values, mask, positions[:, -1], 0)
+    head = torch.tensor([prompts[0][:shared]], device=device)
+    out = model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True, logits_to_keep=1)
+    # The prefix reaches the loss only through its keys and values. FSDP2 gathers a layer's weights for
+    # backward when gradients reach that layer's outputs, so those outputs are kept in the graph, at weight 0.
+    tie = out.logits.sum() * 0.0 if torch.is_grad_enabled() else None
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(prompts))
+    ids, suffix_mask = (t.to(device) for t in pad_left([p[shared:] for p in prompts], pad_id))
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1)
+    positions = positions_from_mask(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    last_logits = out.logits[:, -1] if tie is None else out.logits[:, -1] + tie
+    return Prefill(last_logits, out.past_key_values, mask, positions[:, -1], shared)
+
+
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True,
-                        logprob_mask: Tensor | None = None) -> Tensor:
+                        logprob_mask: Tensor | None = None, share_prefix: bool = True,
+                        all_agree: Callable[[bool], bool] | None = None) -> Tensor:
     """Log-probs ``[N, C]`` of each completion token given its prompt and the completion before it.
 
     Prompts are ``[P, Lp]`` (left-padded), completions ``[P * group_size, C]`` (right-padded), row ``i``
     belonging to prompt ``i // group_size``. With ``share_prompt`` each prompt runs through the model
     once and its key/value cache, still attached to the graph, is repeated for its group, so the
-    gradient through the shared prompt is computed once instead of G times.
+    gradient through the shared prompt is computed once instead of G times; with ``share_prefix`` too, the
+    prefix all prompts share is computed once for all of them (``prefill``; ``all_agree`` as there).
 
     Only the positions of ``logprob_mask`` (default: ``completion_mask``) get a log-prob, the others are 0:
     the output head projects just those positions (``head_positions``), so padding and tokens written by
@@ -95,10 +168,9 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     """
     keep = (completion_mask if logprob_mask is None else logprob_mask).bool()
     out_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-    prompt_rows = prompt_mask.repeat_interleave(group_size, 0)
     if not share_prompt:
         ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], dim=1)
-        attention = torch.cat([prompt_rows, completion_mask], dim=1)
+        attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0), completion_mask], dim=1)
         width = completion_ids.shape[1]
         # logits_to_keep=width+1 leaves the hidden states from the last prompt token on; the last one predicts
         # nothing that is scored.
@@ -107,16 +179,17 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
             logits = model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention),
                            logits_to_keep=width + 1).logits
             return out_logprobs.masked_scatter(keep, token_logprobs(pick(logits), completion_ids[keep]))
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                use_cache=True, logits_to_keep=1)
+    prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+    start = prefill(model, prompts, 0, prompt_ids.device, share_prefix=share_prefix, all_agree=all_agree)
     # The first completion token is predicted by its prompt's last position, shared by the group.
-    first = token_logprobs(out.logits[:, -1].repeat_interleave(group_size, 0), completion_ids[:, 0])
+    first = token_logprobs(start.last_logits.repeat_interleave(group_size, 0), completion_ids[:, 0])
     parts = [torch.where(keep[:, 0], first, torch.zeros_like(first)).unsqueeze(1)]
     if completion_ids.shape[1] > 1:
-        cache = out.past_key_values
+        cache = start.cache
         cache.batch_repeat_interleave(group_size)
-        attention = torch.cat([prompt_rows, completion_mask], dim=1)[:, :-1]
-        positions = positions_from_mask(attention)[:, prompt_ids.shape[1]:]
+        cached = start.attention.repeat_interleave(group_size, 0)
+        attention = torch.cat([cached, completion_mask], dim=1)[:, :-1]
+        positions = positions_from_mask(attention)[:, cached.shape[1]:]
         rest_keep = keep[:, 1:]
         with head_positions(model, rest_keep) as pick:
             logits = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
@@ -265,6 +338,7 @@ def generate_group(
     token_bytes: TokenBytes | None = None,
     all_finished: Callable[[bool], bool] | None = None,
     compact_finished: bool = True,
+    share_prefix: bool = True,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
@@ -272,8 +346,9 @@ def generate_group(
     With it, thinking stops at ``think_cap`` tokens and the answer gets ``answer_allowance`` tokens written
     by the model; the scaffold the generator writes does not count against either.
 
-    Each prompt is prefilled once; its key/value cache is copied to its ``group_size`` rows into storage
-    sized for the whole rollout, so decoding writes in place. With ``compact_finished``, rows that are done
+    Each prompt is prefilled once (the prefix common to all prompts once for all, with ``share_prefix``; see
+    ``prefill``); its key/value cache is copied to its ``group_size`` rows into storage sized for the whole
+    rollout, so decoding writes in place. With ``compact_finished``, rows that are done
     are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
     costing compute; the samples are the same either way (see ``_sample``).
 
@@ -291,21 +366,20 @@ def generate_group(
     if max_new_tokens is not None:
         cap = min(cap, max_new_tokens)
 
-    ids, prompt_mask = (t.to(device) for t in pad_left(prompts, pad_id))
-    positions = positions_from_mask(prompt_mask)
     rows = len(prompts) * group_size
-    prompt_width = ids.shape[1]
 
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache = _expand_cache(out.past_key_values, group_size, cap)
-        logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)
+        # all_finished is an AND over processes: it also makes them agree on the prefill's path.
+        start = prefill(model, prompts, pad_id, device, share_prefix=share_prefix, all_agree=all_finished)
+        prompt_width = start.attention.shape[1]
+        cache = _expand_cache(start.cache, group_size, cap)
+        logits = start.last_logits.repeat_interleave(group_size, dim=0)
         # The attention mask of the whole rollout, filled as it goes; each step passes its filled part.
-        attention = torch.ones((rows, prompt_width + cap), dtype=prompt_mask.dtype, device=device)
-        attention[:, :prompt_width] = prompt_mask.repeat_interleave(group_size, dim=0)
-        next_position = positions[:, -1].repeat_interleave(group_size) + 1
+        attention = torch.ones((rows, prompt_width + cap), dtype=start.attention.dtype, device=device)
+        attention[:, :prompt_width] = start.attention.repeat_interleave(group_size, dim=0)
+        next_position = start.positions.repeat_interleave(group_size) + 1
         # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
         active = list(range(rows))
         active_index = torch.arange(rows, device=device)

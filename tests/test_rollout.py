@@ -90,7 +90,8 @@ class ScriptedLM(nn.Module):
     def forward(self, input_ids, past_key_values=None, **kwargs):
         out = self.lm(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
         logits = out.logits
-        if past_key_values is None:
+        # Prompt passes (the shared prefix, then the prompts) feed several tokens; decoding steps feed one.
+        if past_key_values is None or input_ids.shape[1] > 1:
             self.step = 0
             for p in range(logits.shape[0]):
                 first = {self._scripted(p * self.group_size + g, 0) for g in range(self.group_size)}
@@ -528,7 +529,7 @@ class EndsByContent(nn.Module):
     """The real model, with the end-of-sequence logit raised by 1e4 after any fed token divisible by ``every``.
 
     Rows then end at different steps, decided by their own tokens rather than their place in the batch, so
-    the outcome does not depend on which rows share a batch. Records the batch size of every call.
+    the outcome does not depend on which rows share a batch. Records the batch size of every decoding step.
     """
 
     def __init__(self, lm: nn.Module, eos: int, every: int = 5):
@@ -542,7 +543,8 @@ class EndsByContent(nn.Module):
 
     def forward(self, input_ids, **kwargs):
         out = self.lm(input_ids=input_ids, **kwargs)
-        self.batch_sizes.append(input_ids.shape[0])
+        if input_ids.shape[1] == 1:  # a decoding step (prompt passes feed several tokens)
+            self.batch_sizes.append(input_ids.shape[0])
         trigger = input_ids[:, -1] % self.every == 0
         out.logits[trigger, -1, self.eos] += 1e4
         return out
@@ -568,10 +570,10 @@ def test_compaction_changes_no_sample(model, tokenizer, budget_forcing, top_p):
     assert torch.equal(plain.sampled_mask, compact.sampled_mask)
     assert (plain.texts, plain.reasoning_lengths, plain.clipped, plain.forced) == (
         compact.texts, compact.reasoning_lengths, compact.clipped, compact.forced)
-    assert set(plain_sizes[1:]) == {len(prompts) * G}
+    assert set(plain_sizes) == {len(prompts) * G}
     assert len(compact_sizes) == len(plain_sizes)
-    assert min(compact_sizes[1:]) < len(prompts) * G
-    assert sum(compact_sizes[1:]) < sum(plain_sizes[1:])
+    assert min(compact_sizes) < len(prompts) * G
+    assert sum(compact_sizes) < sum(plain_sizes)
 
 
 def test_compaction_keeps_stepping_for_other_processes(model, tokenizer):
@@ -671,3 +673,36 @@ def test_head_positions_returns_the_selected_logits(model, tokenizer):
         assert torch.allclose(pick(narrow), full[select], atol=1e-5, rtol=0)
     # The hook is gone after the block.
     assert model(input_ids=ids).logits.shape == full.shape
+
+
+def test_common_prefix_length_leaves_each_prompt_a_token():
+    from rmt_lightning.rollout import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts keep their last token
+    assert common_prefix_length([[7], [7, 8]]) == 0
+    assert common_prefix_length([[1, 2], [3, 4]]) == 0
+
+
+@torch.no_grad()
+def test_shared_prefix_prefill_matches_plain_prefill(model, tokenizer):
+    """The common prefix computed once and the prompts' suffixes against it give the same last-token logits
+    and the same continuation logits as a plain left-padded prefill, and the same rollout for a seed."""
+    from rmt_lightning.rollout import prefill
+
+    prompts = _prompts(tokenizer, ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3", "9 - 4 = 5"])
+    pad = tokenizer.pad_token_id
+    shared, plain = prefill(model, prompts, pad, "cpu"), prefill(model, prompts, pad, "cpu", share_prefix=False)
+    assert shared.shared >= 8 and plain.shared == 0
+    assert torch.allclose(shared.last_logits, plain.last_logits, atol=1e-5, rtol=0)
+    assert torch.equal(shared.positions, plain.positions)
+    token = torch.tensor([[5], [6], [7]])
+    nexts = []
+    for start in (shared, plain):
+        attention = torch.cat([start.attention, torch.ones_like(token)], dim=1)
+        nexts.append(model(input_ids=token, attention_mask=attention, position_ids=start.positions[:, None] + 1,
+                           past_key_values=start.cache, use_cache=True).logits[:, -1])
+    assert torch.allclose(nexts[0], nexts[1], atol=1e-5, rtol=0)
+    runs = [generate_group(model, tokenizer, prompts, 2, think_cap=12, answer_allowance=0, temperature=1.0,
+                           share_prefix=share, generator=torch.Generator().manual_seed(9)) for share in (True, False)]
+    assert torch.equal(runs[0].completion_ids, runs[1].completion_ids) and runs[0].texts == runs[1].texts

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every benchmark, then the summary table: bash benchmarks/run_all.sh [--threads N]
+# The RL-step comparison needs TRL: pip install -e ".[bench]". Arguments are passed to every benchmark
+# (only the common ones make sense: --threads, --seed). Results: benchmarks/results/*.json and summary.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+for bench in rollout entropy budget_step rl_step; do
+    echo "== $bench"
+    python "$bench.py" "$@"
+done
+python profile_step.py --tag after "$@"
+python summary.py
