@@ -1,4 +1,5 @@
-"""What the RMT loop needs from torch.distributed beyond Lightning: FSDP2 sharding and gathering Python objects."""
+"""What the RMT loop needs from torch.distributed beyond Lightning: sharding a Hugging Face model layer by layer
+(FSDP2 ``fully_shard`` or FSDP1 ``FullyShardedDataParallel``), its full state dict, and gathering Python objects."""
 
 from __future__ import annotations
 
@@ -7,46 +8,84 @@ import torch.distributed as dist
 from torch import nn
 
 
+def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The classes of ``model``'s decoder layers: those it lists in ``_no_split_modules``, the unit to shard by."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"{type(model).__name__} lists no decoder-layer classes in _no_split_modules ({sorted(names)}), "
+            "so it cannot be sharded layer by layer"
+        )
+    return classes
+
+
 def shard_model(model: nn.Module, device_mesh=None) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to each decoder layer of a Hugging Face model, then to the model itself.
 
-    Decoder layers are the classes the model lists in ``_no_split_modules``. The mesh defaults to one
-    dimension over all processes: RMT shards data-parallel only, whatever shape Lightning's
-    ``ModelParallelStrategy`` gave its own mesh.
+    The mesh defaults to one dimension over all processes: RMT shards data-parallel only, whatever shape
+    Lightning's ``ModelParallelStrategy`` gave its own mesh.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} lists no decoder-layer classes in _no_split_modules "
-            f"({sorted(layer_classes)}), so it cannot be sharded layer by layer with FSDP2"
-        )
+    classes = tuple(decoder_layer_classes(model))
     if device_mesh is None or device_mesh.ndim != 1:
         device_type = next(model.parameters()).device.type
         device_mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    for layer in layers:
+    for layer in [m for m in model.modules() if isinstance(m, classes)]:
         fully_shard(layer, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)
     return model
 
 
+def fsdp1_settings(strategy) -> dict:
+    """The ``FullyShardedDataParallel`` arguments a Lightning ``FSDPStrategy`` was configured with."""
+    return dict(cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
+                sharding_strategy=strategy.sharding_strategy, **strategy.kwargs)
+
+
+def wrap_fsdp1(model: nn.Module, device: torch.device, **fsdp_kwargs) -> nn.Module:
+    """Wrap a Hugging Face model in FSDP1: each decoder layer a unit, the model the root unit, on ``device``.
+
+    ``fsdp_kwargs`` go to ``FullyShardedDataParallel`` (``fsdp1_settings(strategy)`` gives Lightning's); an
+    ``auto_wrap_policy`` among them replaces the decoder-layer one. Wrapping the model itself, rather than
+    letting Lightning wrap the whole LightningModule, makes every call of the model a complete FSDP forward:
+    embeddings and output head are gathered for each generation step and each loss forward, and several
+    forward/backward passes within one training step each gather and reshard correctly. ``device`` is a
+    ``torch.device`` (not a bare CUDA index) so that FSDP also accepts a CPU device.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    fsdp_kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(decoder_layer_classes(model)))
+    return FullyShardedDataParallel(model, device_id=device, **fsdp_kwargs)
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """True when ``model`` is wrapped in FSDP1 ``FullyShardedDataParallel``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """True when ``model`` has FSDP2 (DTensor) parameters."""
+    """True when ``model`` is sharded: FSDP1-wrapped or with FSDP2 (DTensor) parameters."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return is_fsdp1(model) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full, unsharded state dict on CPU (a collective under FSDP2: every rank must call it)."""
+    """The model's full, unsharded state dict on CPU, under the model's own key names (a collective under FSDP:
+    every rank must call it)."""
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Offloading is for accelerators; FSDP1 crashes when asked to offload parameters already on the CPU.
+    offload = next(model.parameters()).device.type != "cpu"
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
 
 
 def gather_objects(obj) -> list:

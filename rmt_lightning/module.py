@@ -9,6 +9,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -36,7 +37,7 @@ from .rollout import (
     completion_logprobs,
     generate_group,
 )
-from .distributed import shard_model
+from .distributed import fsdp1_settings, is_fsdp1, shard_model, wrap_fsdp1
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
@@ -84,7 +85,8 @@ class RMTModule(L.LightningModule):
             token, so ``{context_tail}{next_token}`` demonstrates "continue the text, then box the new token".
         rl_micro_batch_size: Completions per forward/backward of the RL loss (bounds memory).
         ntp_micro_batch_size: Documents per forward/backward of the NTP loss.
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing: Recompute each decoder layer's activations in backward to save memory (Hugging
+            Face activation checkpointing, non-reentrant; works under every strategy, FSDP included).
         sample_seed: Seed of completion sampling (per step and rank).
         log_samples: Completions kept per step for the TensorBoard table.
         max_consecutive_skips: A step whose loss or gradients are not finite (NaN/inf) is skipped (no update,
@@ -202,14 +204,24 @@ class RMTModule(L.LightningModule):
         self.policy = load_causal_lm(hp.model_name_or_path, dtype=parse_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code)
         self.policy.train()  # from_pretrained returns eval mode; dropout, where a model has it, belongs to training
         if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            if hasattr(self.policy, "activation_checkpointing_enable"):
+                self.policy.activation_checkpointing_enable()
+            else:
+                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hp.beta > 0 and hp.rl:
             reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints,
             # strict loading of sharded checkpoints), out of the DDP wrapper and out of Lightning's precision
             # and device handling. It follows the policy's device when it is used.
             object.__setattr__(self, "reference", reference)
-        if self.device_mesh is not None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            # FSDP1: each model is its own root unit, its decoder layers units inside it.
+            settings = fsdp1_settings(strategy)
+            self.policy = wrap_fsdp1(self.policy, strategy.root_device, **settings)
+            if self.reference is not None:
+                object.__setattr__(self, "reference", wrap_fsdp1(self.reference, strategy.root_device, **settings))
+        elif self.device_mesh is not None:
             # ModelParallelStrategy (FSDP2): shard each decoder layer, then the rest, for both models.
             shard_model(self.policy, self.device_mesh)
             if self.reference is not None:
@@ -494,7 +506,10 @@ class RMTModule(L.LightningModule):
                 )
         else:
             self.consecutive_skips = 0
-            if hp.grad_clip > 0:
+            if hp.grad_clip > 0 and is_fsdp1(self.policy):
+                # The norm over all shards; Lightning's FSDP1 precision plugin refuses norm clipping.
+                self.policy.clip_grad_norm_(hp.grad_clip)
+            elif hp.grad_clip > 0:
                 self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -10,9 +10,12 @@ import json
 import math
 import os
 import sys
+from unittest import mock
 
 import lightning as L
+import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from rmt_lightning.cli import build_cli
 from rmt_lightning.distributed import full_state_dict, is_sharded
@@ -21,6 +24,33 @@ from rmt_lightning.distributed import full_state_dict, is_sharded
 def _checksums(model) -> dict[str, float]:
     # A collective under FSDP2: every rank calls it.
     return {name: float(value.double().sum()) + float(value.double().abs().sum()) for name, value in full_state_dict(model).items()}
+
+
+def _full_state_dict_context_on_cpu(module, world_size, rank0_only=True):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP1 strategy, let through on CPU, for tests only.
+
+    Lightning refuses ``strategy="fsdp"`` without a GPU, but torch's FSDP1 runs on CPU over gloo when given a CPU
+    device (``wrap_fsdp1`` passes the strategy's root device). Full checkpoints are gathered without Lightning's
+    offload to the CPU, which crashes FSDP1 when the parameters already are on the CPU; otherwise every line
+    that runs is Lightning's.
+    """
+
+    def lightning_module_state_dict(self):
+        with mock.patch.object(lightning_fsdp, "_get_full_state_dict_context", _full_state_dict_context_on_cpu):
+            return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer):
+        with mock.patch.object(lightning_fsdp, "_get_full_state_dict_context", _full_state_dict_context_on_cpu):
+            return super().optimizer_state(optimizer)
 
 
 class Probe(L.Callback):

@@ -1,7 +1,10 @@
-"""DDP and FSDP2 (Lightning's ModelParallelStrategy with ``fully_shard``) over the whole RMT loop, with two
-real CPU processes (gloo): one budget on every rank, disjoint curriculum shards that add up to a
-single-process draw, finite losses, a policy that moves, a reference that does not, and a checkpoint that
-resumes. Also: sharded generation does not deadlock when one rank generates far longer than the other."""
+"""DDP, FSDP1 (Lightning's FSDPStrategy) and FSDP2 (Lightning's ModelParallelStrategy with ``fully_shard``) over
+the whole RMT loop, with two real CPU processes (gloo): one budget on every rank, disjoint curriculum shards that
+add up to a single-process draw, finite losses, a policy that moves, a reference that does not, a checkpoint
+that resumes, and a full checkpoint that validates and exports in one process. Also: sharded generation does
+not deadlock when one rank generates far longer than the other.
+
+Lightning allows FSDP1 on GPUs only; the tests run it on CPU through ``distributed_probe.CPUFSDPStrategy``."""
 
 import json
 import os
@@ -17,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rmt_lightning.cli import build_cli
-from rmt_lightning.distributed import shard_model
+from rmt_lightning.distributed import shard_model, wrap_fsdp1
 from rmt_lightning.method import token_budget
 from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
 from rmt_lightning.rollout import generate_group
@@ -27,6 +30,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 EPOCHS = 2
 STRATEGIES = {
     "ddp": ["--trainer.strategy", "ddp"],
+    "fsdp1": ["--trainer.strategy.class_path", "distributed_probe.CPUFSDPStrategy"],
     "fsdp2": ["--trainer.strategy.class_path", "lightning.pytorch.strategies.ModelParallelStrategy"],
 }
 
@@ -97,9 +101,9 @@ def test_losses_finite_policy_moved_reference_frozen(runs):
     strategy, _, first, _ = runs
     for record in first:
         assert all(torch.isfinite(torch.tensor(s["loss"])) for s in record["steps"])
-        assert record["policy_sharded"] is (strategy == "fsdp2")
-        assert record["reference_sharded"] is (strategy == "fsdp2")
-    # Rank 0 holds the full weights (under FSDP2 they are gathered to it alone).
+        assert record["policy_sharded"] is (strategy != "ddp")
+        assert record["reference_sharded"] is (strategy != "ddp")
+    # Rank 0 holds the full weights (under FSDP they are gathered for the probe).
     before, after = first[0]["policy_before"], first[0]["policy_after"]
     assert len(before) > 10
     moved = {name for name in before if before[name] != after[name]}
@@ -119,7 +123,46 @@ def test_checkpoint_resumes_where_the_run_stopped(runs):
     assert resumed[0]["steps"][0]["budget"] == resumed[1]["steps"][0]["budget"]
 
 
-# ---- generation with uneven lengths under FSDP2 ------------------------------------------------------
+def test_sharded_fsdp1_checkpoint_resumes(tmp_path):
+    """FSDP1 with ``state_dict_type: sharded`` writes a folder of per-rank shards, and a run resumes from it."""
+    sharded = ["--trainer.strategy.init_args.state_dict_type", "sharded"]
+    first = _probe(tmp_path, tmp_path / "first", "fsdp1", 1, extra=sharded)
+    checkpoint = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2
+    resumed = _probe(tmp_path, tmp_path / "resumed", "fsdp1", 2, ckpt=str(checkpoint), extra=sharded)
+    for before, after in zip(first, resumed):
+        assert after["start_step"] == 2 and [s["epoch"] for s in after["steps"]] == [1, 1]
+        assert after["policy_before"] == before["policy_after"]
+
+
+def test_full_checkpoint_validates_and_exports_in_one_process(runs, tmp_path):
+    """DDP and FSDP1 (full state dict by default) write one file that a single process validates and exports;
+    FSDP2's default sharded folder is refused by export with the option that writes a file instead."""
+    from distributed_probe import _checksums
+    from transformers import AutoModelForCausalLM
+
+    strategy, workdir, _, resumed = runs
+    checkpoint = workdir / "logs" / "tiny" / "version_1" / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    exported = tmp_path / "exported"
+    export = [sys.executable, "-m", "rmt_lightning", "export", str(checkpoint), str(exported)]
+    if strategy == "fsdp2":
+        assert checkpoint.is_dir()
+        result = subprocess.run(export, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode != 0 and "save_distributed_checkpoint false" in result.stderr
+        return
+    assert checkpoint.is_file()
+    validate = [sys.executable, "-m", "rmt_lightning", "validate", "--config", TINY, "--ckpt_path", str(checkpoint),
+                "--data.cache_dir", str(workdir / "cache"), "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run(validate, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "val/ntp_acc_avg" in result.stdout
+    result = subprocess.run(export, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert _checksums(AutoModelForCausalLM.from_pretrained(exported)) == resumed[0]["policy_after"]
+
+
+# ---- generation with uneven lengths under FSDP1 and FSDP2 --------------------------------------------
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -127,12 +170,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _uneven_generation(rank: int, port: int, out: str) -> None:
+def _uneven_generation(rank: int, port: int, out: str, sharding: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(BUILTIN_TINY)
-    model = shard_model(load_causal_lm(BUILTIN_TINY), None)
+    model = load_causal_lm(BUILTIN_TINY)
+    model = shard_model(model, None) if sharding == "fsdp2" else wrap_fsdp1(model, torch.device("cpu"), use_orig_params=True)
     prompts = [tokenizer("three four five", add_special_tokens=False)["input_ids"]]
 
     def all_finished(done: bool) -> bool:
@@ -144,19 +188,24 @@ def _uneven_generation(rank: int, port: int, out: str) -> None:
     cap = 2 if rank == 0 else 40
     rollout = generate_group(model, tokenizer, prompts, 2, think_cap=cap, answer_allowance=0, temperature=1.0,
                              generator=torch.Generator().manual_seed(5), all_finished=all_finished)
-    # Gradient clipping: Lightning clips FSDP2 gradients with clip_grad_norm_, which must see the global norm.
+    # Gradient clipping must see the global norm: Lightning clips FSDP2 gradients with clip_grad_norm_, the
+    # module clips FSDP1 gradients with the FSDP root's own clip_grad_norm_.
     ids = torch.tensor([prompts[0] * 2])
     model(input_ids=ids, labels=ids).loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
+    if sharding == "fsdp2":
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
+    else:
+        norm = model.clip_grad_norm_(1e9)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     torch.save({"ids": rollout.completion_ids, "mask": rollout.completion_mask, "grad_norm": norm}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process_and_clips_globally(tmp_path):
+@pytest.mark.parametrize("sharding", ["fsdp1", "fsdp2"])
+def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process_and_clips_globally(tmp_path, sharding):
     context = mp.get_context("spawn")
     port = _free_port()
-    workers = [context.Process(target=_uneven_generation, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    workers = [context.Process(target=_uneven_generation, args=(rank, port, str(tmp_path), sharding)) for rank in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:
