@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from common import add_common_arguments, apply_threads, PeakMemory, print_table, quiet_transformers, rmt_contexts, write_json
+from common import add_common_arguments, apply_threads, PeakMemory, print_table, quiet_transformers, write_json
 from harness import corpus_batch, make_module, run_steps
 from rmt_lightning.method import exact_match, extract_prediction, length_reward, total_reward
 from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer, resolve_model_source

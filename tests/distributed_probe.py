@@ -9,7 +9,10 @@ Usage: python tests/distributed_probe.py OUT_DIR CKPT_PATH|none [CLI arguments o
 import json
 import math
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 from unittest import mock
 
 import lightning as L
@@ -68,6 +71,7 @@ class Probe(L.Callback):
             self.record["reference_before"] = _checksums(pl_module.reference)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.step_started = time.perf_counter()
         self.record["steps"].append({
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -79,14 +83,28 @@ class Probe(L.Callback):
         metrics = trainer.callback_metrics
         self.record["steps"][-1]["loss"] = float(metrics["train/loss"])
         self.record["steps"][-1]["reward"] = float(metrics.get("train/reward", math.nan))
+        self.record["steps"][-1]["seconds"] = time.perf_counter() - self.step_started
 
     def on_train_end(self, trainer, pl_module):
         self.record["policy_after"] = _checksums(pl_module.policy)
         if pl_module.reference is not None:
             self.record["reference_after"] = _checksums(pl_module.reference)
+        if torch.cuda.is_available():
+            self.record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         path = os.path.join(self.out_dir, f"probe_rank{trainer.global_rank}.json")
         with open(path, "w") as f:
             json.dump(self.record, f)
+
+
+def run_probe(workdir: Path, out: Path, args: list[str], processes: int = 2, ckpt: str = "none") -> list[dict]:
+    """Run ``fit`` with the probe in ``workdir`` (``args``: LightningCLI arguments, ``--trainer.devices`` included)
+    and return the record of each of the ``processes`` ranks."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), str(out), ckpt, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in range(processes)]
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ not deadlock when one rank generates far longer than the other.
 
 Lightning allows FSDP1 on GPUs only; the tests run it on CPU through ``distributed_probe.CPUFSDPStrategy``."""
 
-import json
 import os
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distributed_probe import run_probe
 from rmt_lightning.cli import build_cli
 from rmt_lightning.distributed import shard_model, wrap_fsdp1
 from rmt_lightning.method import token_budget
@@ -38,17 +38,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 
 def _probe(workdir: Path, out: Path, strategy: str, epochs: int, ckpt: str = "none", extra=()) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, str(ROOT / "tests" / "distributed_probe.py"), str(out), ckpt,
-        "--config", TINY, "--trainer.devices", "2", *STRATEGIES[strategy],
-        "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-        "--data.cache_dir", str(workdir / "cache"), *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
-    return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in range(2)]
+    args = ["--config", TINY, "--trainer.devices", "2", *STRATEGIES[strategy], "--trainer.max_epochs", str(epochs),
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+            "--data.cache_dir", str(workdir / "cache"), *extra]
+    return run_probe(workdir, out, args, processes=2, ckpt=ckpt)
 
 
 @pytest.fixture(scope="module", params=sorted(STRATEGIES))

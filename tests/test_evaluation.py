@@ -268,7 +268,7 @@ def test_validation_during_fit_writes_figures_json_and_tensorboard_views(tmp_pat
     logger = TensorBoardLogger(str(tmp_path / "logs"), name="run")
     module = RMTModule(model_name_or_path=BUILTIN_TINY, group_size=2, answer_allowance=2, budget_forcing=True, log_samples=2)
     data = _data(tmp_path, val_positions=4)
-    trainer = _trainer(tmp_path, logger=logger, callbacks=[TokenBudget(b0=8, b_min=2, gamma=0.25), CompletionsTable(every_n_steps=1)],
+    trainer = _trainer(tmp_path, logger=logger, callbacks=[TokenBudget(b0=8, b_min=2, gamma=0.25), CompletionsTable()],
                        max_epochs=2, check_val_every_n_epoch=1, log_every_n_steps=1)
     trainer.fit(module, datamodule=data)
     run = Path(logger.log_dir)
@@ -293,9 +293,28 @@ def test_validation_during_fit_writes_figures_json_and_tensorboard_views(tmp_pat
         assert tag in histograms, tag
     texts = [tag for tag in events.Tags()["tensors"] if tag.startswith("completions")]
     assert any(t.startswith("completions/val") for t in texts) and any(t == "completions/text_summary" for t in texts), texts
+    header = "| tier | context | completion | target | prediction | reward |"
     table = events.Tensors("completions/val/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert table.startswith("| tier | context | completion | target | prediction | reward |")
+    assert table.startswith(header)
+    # The training table goes with every logging step (log_every_n_steps=1: every one of the 4 steps).
+    training_tables = events.Tensors("completions/text_summary")
+    assert [e.step for e in training_tables] == [1, 2, 3, 4]
+    rows = training_tables[-1].tensor_proto.string_val[0].decode().split("\n")
+    assert rows[0] == header and len(rows) == 2 + 2  # log_samples=2
     assert (run / "hparams.yaml").exists()
+
+
+def test_validation_every_n_steps_during_fit(tmp_path):
+    """``val_check_interval: N`` validates every N optimizer steps, with the budget of that step."""
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="run")
+    module = RMTModule(model_name_or_path=BUILTIN_TINY, group_size=2, answer_allowance=2, budget_forcing=True)
+    data = _data(tmp_path, val_positions=4)
+    trainer = _trainer(tmp_path, logger=logger, callbacks=[TokenBudget(b0=8, b_min=2, gamma=0.25, granularity="step")],
+                       max_epochs=1, val_check_interval=1, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data)
+    history = [json.loads(line) for line in (Path(logger.log_dir) / "val_metrics.jsonl").read_text().splitlines()]
+    assert [h["global_step"] for h in history] == [1, 2]
+    assert all(h["val/acc_avg"] is not None and h["val/ntp_acc_avg"] is not None for h in history)
 
 
 def test_test_stage_logs_test_figures_and_writes_test_json(tmp_path):

@@ -35,15 +35,16 @@ class HuggingFaceExport(L.Callback):
 def export_checkpoint(ckpt_path: str, dirpath: str) -> str:
     """Save the policy of a full (single-file) Lightning checkpoint as a Hugging Face folder, in one process.
 
-    Works for checkpoints written by one process, by DDP, and by FSDP2 with
-    ``save_distributed_checkpoint=False`` (the strategy gathers the full weights into one file).
+    Works for checkpoints written by one process, by DDP, by FSDP1 with its default ``state_dict_type="full"``
+    and by FSDP2 with ``save_distributed_checkpoint=False`` (the strategy gathers the full weights into one file).
     """
     from ..module import RMTModule
 
     if os.path.isdir(ckpt_path):
         raise ValueError(
             f"checkpoint '{ckpt_path}' is a sharded (distributed) checkpoint folder; export needs a full checkpoint "
-            "file: write one with --trainer.strategy.init_args.save_distributed_checkpoint false"
+            "file: write one with --trainer.strategy.init_args.save_distributed_checkpoint false (FSDP2) or "
+            "--trainer.strategy.init_args.state_dict_type full (FSDP1)"
         )
     module = RMTModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     module.policy.save_pretrained(dirpath)

@@ -35,7 +35,7 @@ def chart_layout() -> dict:
         "budget": {"budget vs reasoning length": ["Multiline", ["train/budget", "train/reasoning_length"]]},
         "evaluation": {
             f"{stage} accuracy ({mode})": ["Multiline", [f"{stage}/{prefix}_{split}" for split in (*TIER_NAMES, "avg")]]
-            for stage in ("val",)
+            for stage in ("val", "test")
             for mode, prefix in (("reasoning mode", "acc"), ("argmax", "ntp_acc"))
         },
     }
@@ -53,7 +53,7 @@ def _writers(trainer):
 class CompletionsTable(L.Callback):
     """Writes what a researcher checks while a run goes to TensorBoard, gathered from every rank to rank 0:
 
-    - every ``every_n_steps`` optimizer steps: the latest completions as a markdown table (text tag
+    - at every logging step (or every ``every_n_steps`` optimizer steps): the latest completions as a markdown table (text tag
       ``completions``: tier, context tail, completion, target, prediction, reward) and histograms of the
       sampled positions' entropy (``curriculum/sampled_entropy``) and of the reasoning lengths
       (``train/reasoning_length_hist``);
@@ -65,12 +65,13 @@ class CompletionsTable(L.Callback):
     The hyperparameters are in the HPARAMS tab with ``hp_metric``, the accuracy the model is scored by.
 
     Args:
-        every_n_steps: Optimizer steps between two tables.
+        every_n_steps: Optimizer steps between two tables (None: the trainer's ``log_every_n_steps``, so a table
+            goes with every logged step).
     """
 
-    def __init__(self, every_n_steps: int = 10):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+    def __init__(self, every_n_steps: int | None = None):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 (or None: every logging step)")
         self.every_n_steps = every_n_steps
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -80,7 +81,8 @@ class CompletionsTable(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if (step - 1) % self.every_n_steps != 0:
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if (step - 1) % every != 0:
             return
         # Every rank sends what it saw (a collective); rank 0 alone writes.
         per_rank = gather_objects(
