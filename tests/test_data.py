@@ -402,6 +402,18 @@ def test_datamodule_scoring_window_changes_cache_file(make_dm, cache_dir):
     assert not list(cache_dir.glob("*.tmp-*"))
 
 
+def test_scoring_dtype_auto_is_float32_off_cuda_and_shares_its_cache(make_dm, cache_dir, monkeypatch):
+    auto = make_dm()
+    assert auto.hparams.scoring_dtype == "auto" and auto.scoring_dtype == "float32"
+    auto.prepare_data()
+    files = sorted(cache_dir.glob("entropy-*.safetensors"))
+    monkeypatch.setattr(datamodule_module, "score_entropy", lambda *a, **k: pytest.fail("scored again"))
+    make_dm(scoring_dtype="float32").prepare_data()
+    assert sorted(cache_dir.glob("entropy-*.safetensors")) == files
+    with pytest.raises(ValueError, match="scoring_dtype"):
+        make_dm(scoring_dtype="float64")
+
+
 def test_datamodule_too_few_documents(make_dm, tmp_path):
     small = write_jsonl(tmp_path / "small.jsonl", [{"text": counting_text(n)} for n in range(5, 10)])
     with pytest.raises(ValueError, match="val_documents"):

@@ -2,6 +2,7 @@
 budget exactly, checkpoints without the reference, exports a loadable model, and learns a learnable toy."""
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -47,6 +48,15 @@ def test_no_reference_model_when_beta_is_zero(tmp_path):
     trainer.fit(module, datamodule=datamodule)
     assert module.reference is None
     assert not any(name.startswith("reference.") for name in module.state_dict())
+
+
+def test_reference_in_bfloat16_while_the_policy_trains_in_float32(tmp_path):
+    module, datamodule, trainer = make_run(tmp_path, model={"reference_dtype": "bfloat16"}, max_steps=1)
+    trainer.fit(module, datamodule=datamodule)
+    assert {p.dtype for p in module.reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.policy.parameters()} == {torch.float32}
+    kl = float(trainer.callback_metrics["train/kl"])
+    assert math.isfinite(kl) and kl >= 0
 
 
 class _SaveAtStep(L.Callback):

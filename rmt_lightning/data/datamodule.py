@@ -151,7 +151,8 @@ class RMTDataModule(L.LightningDataModule):
         scoring_stride: Step between scoring windows; each window contributes its last ``stride`` positions.
         scoring_top_k: Entropy over the renormalised top-k probabilities (RPT used 16); None: full vocabulary.
         scoring_batch_size: Windows per proxy forward.
-        scoring_dtype: Proxy precision: float32, bfloat16 or float16.
+        scoring_dtype: Proxy precision: ``auto`` (bfloat16 on a CUDA device, float32 otherwise), float32,
+            bfloat16 or float16. Part of the cache key.
         cache_dir: Entropy cache folder (None: ``$RMT_LIGHTNING_CACHE/entropy`` or ``~/.cache/rmt_lightning/entropy``).
         tier_thresholds: Entropy thresholds (nats): <= first never an RL candidate; then easy, medium, hard.
         curriculum: Draw tiers from the easy-to-hard schedule; False draws uniformly over all candidates (RPT).
@@ -189,7 +190,7 @@ class RMTDataModule(L.LightningDataModule):
         scoring_stride: int = 256,
         scoring_top_k: int | None = None,
         scoring_batch_size: int = 8,
-        scoring_dtype: str = "float32",
+        scoring_dtype: str = "auto",
         cache_dir: str | None = None,
         tier_thresholds: tuple[float, float, float] = (0.5, 1.0, 1.5),
         curriculum: bool = True,
@@ -213,8 +214,8 @@ class RMTDataModule(L.LightningDataModule):
             window_plan(1, scoring_window, scoring_stride)
         with as_input_error("tier_thresholds: "):
             assign_tiers(torch.zeros(0), tier_thresholds)
-        with as_input_error("scoring_dtype: "):
-            parse_dtype(scoring_dtype)
+        if scoring_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InputError(f"scoring_dtype '{scoring_dtype}' is not supported; valid: auto, bfloat16, float16, float32")
         for name, value, minimum in (
             ("batch_size", batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("val_documents", val_documents, 0),
             ("max_context_tokens", max_context_tokens, 1), ("max_document_tokens", max_document_tokens, 2),
@@ -306,9 +307,20 @@ class RMTDataModule(L.LightningDataModule):
         hp = self.hparams
         source = resolve_model_source(self.proxy_source)
         config = model_config(source, hp.trust_remote_code)
-        settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k, "dtype": hp.scoring_dtype}
+        settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k, "dtype": self.scoring_dtype}
         key = fingerprint(documents, proxy_identity(source, config.to_json_string()), settings)
         return cache_path(self.cache_folder, key), key
+
+    def _scoring_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    @property
+    def scoring_dtype(self) -> str:
+        """The proxy's precision: ``scoring_dtype``, with ``auto`` resolved for the device that scores."""
+        if self.hparams.scoring_dtype != "auto":
+            return self.hparams.scoring_dtype
+        # Entropy only ranks positions into tiers, which bf16 logits do as well as float32 ones at half the cost.
+        return "bfloat16" if self._scoring_device().type == "cuda" else "float32"
 
     def _score(self, documents) -> list[Tensor]:
         hp = self.hparams
@@ -316,9 +328,8 @@ class RMTDataModule(L.LightningDataModule):
         scores = load_scores(path, key, [len(d) for d in documents])
         if scores is not None:
             return scores
-        proxy = load_causal_lm(self.proxy_source, dtype=parse_dtype(hp.scoring_dtype), trust_remote_code=hp.trust_remote_code)
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        proxy.to(device)
+        proxy = load_causal_lm(self.proxy_source, dtype=parse_dtype(self.scoring_dtype), trust_remote_code=hp.trust_remote_code)
+        proxy.to(self._scoring_device())
         scores = score_entropy(
             proxy, documents, window=hp.scoring_window, stride=hp.scoring_stride, top_k=hp.scoring_top_k,
             batch_size=hp.scoring_batch_size, pad_token_id=self.tokenizer.pad_token_id,
