@@ -70,6 +70,11 @@ class RMTModule(L.LightningModule):
         ntp_weight: lambda in ``L = L_RL + lambda * L_NTP``; 0 skips the NTP pass.
         rl: Train with RL; False trains next-token prediction on every position only (the NTP baseline).
         length_reward_weight: w in ``r = (1 - w) * r_correct + w * r_len``.
+        length_reward_only_when_correct: Count the length reward for correct completions only. Off is the
+            paper's formula. When correct answers are rare, most groups differ only in length, and GRPO's
+            per-group normalisation turns the small length term into full-size advantages; a small model then
+            learns the shortest thought and a constant answer (SmolLM2-135M on GSM8K: ``\\boxed{.}``). On, such
+            groups carry no signal and only correct completions are told apart by length.
         r_max: Peak of the triangular length reward.
         correctness: ``exact`` (RMT: the prediction is the next token) or ``prefix`` (RPT: whole tokens of the continuation).
         budget: Reasoning budget B when no TokenBudget callback sets one (a fixed budget, as in RPT).
@@ -122,6 +127,7 @@ class RMTModule(L.LightningModule):
         ntp_weight: float = 0.1,
         rl: bool = True,
         length_reward_weight: float = 0.1,
+        length_reward_only_when_correct: bool = False,
         r_max: float = 1.0,
         correctness: str = "exact",
         budget: int = 800,
@@ -341,7 +347,7 @@ class RMTModule(L.LightningModule):
             else:
                 correct.append(float(prefix_match(prediction, continuation)))
             lengths.append(length_reward(reasoning, budget, hp.r_max))
-        total = [total_reward(c, l, hp.length_reward_weight) for c, l in zip(correct, lengths)]
+        total = [total_reward(c, l, hp.length_reward_weight, hp.length_reward_only_when_correct) for c, l in zip(correct, lengths)]
         shape = (len(continuations), group)
         return tuple(torch.tensor(x, dtype=torch.float32).view(shape) for x in (total, correct, lengths))
 

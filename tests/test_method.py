@@ -206,6 +206,9 @@ def test_prefix_match_bytes_and_non_ascii():
 def test_total_reward():
     assert total_reward(1.0, 0.5, w=0.1) == pytest.approx(0.9 + 0.05)
     assert total_reward(0.0, 1.0, w=0.1) == pytest.approx(0.1)
+    # Length counted only when correct: a wrong completion gets 0 whatever its length.
+    assert total_reward(1.0, 0.5, w=0.1, length_only_when_correct=True) == pytest.approx(0.9 + 0.05)
+    assert total_reward(0.0, 1.0, w=0.1, length_only_when_correct=True) == 0.0
     with pytest.raises(ValueError, match="w"):
         total_reward(1.0, 1.0, w=1.5)
 

@@ -190,3 +190,21 @@ def test_format_warmup_runs_at_its_own_lr_then_rl_warms_up_from_zero_steps():
     assert rates == pytest.approx([1e-2, 1e-2, 0.5e-3, 1e-3, 1e-3])
     with pytest.raises(ValueError, match="format_warmup_lr"):
         RMTModule(model_name_or_path=BUILTIN_TINY, lr=0.0, format_warmup_lr=1e-4)
+
+
+@pytest.mark.parametrize("only_when_correct", [False, True])
+def test_score_adds_the_length_reward_to_every_completion_or_only_to_correct_ones(only_when_correct):
+    from rmt_lightning.rollout import GroupRollout
+
+    module = RMTModule(model_name_or_path=BUILTIN_TINY, length_reward_weight=0.1,
+                       length_reward_only_when_correct=only_when_correct)
+    texts = ["<think> a b</think> \\boxed{ 7}", "<think> a</think> \\boxed{ 7}",   # right, lengths 2 and 1
+             "<think> a b</think> \\boxed{.}", "<think> a</think> \\boxed{.}"]    # wrong, lengths 2 and 1
+    empty = torch.zeros(4, 1)
+    rollout = GroupRollout(completion_ids=empty.long(), completion_mask=empty.bool(), sampled_mask=empty.bool(),
+                           texts=texts, reasoning_lengths=[2, 1, 2, 1], clipped=[False] * 4, forced=[False] * 4)
+    total, correct, length = module.score(rollout, [[b" 7"], [b" 7"]], budget=2)
+    assert correct.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    assert length.tolist() == [[1.0, 0.5], [1.0, 0.5]]
+    wrong = [0.1, 0.05] if not only_when_correct else [0.0, 0.0]
+    torch.testing.assert_close(total, torch.tensor([[0.9 + 0.1, 0.9 + 0.05], wrong]))

@@ -81,12 +81,16 @@ def prefix_match(prediction: str | None, continuation_tokens: Sequence[str | byt
     return False
 
 
-def total_reward(correct: float, length: float, w: float = 0.1) -> float:
+def total_reward(correct: float, length: float, w: float = 0.1, length_only_when_correct: bool = False) -> float:
     """Combined rollout reward ``r = (1 - w) * r_correct + w * r_len``.
 
-    ``w`` is not given by the paper; the project default is 0.1. Raises
-    ValueError unless ``0 <= w <= 1``.
+    ``w`` is not given by the paper; the project default is 0.1. With ``length_only_when_correct`` the length
+    term counts for correct completions only, ``r = (1 - w) * r_correct + w * r_len * r_correct``: a group with
+    no correct completion then has equal rewards and no advantage, instead of one that GRPO's per-group
+    normalisation blows the small length term up into. Raises ValueError unless ``0 <= w <= 1``.
     """
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"w must be in [0, 1], got {w!r}")
+    if length_only_when_correct:
+        length = length * correct
     return float((1.0 - w) * correct + w * length)
