@@ -116,16 +116,30 @@ def test_checkpoint_resumes_where_the_run_stopped(runs):
     assert resumed[0]["steps"][0]["budget"] == resumed[1]["steps"][0]["budget"]
 
 
-def test_sharded_fsdp1_checkpoint_resumes(tmp_path):
-    """FSDP1 with ``state_dict_type: sharded`` writes a folder of per-rank shards, and a run resumes from it."""
-    sharded = ["--trainer.strategy.init_args.state_dict_type", "sharded"]
-    first = _probe(tmp_path, tmp_path / "first", "fsdp1", 1, extra=sharded)
+def test_sharded_fsdp1_checkpoint_resumes_with_the_same_per_step_budget_on_both_ranks(tmp_path):
+    """FSDP1 with ``state_dict_type: sharded`` writes a folder of per-rank shards, and a run resumes from it; the
+    budget, decayed per step here, is the same on both ranks at every step, before and after the resume."""
+    step_budget = tmp_path / "step_budget.yaml"
+    step_budget.write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: rmt_lightning.TokenBudget\n"
+        "      init_args: {b0: 8, b_min: 2, gamma: 0.25, granularity: step}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {save_last: true}\n"
+    )
+    extra = ["--config", str(step_budget), "--trainer.strategy.init_args.state_dict_type", "sharded"]
+    first = _probe(tmp_path, tmp_path / "first", "fsdp1", 1, extra=extra)
     checkpoint = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2
-    resumed = _probe(tmp_path, tmp_path / "resumed", "fsdp1", 2, ckpt=str(checkpoint), extra=sharded)
+    resumed = _probe(tmp_path, tmp_path / "resumed", "fsdp1", 2, ckpt=str(checkpoint), extra=extra)
     for before, after in zip(first, resumed):
         assert after["start_step"] == 2 and [s["epoch"] for s in after["steps"]] == [1, 1]
         assert after["policy_before"] == before["policy_after"]
+    for records, total_steps in ((first, 2), (resumed, 4)):
+        budgets = [[s["budget"] for s in record["steps"]] for record in records]
+        expected = [token_budget(s["global_step"] / total_steps, 8, 2, 0.25) for s in records[0]["steps"]]
+        assert budgets[0] == budgets[1] == expected
+    assert len(set(first[0]["steps"][i]["budget"] for i in range(2)) | {resumed[0]["steps"][-1]["budget"]}) > 1
 
 
 def test_full_checkpoint_validates_and_exports_in_one_process(runs, tmp_path):
