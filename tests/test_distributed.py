@@ -118,7 +118,8 @@ def test_checkpoint_resumes_where_the_run_stopped(runs):
 
 def test_sharded_fsdp1_checkpoint_resumes_with_the_same_per_step_budget_on_both_ranks(tmp_path):
     """FSDP1 with ``state_dict_type: sharded`` writes a folder of per-rank shards, and a run resumes from it; the
-    budget, decayed per step here, is the same on both ranks at every step, before and after the resume."""
+    budget, decayed per step here, is the same on both ranks at every step, before and after the resume. The
+    runs use activation checkpointing, the option that saves memory under FSDP."""
     step_budget = tmp_path / "step_budget.yaml"
     step_budget.write_text(
         "trainer:\n  callbacks:\n"
@@ -127,7 +128,8 @@ def test_sharded_fsdp1_checkpoint_resumes_with_the_same_per_step_budget_on_both_
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         "      init_args: {save_last: true}\n"
     )
-    extra = ["--config", str(step_budget), "--trainer.strategy.init_args.state_dict_type", "sharded"]
+    extra = ["--config", str(step_budget), "--trainer.strategy.init_args.state_dict_type", "sharded",
+             "--model.gradient_checkpointing", "true"]
     first = _probe(tmp_path, tmp_path / "first", "fsdp1", 1, extra=extra)
     checkpoint = tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2
@@ -135,6 +137,7 @@ def test_sharded_fsdp1_checkpoint_resumes_with_the_same_per_step_budget_on_both_
     for before, after in zip(first, resumed):
         assert after["start_step"] == 2 and [s["epoch"] for s in after["steps"]] == [1, 1]
         assert after["policy_before"] == before["policy_after"]
+        assert before["policy_before"] != before["policy_after"]
     for records, total_steps in ((first, 2), (resumed, 4)):
         budgets = [[s["budget"] for s in record["steps"]] for record in records]
         expected = [token_budget(s["global_step"] / total_steps, 8, 2, 0.25) for s in records[0]["steps"]]
