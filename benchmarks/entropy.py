@@ -18,24 +18,15 @@ import torch
 
 from common import (add_common_arguments, apply_threads, corpus_token_stream, device, interleaved, print_table,
                     quiet_transformers, write_json)
-from rmt_lightning.data.scoring import score_entropy, window_plan
+from rmt_lightning.data.scoring import score_entropy, window_batches, window_plan
 from rmt_lightning.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
 
 
 @torch.no_grad()
 def bare_forward(model, documents, window: int, stride: int, batch_size: int, pad_token_id: int) -> None:
     """The model's forward over the windows ``score_entropy`` scores, batched the same way, logits discarded."""
-    jobs = [(d, *span) for d, doc in enumerate(documents) for span in window_plan(len(doc), window, stride)]
-    jobs.sort(key=lambda job: job[2] - job[1])
     dev = next(model.parameters()).device
-    for begin in range(0, len(jobs), batch_size):
-        batch = jobs[begin : begin + batch_size]
-        width = max(end - start for _, start, end, _ in batch)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (d, start, end, _) in enumerate(batch):
-            ids[row, : end - start] = torch.tensor(documents[d][start:end])
-            mask[row, : end - start] = 1
+    for _, ids, mask in window_batches(documents, window, stride, batch_size, pad_token_id):
         model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..method import token_entropy
+from ..padding import pad_right
 
 CACHE_FORMAT_VERSION = 2
 
@@ -47,6 +48,21 @@ def _decoder_and_head(model):
     return decoder, head
 
 
+def window_batches(documents: Sequence[Sequence[int]], window: int, stride: int, batch_size: int, pad_token_id: int):
+    """The scoring windows of ``documents`` (``window_plan``), shortest first, in batches.
+
+    Yields ``(jobs, ids, mask)``: ``jobs`` the batch's ``(document, start, end, owned_from)`` and ``ids``/``mask``
+    its windows right-padded to ``[len(jobs), longest window]``.
+    """
+    jobs = [(d, *span) for d, doc in enumerate(documents) for span in window_plan(len(doc), window, stride)]
+    # Similar lengths in one batch keep padding small.
+    jobs.sort(key=lambda job: job[2] - job[1])
+    for begin in range(0, len(jobs), batch_size):
+        batch = jobs[begin : begin + batch_size]
+        ids, mask = pad_right([list(documents[d][start:end]) for d, start, end, _ in batch], pad_token_id)
+        yield batch, ids, mask
+
+
 @torch.no_grad()
 def score_entropy(
     model,
@@ -64,21 +80,12 @@ def score_entropy(
     """
     device = next(model.parameters()).device
     scores = [torch.full((len(doc),), float("nan")) for doc in documents]
-    jobs = [(d, *span) for d, doc in enumerate(documents) for span in window_plan(len(doc), window, stride)]
-    # Similar lengths in one batch keep padding small.
-    jobs.sort(key=lambda job: job[2] - job[1])
     decoder, head = _decoder_and_head(model)
     was_training = model.training
     model.eval()
     try:
-        for begin in range(0, len(jobs), batch_size):
-            batch = jobs[begin : begin + batch_size]
-            width = max(end - start for _, start, end, _ in batch)
-            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (d, start, end, _) in enumerate(batch):
-                ids[row, : end - start] = torch.tensor(documents[d][start:end])
-                mask[row, : end - start] = 1
+        for batch, ids, mask in window_batches(documents, window, stride, batch_size, pad_token_id):
+            width = ids.shape[1]
             ids, mask = ids.to(device), mask.to(device)
             if decoder is not None and head is not None:
                 hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
