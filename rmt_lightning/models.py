@@ -166,9 +166,12 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, trust_
     return model
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The weight precisions a model can be loaded in, by name."""
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` to a torch dtype, with one clear error otherwise."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype '{name}' is not supported; valid: {sorted(dtypes)}")
-    return dtypes[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not supported; valid: {sorted(DTYPES)}")
+    return DTYPES[name]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checks import InputError, as_input_error, at_least, check_fits_model, check_model_source, check_writable_directory, max_positions, model_config
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities
-from ..models import cache_root, load_causal_lm, load_tokenizer, parse_dtype, resolve_model_source
+from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, parse_dtype, resolve_model_source
 from ..padding import pad_right
 from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
@@ -214,8 +214,9 @@ class RMTDataModule(L.LightningDataModule):
             window_plan(1, scoring_window, scoring_stride)
         with as_input_error("tier_thresholds: "):
             assign_tiers(torch.zeros(0), tier_thresholds)
-        if scoring_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise InputError(f"scoring_dtype '{scoring_dtype}' is not supported; valid: auto, bfloat16, float16, float32")
+        if scoring_dtype != "auto" and scoring_dtype not in DTYPES:
+            valid = ", ".join(["auto", *sorted(DTYPES)])
+            raise InputError(f"scoring_dtype '{scoring_dtype}' is not supported; valid: {valid}")
         for name, value, minimum in (
             ("batch_size", batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1), ("val_documents", val_documents, 0),
             ("max_context_tokens", max_context_tokens, 1), ("max_document_tokens", max_document_tokens, 2),
