@@ -107,6 +107,18 @@ def run_probe(workdir: Path, out: Path, args: list[str], processes: int = 2, ckp
     return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in range(processes)]
 
 
+def assert_trained(records: list[dict]) -> None:
+    """Every rank's losses are finite; every policy weight moved (the tied ``lm_head.weight`` may be stored as
+    the embedding) and the reference did not, by rank 0's checksums of the full weights."""
+    for record in records:
+        assert all(math.isfinite(s["loss"]) for s in record["steps"])
+    before, after = records[0]["policy_before"], records[0]["policy_after"]
+    assert len(before) > 10
+    moved = {name for name in before if before[name] != after[name]}
+    assert moved >= {n for n in before if n != "lm_head.weight"}, "some policy weights did not move"
+    assert records[0]["reference_after"] == records[0]["reference_before"]
+
+
 def main() -> None:
     out_dir, ckpt_path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_probe import run_probe
+from distributed_probe import assert_trained, run_probe
 from rmt_lightning.cli import build_cli
 from rmt_lightning.distributed import shard_model, wrap_fsdp1
 from rmt_lightning.method import token_budget
@@ -93,17 +93,11 @@ def test_ranks_draw_disjoint_shares_that_add_up_to_one_process_draw(runs):
 def test_losses_finite_policy_moved_reference_frozen(runs):
     strategy, _, first, _ = runs
     for record in first:
-        assert all(torch.isfinite(torch.tensor(s["loss"])) for s in record["steps"])
         assert record["policy_sharded"] is (strategy != "ddp")
         assert record["reference_sharded"] is (strategy != "ddp")
-    # Rank 0 holds the full weights (under FSDP they are gathered for the probe).
-    before, after = first[0]["policy_before"], first[0]["policy_after"]
-    assert len(before) > 10
-    moved = {name for name in before if before[name] != after[name]}
-    assert moved >= {n for n in before if n != "lm_head.weight"}, "some policy weights did not move"
-    assert first[0]["reference_after"] == first[0]["reference_before"]
+    assert_trained(first)
     if strategy == "ddp":
-        assert first[1]["policy_after"] == after, "DDP replicas diverged"
+        assert first[1]["policy_after"] == first[0]["policy_after"], "DDP replicas diverged"
 
 
 def test_checkpoint_resumes_where_the_run_stopped(runs):
