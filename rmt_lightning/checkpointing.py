@@ -5,12 +5,14 @@
   with ``weights_only=True`` after checking every record's CRC, so a truncated or corrupted file is an error
   naming the file, never silently wrong weights.
 - ``rng_states`` / ``restore_rng_states``: the global random generators, saved in every checkpoint.
-- ``reopen_unfinished_epoch``: keeps a checkpoint written after ``max_steps`` stopped an epoch early from
-  resuming at the next epoch.
+- ``as_batch_end_checkpoint``: loop counters in the form Lightning resumes exactly, whether the checkpoint was
+  written mid-epoch, at an epoch's end or after ``max_steps`` stopped the run, and whether or not the resumed
+  run sets ``max_steps``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
@@ -134,21 +136,36 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def reopen_unfinished_epoch(checkpoint: dict[str, Any], batches_per_epoch: int | float) -> None:
-    """Count an epoch that ``max_steps`` stopped early as unfinished in ``checkpoint``.
+def as_batch_end_checkpoint(checkpoint: dict[str, Any], batches_per_epoch: int | float = math.inf) -> None:
+    """Write ``checkpoint``'s loop counters in the one form Lightning resumes exactly in every mode.
 
     Lightning marks an epoch processed when its loop ends, whether its batches ran out or ``max_steps``
-    stopped it. A checkpoint written then (the ``last.ckpt`` of a run that ends mid-epoch) resumes at the
-    *next* epoch and silently skips the rest of this one. Counted as unfinished, it resumes mid-epoch, at
-    the batch where the sampler's state points, as a checkpoint written after a training batch does.
+    stopped it, and a checkpoint written then resumes wrongly in two ways:
+
+    - cut short by ``max_steps`` (the ``last.ckpt`` of a run that ends mid-epoch), it resumes at the *next*
+      epoch and silently skips the rest of this one;
+    - written at an epoch's end (``max_steps`` landing on it, or an epoch-end checkpoint), it resumes right
+      only when the resumed run is epoch-based: with ``max_steps`` set, Lightning runs the finished epoch's
+      end again, so the next epoch trains under the wrong epoch number (the previous epoch's token budget,
+      the next epoch's curriculum draws) and its steps are logged one step late.
+
+    Both are rewritten as what a checkpoint written after the epoch's last trained batch holds (epoch not
+    yet processed, the last batch processed but not completed), which resumes at the batch the sampler's
+    state points to, in epoch- and step-based runs alike.
     """
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if not loop or "epoch_progress" not in loop:
         return
     epochs = loop["epoch_progress"]
-    batches_done = loop["epoch_loop.batch_progress"]["current"]["completed"]
-    if epochs["current"]["processed"] == epochs["current"]["started"] and 0 < batches_done < batches_per_epoch:
-        for counts in (epochs["total"], epochs["current"]):
-            counts["processed"] = counts["started"] - 1
-            counts["completed"] = counts["processed"]
-        checkpoint["epoch"] = epochs["current"]["completed"]
+    batches = loop["epoch_loop.batch_progress"]
+    batches_done = batches["current"]["completed"]
+    if epochs["current"]["processed"] != epochs["current"]["started"] or batches_done == 0:
+        return
+    for counts in (epochs["total"], epochs["current"]):
+        counts["processed"] = counts["started"] - 1
+        counts["completed"] = counts["processed"]
+    checkpoint["epoch"] = epochs["current"]["completed"]
+    if batches.get("is_last_batch") or batches_done >= batches_per_epoch:
+        for counts in (batches["total"], batches["current"]):
+            counts["completed"] = counts["processed"] - 1
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
