@@ -64,16 +64,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # Checkpoints hold only tensors and plain values: nothing in one may run code when it is loaded.
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
-            found = re.search(r"GLOBAL (\S+)", str(error))
-            raise InputError(
-                f"checkpoint '{path}' holds {found.group(1) if found else 'an object'}, not only tensors and plain "
-                "values; it is not loaded, since unpickling it could run code"
-            ) from None
+            raise unsafe_checkpoint_error(path, error) from None
         except FileNotFoundError:
             raise
         except Exception as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise InputError(f"checkpoint '{path}' cannot be loaded: {type(error).__name__}: {first_line}") from None
+
+
+def unsafe_checkpoint_error(path, error: pickle.UnpicklingError) -> InputError:
+    """The one-line error for a checkpoint that ``weights_only=True`` refuses: it names the file and what it
+    holds, and gives no advice to load it another way."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return InputError(
+        f"checkpoint '{path}' holds {found.group(1) if found else 'an object'} (code or objects, not only tensors "
+        "and plain values); it is not loaded, since unpickling it could run code"
+    )
+
+
+def use_atomic_checkpoint_io(strategy) -> None:
+    """Make ``strategy`` write checkpoints with ``AtomicCheckpointIO`` when it uses Lightning's plain one;
+    strategies with their own checkpoint IO (sharded checkpoints) keep it."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def _fsync_folder(folder: Path) -> None:
