@@ -494,6 +494,6 @@ def test_safe_defaults_no_remote_code_no_unsafe_load_no_eval(tmp_path):
     # A checkpoint that would run code when unpickled is refused.
     path = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "callback": L.Callback()}, path)
-    with pytest.raises(InputError, match="unsafe.ckpt' holds lightning.pytorch.callbacks.callback.Callback, not only tensors"):
+    with pytest.raises(InputError, match="unsafe.ckpt' holds lightning.pytorch.callbacks.callback.Callback \\(code or objects, not only tensors"):
         AtomicCheckpointIO().load_checkpoint(path)
     verify_checkpoint_file(path)  # the file itself is intact
