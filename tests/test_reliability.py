@@ -144,7 +144,7 @@ def test_resume_last_after_max_steps_continues_the_unfinished_epoch(uninterrupte
     assert checkpoint["state_dict"] and all(key.startswith("policy.") for key in checkpoint["state_dict"])
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"] and checkpoint["loops"]["fit_loop"]
     assert any("TokenBudget" in key for key in checkpoint["callbacks"])
-    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 1, "batches_yielded": 1, "seed": 0}
+    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 1, "batches_yielded": 1, "seed": 0, "global_batch_size": 2}
     assert {"torch", "numpy", "python"} <= set(checkpoint["rng_states"])
 
 
