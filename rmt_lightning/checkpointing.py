@@ -17,6 +17,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,29 @@ def unsafe_checkpoint_error(path, error: pickle.UnpicklingError) -> InputError:
         f"checkpoint '{path}' holds {found.group(1) if found else 'an object'} (code or objects, not only tensors "
         "and plain values); it is not loaded, since unpickling it could run code"
     )
+
+
+def save_checkpoint_atomically(trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to ``path`` such that a kill at any moment leaves either the previous checkpoint
+    at ``path`` or the new one, never a mix: the checkpoint is written under a hidden name beside ``path`` and
+    renamed into place once every rank has written its part. A single file is atomic already
+    (``AtomicCheckpointIO``); a sharded checkpoint is a folder that the strategy fills shard by shard, which a
+    kill would leave half-new. Every rank must call it."""
+    path = Path(path)
+    partial, previous = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.previous")
+    if trainer.is_global_zero:
+        for stale in (partial, previous):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    trainer.strategy.barrier("save_checkpoint_atomically")
+    trainer.save_checkpoint(partial, weights_only=False)
+    if trainer.is_global_zero:
+        if partial.is_dir() and path.exists():
+            # A folder cannot be renamed over another: move the old one aside first, delete it last.
+            os.replace(path, previous)
+        os.replace(partial, path)
+        _fsync_folder(path.parent)
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink(missing_ok=True)
+    trainer.strategy.barrier("save_checkpoint_atomically")
 
 
 def use_atomic_checkpoint_io(strategy) -> None:

@@ -147,14 +147,14 @@ def _checkpoint_folders(trainer) -> list[Path]:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    """A checkpoint file, or a complete sharded checkpoint folder (torch.distributed.checkpoint writes its
-    ``.metadata`` last, so a folder without it was cut short)."""
-    if not path.name.endswith(".ckpt"):
+    """A checkpoint file, or a complete sharded checkpoint folder: Lightning's sharded strategies write the
+    shards, then torch.distributed.checkpoint's ``.metadata``, then ``meta.pt`` (loops, callbacks, sampler), so a
+    folder without both was cut short."""
+    if path.name.startswith(".") or not path.name.endswith(".ckpt"):
         return False
-    if path.is_dir():
-        if not (path / ".metadata").exists():
-            rank_zero_warn(f"ckpt_path='last': {path} is an incomplete sharded checkpoint (no .metadata); skipped")
-            return False
+    if path.is_dir() and not ((path / ".metadata").exists() and (path / "meta.pt").exists()):
+        rank_zero_warn(f"ckpt_path='last': {path} is an incomplete sharded checkpoint (no .metadata or meta.pt); skipped")
+        return False
     return True
 
 

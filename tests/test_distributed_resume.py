@@ -140,3 +140,25 @@ def test_resume_with_another_global_batch_is_one_error_line(ddp_runs, capsys):
         "error: the checkpoint drew global batches of 4 positions; this run draws 2 (batch_size 2 x 1 process(es)): "
         "set data.batch_size 4 to continue the same curriculum"
     )
+
+
+FSDP2 = ["--trainer.strategy.class_path", "lightning.pytorch.strategies.ModelParallelStrategy"]
+
+
+def test_fsdp2_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_path):
+    """torch's distributed checkpoint reshards on load: a 2-process FSDP2 preemption checkpoint (a folder of
+    shards) resumes in 1 process with the weights 2 processes load, the same budgets and the same global batches."""
+    stopped = fit_command(tmp_path, [*common(tmp_path, "fsdp2"), "--trainer.devices", "2", *FSDP2,
+                                     "--trainer.callbacks+=stopping.SignalAtStep", "--trainer.callbacks.step=3"])
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
+    checkpoint = tmp_path / "logs" / "fsdp2" / "version_0" / "checkpoints" / "preempted.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / ".metadata").exists() and (checkpoint / "meta.pt").exists()
+    assert not list(checkpoint.parent.glob(".*"))  # written under a hidden name, renamed into place
+    two = run_probe(tmp_path, tmp_path / "two", [*common(tmp_path, "two"), "--trainer.devices", "2", *FSDP2], ckpt=str(checkpoint))
+    one = run_probe(tmp_path, tmp_path / "one", [*common(tmp_path, "one"), "--trainer.devices", "1", *FSDP2,
+                                                 "--data.batch_size", "4"], processes=1, ckpt=str(checkpoint))
+    assert one[0]["policy_sharded"] and one[0]["policy_before"] == two[0]["policy_before"]
+    assert [s["global_step"] for s in one[0]["steps"]] == [4, 5]
+    for mine, *theirs in zip(one[0]["steps"], two[0]["steps"], two[1]["steps"]):
+        assert mine["budget"] == theirs[0]["budget"] == theirs[1]["budget"]
+        assert sorted(mine["draws"]) == sorted(d for t in theirs for d in t["draws"])

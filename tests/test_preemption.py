@@ -205,16 +205,19 @@ def test_a_signal_during_the_checkpoint_write_leaves_a_whole_checkpoint(tmp_path
 
     write = AtomicCheckpointIO.save_checkpoint
 
+    sent = []
+
     def signalled_write(self, checkpoint, path, storage_options=None):
-        if Path(path).name == "preempted.ckpt":
+        if "preempted.ckpt" in Path(path).name:
             os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(path)
         return write(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", signalled_write)
     before = signal.getsignal(signal.SIGTERM)
     config = variant_config(tmp_path, "budget per epoch", "twice", build_builtin_tiny())
     stopped = fit_until_preempted(config, "--trainer.callbacks+=stopping.SignalAtStep", "--trainer.callbacks.step=1")
-    assert stopped.step == 2 and signal.getsignal(signal.SIGTERM) == before
+    assert len(sent) == 1 and stopped.step == 2 and signal.getsignal(signal.SIGTERM) == before
     assert AtomicCheckpointIO().load_checkpoint(stopped.path)["global_step"] == 2
 
 
@@ -313,12 +316,14 @@ def test_ckpt_path_last_takes_the_newest_checkpoint_of_any_kind_in_any_version(t
         os.utime(path, (1000 + version, 1000 + version))
         written.append(path)
     assert find_last_checkpoint(cli.trainer) == str(written[-1])
-    # A sharded checkpoint folder cut short (no .metadata yet) is never taken, even when newest.
+    # A sharded checkpoint folder cut short (no .metadata or meta.pt yet) is never taken, even when newest.
     cut_short = root / "version_4" / "checkpoints" / "periodic-step=00000020.ckpt"
     cut_short.mkdir(parents=True)
     (cut_short / "__0_0.distcp").write_bytes(b"partial")
     assert find_last_checkpoint(cli.trainer) == str(written[-1])
-    (cut_short / ".metadata").write_bytes(b"done")
+    (cut_short / ".metadata").write_bytes(b"shards done")
+    assert find_last_checkpoint(cli.trainer) == str(written[-1])
+    (cut_short / "meta.pt").write_bytes(b"loops done")
     assert find_last_checkpoint(cli.trainer) == str(cut_short)
 
 

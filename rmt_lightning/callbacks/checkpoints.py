@@ -18,7 +18,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..checkpointing import use_atomic_checkpoint_io
+from ..checkpointing import save_checkpoint_atomically, use_atomic_checkpoint_io
 from ..checks import InputError
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
@@ -112,7 +112,7 @@ class PreemptionCheckpoint(L.Callback):
         if not signum:
             return
         path = self.folder / PREEMPTED_NAME
-        trainer.save_checkpoint(path, weights_only=False)
+        save_checkpoint_atomically(trainer, path)
         if trainer.is_global_zero:
             requeue_slurm_job(trainer, signum)
         raise Preempted(signum, path, trainer.global_step, trainer.global_rank)
@@ -198,7 +198,7 @@ class PeriodicCheckpoint(L.Callback):
         if not self._due(trainer):
             return
         started = time.perf_counter()
-        trainer.save_checkpoint(self.folder / f"periodic-step={trainer.global_step:08d}.ckpt", weights_only=False)
+        save_checkpoint_atomically(trainer, self.folder / f"periodic-step={trainer.global_step:08d}.ckpt")
         self.save_seconds.append(time.perf_counter() - started)
         self._last_saved_step, self._last_saved_time = trainer.global_step, time.monotonic()
         if trainer.is_global_zero:
