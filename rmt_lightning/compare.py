@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .callbacks import HuggingFaceExport
+from .callbacks import HuggingFaceExport, PeriodicCheckpoint
 from .method import TIER_NAMES
 
 DEFAULT_CONFIGS = ("configs/rmt.yaml", "configs/rpt_baseline.yaml", "configs/ntp_only.yaml")
@@ -66,7 +66,8 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if not keep_artifacts:
         # Checkpoints and exports of every row would cost minutes and gigabytes; the table needs neither.
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (ModelCheckpoint, HuggingFaceExport))]
+        trainer.callbacks = [c for c in trainer.callbacks
+                             if not isinstance(c, (ModelCheckpoint, PeriodicCheckpoint, HuggingFaceExport))]
     # Score the corpus before the clock starts, so a cold entropy cache is not charged to the first row.
     data.prepare_data()
     train_seconds = train_cpu_seconds = 0.0
