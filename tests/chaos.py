@@ -2,8 +2,9 @@
 ``--ckpt_path last``, and check that nothing was corrupted and the result is the uninterrupted run's.
 
 A SIGKILL cannot be caught: it is what an out-of-memory killer, a node failure or a scheduler past its grace
-period does. The kills land inside training steps, inside checkpoint writes (while a ``.<name>.partial-<pid>``
-file is in the checkpoint folder) and, on the very first run, while the entropy cache is scored or written.
+period does. The kills land inside training steps, inside checkpoint writes (while a hidden partial file of
+the checkpoint, ``.<name>.partial-<pid>``, ``.<name>.partial`` or ``..<name>.partial.partial-<pid>``, is in the
+checkpoint folder) and, on the very first run, while the entropy cache is scored or written.
 After each kill every checkpoint file must load (CRC-checked, ``weights_only``), the entropy cache must be
 absent or complete, and the restart must resume from the newest complete checkpoint, losing at most the steps
 since it (with a checkpoint every step: at most the one in flight). At the end the policy weights must be
@@ -45,7 +46,10 @@ from rmt_lightning.callbacks.checkpoints import PERIODIC_NAME  # noqa: E402
 from rmt_lightning.checkpointing import AtomicCheckpointIO  # noqa: E402
 from rmt_lightning.data import scoring  # noqa: E402
 
-PARTIAL = re.compile(r"^\.(?P<name>.+\.ckpt)\.partial-(?P<pid>\d+)$")
+# A checkpoint being written: AtomicCheckpointIO's temporary file (.<name>.partial-<pid>), and for periodic and
+# preemption checkpoints the hidden name they are written under before the rename into place (.<name>.partial),
+# with AtomicCheckpointIO's temporary file of that (..<name>.partial.partial-<pid>).
+PARTIAL = re.compile(r"^\.{1,2}(?P<name>[^.].*?\.ckpt)(?:\.partial(?:-\d+)?)+$")
 CACHE_TMP = re.compile(r"^entropy-.+\.safetensors\.tmp-(?P<pid>\d+)$")
 RESUMED = re.compile(r"ckpt_path='last': resuming from (?P<path>\S+\.ckpt)")
 CACHE_REJECTED = "entropy cache '"
@@ -58,17 +62,18 @@ class ChaosError(RuntimeError):
     """A run failed or hung: the chaos run cannot go on."""
 
 
-def write_config(workdir: Path, name: str, every_n_steps: int, epochs: int, batches_per_epoch: int) -> Path:
-    """configs/tiny.yaml with a periodic checkpoint every ``every_n_steps`` steps, its logs under
-    ``workdir/logs/<name>`` and its own entropy cache folder ``workdir/cache-<name>`` (so the interrupted run
-    builds the cache itself, and can be killed while it does)."""
+def write_config(workdir: Path, name: str, every_n_steps: int, epochs: int, batches_per_epoch: int,
+                 keep_last: int = 2, cache_dir: Path | None = None) -> Path:
+    """configs/tiny.yaml with a periodic checkpoint every ``every_n_steps`` steps (the newest ``keep_last`` kept),
+    its logs under ``workdir/logs/<name>`` and its own entropy cache folder (default ``workdir/cache-<name>``, so
+    the interrupted run builds the cache itself, and can be killed while it does)."""
     config = yaml.safe_load(TINY.read_text())
     config["trainer"].update(max_epochs=epochs, enable_progress_bar=False)
     config["trainer"]["logger"]["init_args"].update(save_dir=str(workdir / "logs"), name=name)
     config["trainer"]["callbacks"].append(
-        {"class_path": "rmt_lightning.PeriodicCheckpoint", "init_args": {"every_n_steps": every_n_steps, "keep_last": 2}}
+        {"class_path": "rmt_lightning.PeriodicCheckpoint", "init_args": {"every_n_steps": every_n_steps, "keep_last": keep_last}}
     )
-    config["data"].update(batches_per_epoch=batches_per_epoch, cache_dir=str(workdir / f"cache-{name}"))
+    config["data"].update(batches_per_epoch=batches_per_epoch, cache_dir=str(cache_dir or workdir / f"cache-{name}"))
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -163,9 +168,14 @@ def periodic_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def partial_files(workdir: Path, name: str, pid: int | None = None) -> list[Path]:
-    return [p for p in listing(checkpoint_folders(workdir, name))
-            if (m := PARTIAL.match(p.name)) and (pid is None or int(m.group("pid")) == pid)]
+def partial_files(workdir: Path, name: str, known: set[Path] = frozenset()) -> list[Path]:
+    """Partial checkpoint files in the run's checkpoint folders, except those in ``known``."""
+    return [p for p in listing(checkpoint_folders(workdir, name)) if PARTIAL.match(p.name) and p not in known]
+
+
+def partial_step(path: Path) -> int | None:
+    """The step of a partial periodic checkpoint file (None: another kind of checkpoint)."""
+    return periodic_step(Path(PARTIAL.match(path.name).group("name")))
 
 
 class CheckpointCensus:
@@ -296,13 +306,19 @@ def step_seconds(workdir: Path, name: str) -> float:
 
 
 def run_chaos(workdir, kills: int = 8, seed: int = 0, every_n_steps: int = 1, epochs: int = 3,
-              batches_per_epoch: int = 8, timeout: float = 300.0) -> dict:
+              batches_per_epoch: int = 8, timeout: float = 300.0, avoid_epoch_ends: bool = False) -> dict:
     """Reference run, then the same run killed ``kills`` times (the first kill during the entropy-cache build,
     at least one during a checkpoint write, the others inside training steps) and resumed with
     ``--ckpt_path last`` after each; returns the summary (``ok``: every check passed, ``problems``: those that
-    did not). No process it started outlives it, whether it returns or raises."""
+    did not). No process it started outlives it, whether it returns or raises.
+
+    ``avoid_epoch_ends``: aim no kill where the restart would resume from a checkpoint of an epoch's last step
+    (the last step of an epoch, the step after it, the epoch-end checkpoint writes), so that the run never
+    resumes twice across an epoch's end; ``epoch_end_resumes`` in the summary counts the resumes from such a
+    checkpoint either way.
+    """
     try:
-        return _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, timeout)
+        return _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, timeout, avoid_epoch_ends)
     finally:
         while _STARTED:
             run = _STARTED.pop()
@@ -310,7 +326,7 @@ def run_chaos(workdir, kills: int = 8, seed: int = 0, every_n_steps: int = 1, ep
                 run.kill()
 
 
-def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, timeout) -> dict:
+def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, timeout, avoid_epoch_ends) -> dict:
     started = time.monotonic()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -346,11 +362,11 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         log_index += 1
         return Run(chaos_config, workdir / f"chaos-{log_index:02d}.log", *args)
 
-    def after_kill(run: Run, aimed: str, newest_before: int | None) -> dict:
+    def after_kill(run: Run, aimed: str, newest_before: int | None, known: set[Path]) -> dict:
         """Classify where the kill landed and verify the checkpoints and the cache."""
         nonlocal leftover
         leftover += not run.wait_group_gone()
-        left_partial = partial_files(workdir, "chaos", run.pid)
+        left_partial = partial_files(workdir, "chaos", known)
         newest = census.verify(workdir, "chaos")
         cache_folder = workdir / "cache-chaos"
         good, damaged = verify_cache(cache_folder) if cache_folder.is_dir() else ([], {})
@@ -362,7 +378,7 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
             landed = CHECKPOINT if left_partial else STEP
         reached = newest or 0
         for partial in left_partial:
-            step = periodic_step(Path(PARTIAL.match(partial.name).group("name")))
+            step = partial_step(partial)
             if step is not None:
                 reached = max(reached, step)  # the step finished; its checkpoint did not
         if landed == STEP:
@@ -416,18 +432,22 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         at_write = cache_attempts == 1 and rng.random() < 0.5
         delay = rng.uniform(0.0, 0.2)
 
-        def cache_moment():
+        def cache_write():
             entries = os.listdir(cache_folder) if cache_folder.is_dir() else []
-            if any(CACHE_TMP.match(e) for e in entries) or any(e.endswith(".safetensors") for e in entries):
-                return True  # the write started (or is already over: a miss)
-            return not at_write and PROXY_LOADING in run.output()
+            # The write started (or is already over: a miss).
+            return any(CACHE_TMP.match(e) or e.endswith(".safetensors") for e in entries)
 
-        if _poll(run, cache_moment, timeout, 0.001) is None:
+        def scoring():
+            return cache_write() or PROXY_LOADING in run.output()
+
+        # The proxy is loaded after several seconds of start-up; the file write then takes a millisecond or
+        # less, so it is watched for without pause.
+        if _poll(run, scoring, timeout, 0.005) is None or (at_write and _poll(run, cache_write, timeout, 0.0) is None):
             raise ChaosError(f"the first run ended before the cache was built:\n{tail(run.output())}")
         if not at_write:
             time.sleep(delay)
         run.kill()
-        record = after_kill(run, CACHE, None)
+        record = after_kill(run, CACHE, None, set())
         if record["landed"] == CACHE:
             record["detail"] = "cache file write" if record["cache_tmp_left"] else "scoring, before the cache file"
             records.append(record)
@@ -435,17 +455,20 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         missed += 1
 
     # Kills inside training: each aimed at a step after the newest checkpoint, leaving room for the rest.
+    finished = None  # a run that ended before it could be killed
     while plan:
-        run = start("--ckpt_path", "last")
         newest_before = census.verify(workdir, "chaos")
         done = newest_before or 0
-        room = total_steps - 1 - (done + 1)
-        if room < 1:
+        reach = done + 1 + max(1, (total_steps - 2 - done) // len(plan))
+        allowed = [step for step in range(done + 2, total_steps) if not (avoid_epoch_ends and step % batches_per_epoch in (0, 1))]
+        if not allowed:
             problems.append(f"no training step left to kill in for {len(plan)} more kill(s)")
             break
-        target = done + 1 + rng.randint(1, max(1, room // len(plan)))
+        near = [step for step in allowed if step <= reach]
+        target = rng.choice(near) if near else allowed[0]
         aimed = plan[0]
         known = set(listing(checkpoint_folders(workdir, "chaos")))
+        run = start("--ckpt_path", "last")
 
         def new_checkpoint(at_least: int):
             def found():
@@ -455,12 +478,13 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
                 return None
             return found
 
-        def partial_write(at_least: int):
+        def partial_write(folder: Path, at_least: int):
             def found():
-                for path in partial_files(workdir, "chaos", run.pid):
-                    step = periodic_step(Path(PARTIAL.match(path.name).group("name")))
-                    if step is None or step >= at_least:
-                        return path
+                for entry in os.listdir(folder):
+                    if PARTIAL.match(entry) and folder / entry not in known:
+                        step = partial_step(folder / entry)
+                        if (step is None and not avoid_epoch_ends) or (step is not None and step >= at_least):
+                            return folder / entry
                 return None
             return found
 
@@ -470,14 +494,18 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
             if moment is not None:
                 time.sleep(rng.uniform(0.1, 0.9) * seconds_per_step * every_n_steps)
         else:
-            moment = _poll(run, partial_write(target), timeout, 0.0005)
+            # A write takes a millisecond or less when the disk is idle: from the step before's checkpoint on, the
+            # folder is watched without pause.
+            moment = _poll(run, new_checkpoint(target - 1), timeout, 0.005)
+            if moment is not None:
+                moment = _poll(run, partial_write(moment.parent, target), timeout, 0.0)
         if moment is None:
-            note_resume(run)
+            finished = run
             problems.append(f"the run finished before kill {len(records) + 1} ({aimed} at step {target})")
             break
         note_resume(run)
         run.kill()
-        record = after_kill(run, aimed, newest_before)
+        record = after_kill(run, aimed, newest_before, known)
         record["target_step"] = target
         if record["landed"] == CHECKPOINT:
             record["detail"] = ", ".join(record["partial_files_left"])
@@ -495,7 +523,7 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
                 break
 
     # The last run finishes.
-    run = start("--ckpt_path", "last")
+    run = finished or start("--ckpt_path", "last")
     status = run.finish(timeout)
     leftover += not run.wait_group_gone()
     note_resume(run)
@@ -555,6 +583,8 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         "total_steps": total_steps,
         "rebuilt_cache_equal": cache_equal,
         "missed_targets": missed,
+        "epoch_end_resumes": sum(0 < (r.get("resumed_from_step") or 0) < total_steps
+                                 and r["resumed_from_step"] % batches_per_epoch == 0 for r in records),
         "cache_attempts": cache_attempts,
         "leftover_process_groups": leftover,
         "stale_partial_files": stale,
@@ -578,9 +608,12 @@ def main(argv=None) -> int:
     parser.add_argument("--every-n-steps", type=int, default=1, help="steps between periodic checkpoints")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batches-per-epoch", type=int, default=8)
+    parser.add_argument("--avoid-epoch-ends", action="store_true",
+                        help="aim no kill where the restart would resume from an epoch's last step")
     args = parser.parse_args(argv)
     summary = run_chaos(args.workdir, kills=args.kills, seed=args.seed, every_n_steps=args.every_n_steps,
-                        epochs=args.epochs, batches_per_epoch=args.batches_per_epoch)
+                        epochs=args.epochs, batches_per_epoch=args.batches_per_epoch,
+                        avoid_epoch_ends=args.avoid_epoch_ends)
     print(json.dumps(summary, indent=2))
     return 0 if summary["ok"] else 1
 
