@@ -195,6 +195,15 @@ def as_batch_end_checkpoint(checkpoint: dict[str, Any], batches_per_epoch: int |
         return
     epochs = loop["epoch_progress"]
     batches = loop["epoch_loop.batch_progress"]
+    if batches["current"]["processed"] > 0 and all(
+        len({counts["ready"], counts["started"], counts["processed"], counts["completed"]}) == 1
+        for counts in (epochs["total"], epochs["current"])
+    ):
+        # An epoch in progress that Lightning never counted as started (see count_the_next_epoch_after_resume;
+        # written before that repair existed): count it, and it resumes as the mid-epoch checkpoint it is.
+        for counts in (epochs["total"], epochs["current"]):
+            counts["ready"] = counts["started"] = counts["processed"] + 1
+        return
     batches_done = batches["current"]["completed"]
     if epochs["current"]["processed"] != epochs["current"]["started"] or batches_done == 0:
         return
@@ -206,3 +215,19 @@ def as_batch_end_checkpoint(checkpoint: dict[str, Any], batches_per_epoch: int |
         for counts in (batches["total"], batches["current"]):
             counts["completed"] = counts["processed"] - 1
         loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+
+def count_the_next_epoch_after_resume(trainer) -> None:
+    """Repair Lightning's epoch counters of a run resumed from a checkpoint written after an epoch's last batch.
+
+    Lightning counts that epoch processed and completed when it restores such a checkpoint, but the restart
+    flag it leaves set (``restarted_mid_epoch``) then keeps the *next* epoch from being counted as ready and
+    started, and from calling ``on_train_epoch_start``. Training itself is right, but every checkpoint written
+    in that next epoch says "no epoch in progress", and resuming from one logs every step one step early or
+    trains an extra epoch. Clearing the flag once the restore is done lets the next epoch start as any epoch
+    does. Call it in ``on_train_start`` (after the restore, before the first epoch starts)."""
+    fit_loop = trainer.fit_loop
+    if fit_loop.restarted_mid_epoch and fit_loop.epoch_loop.batch_progress.is_last_batch and (
+        fit_loop.epoch_progress.current.processed == fit_loop.epoch_progress.current.started
+    ):
+        fit_loop.reset_restart_stage()

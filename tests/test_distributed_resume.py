@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from distributed_probe import run_probe
-from rmt_lightning.cli import build_cli, main
+from rmt_lightning.cli import build_cli
+from test_reliability import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -113,7 +114,7 @@ def test_ddp_checkpoint_resumes_in_one_process_with_the_same_schedule_draws_and_
 def test_one_process_checkpoint_resumes_under_ddp_with_the_same_schedule_and_draws(ddp_runs, tmp_path):
     workdir, full, _ = ddp_runs
     args = [*common(workdir, "single"), "--data.batch_size", "4"]
-    assert main_status(["fit", *args, "--trainer.max_steps", "3", "--trainer.max_epochs", str(EPOCHS)]) == 0
+    assert run_main(["fit", *args, "--trainer.max_steps", "3", "--trainer.max_epochs", str(EPOCHS)]) == 0
     checkpoint = workdir / "logs" / "single" / "version_0" / "checkpoints" / "last.ckpt"
     resumed = run_probe(workdir, tmp_path / "probe", [*common(workdir, "single"), *DDP], ckpt=str(checkpoint))
     assert [s["global_step"] for s in resumed[0]["steps"]] == [3, 4, 5]
@@ -124,18 +125,10 @@ def test_one_process_checkpoint_resumes_under_ddp_with_the_same_schedule_and_dra
         assert sorted(d for g in got for d in g["draws"]) == sorted(d for e in expected for d in e["draws"])
 
 
-def main_status(args) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exit:
-        return exit.code
-    return 0
-
-
 def test_resume_with_another_global_batch_is_one_error_line(ddp_runs, capsys):
     workdir, _, _ = ddp_runs
     checkpoint = workdir / "logs" / "stopped" / "version_0" / "checkpoints" / "preempted.ckpt"
-    assert main_status(["fit", *common(workdir, "mismatch"), "--ckpt_path", str(checkpoint)]) == 2
+    assert run_main(["fit", *common(workdir, "mismatch"), "--ckpt_path", str(checkpoint)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: the checkpoint drew global batches of 4 positions; this run draws 2 (batch_size 2 x 1 process(es)): "
         "set data.batch_size 4 to continue the same curriculum"

@@ -356,3 +356,37 @@ def test_a_checkpoint_holding_a_pickled_call_is_one_line_and_status_2(command, t
     assert error == [f"error: checkpoint '{checkpoint}' holds posix.system (code or objects, not only tensors and plain "
                      "values); it is not loaded, since unpickling it could run code"]
     assert "weights_only=False" not in error[0] and not marker.exists()
+
+
+def progress(ready, started, processed, completed) -> dict:
+    return {"ready": ready, "started": started, "processed": processed, "completed": completed}
+
+
+def loops(epoch: dict, batch: dict, is_last_batch: bool = False) -> dict:
+    return {"loops": {"fit_loop": {
+        "epoch_progress": {"total": dict(epoch), "current": dict(epoch)},
+        "epoch_loop.batch_progress": {"total": dict(batch), "current": dict(batch), "is_last_batch": is_last_batch},
+        "epoch_loop.state_dict": {"_batches_that_stepped": 4},
+    }}, "epoch": 0}
+
+
+def test_loop_counters_are_rewritten_into_the_batch_end_form():
+    from rmt_lightning.checkpointing import as_batch_end_checkpoint
+
+    # Written when an epoch ended (epoch processed, not completed; its last batch completed).
+    checkpoint = loops(progress(1, 1, 1, 0), progress(3, 3, 3, 3), is_last_batch=True)
+    as_batch_end_checkpoint(checkpoint)
+    loop = checkpoint["loops"]["fit_loop"]
+    assert loop["epoch_progress"]["current"] == progress(1, 1, 0, 0)
+    assert loop["epoch_loop.batch_progress"]["current"] == progress(3, 3, 3, 2)
+    assert loop["epoch_loop.state_dict"]["_batches_that_stepped"] == 3
+    # Already in that form: unchanged (the rewrite runs when a checkpoint is written and again when read).
+    again = loops(progress(1, 1, 0, 0), progress(3, 3, 3, 2), is_last_batch=True)
+    as_batch_end_checkpoint(again)
+    assert again == loops(progress(1, 1, 0, 0), progress(3, 3, 3, 2), is_last_batch=True)
+    # An epoch in progress that Lightning never counted as started (a run resumed at an epoch's last batch,
+    # before count_the_next_epoch_after_resume): counted, so it resumes as the mid-epoch checkpoint it is.
+    uncounted = loops(progress(1, 1, 1, 1), progress(1, 1, 1, 0))
+    as_batch_end_checkpoint(uncounted)
+    assert uncounted["loops"]["fit_loop"]["epoch_progress"]["current"] == progress(2, 2, 1, 1)
+    assert uncounted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"] == progress(1, 1, 1, 0)
