@@ -106,6 +106,25 @@ def save_checkpoint_atomically(trainer, path: Path) -> None:
     trainer.strategy.barrier("save_checkpoint_atomically")
 
 
+_PARTIAL_WRITE = re.compile(r"^\..+\.ckpt\.(partial(-\d+)?|previous)(\.partial-\d+)?$")
+
+
+def remove_partial_writes(folders) -> list[Path]:
+    """Delete what killed checkpoint writes left in ``folders`` (the hidden ``.<name>.partial...`` files and
+    folders ``AtomicCheckpointIO`` and ``save_checkpoint_atomically`` write before renaming); returns them.
+    Call it before training starts, on one process: a run writes only into its own version's folder, so in the
+    folders of earlier versions nothing else is writing."""
+    removed = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for path in Path(folder).iterdir():
+            if _PARTIAL_WRITE.match(path.name):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def use_atomic_checkpoint_io(strategy) -> None:
     """Make ``strategy`` write checkpoints with ``AtomicCheckpointIO`` when it uses Lightning's plain one;
     strategies with their own checkpoint IO (sharded checkpoints) keep it."""

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
-from .checkpointing import unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file
+from .checkpointing import remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file
 from .checks import InputError, check_rollout_fits, check_writable_directory
 from .data.datamodule import RMTDataModule
 from .module import NonFiniteLossError, RMTModule
@@ -166,6 +166,10 @@ def find_last_checkpoint(trainer) -> str | None:
     ``--ckpt_path last`` would silently start from scratch; this looks through every version folder. Newest is
     by modification time: checkpoints are written in training order and renamed into place when complete."""
     folders = _checkpoint_folders(trainer)
+    if rank_zero_only.rank == 0:
+        removed = remove_partial_writes(folders)
+        if removed:
+            rank_zero_info(f"ckpt_path='last': removed {len(removed)} checkpoint write(s) cut short: {[str(p) for p in removed]}")
     candidates = [path for folder in folders if folder.is_dir() for path in folder.iterdir() if _is_checkpoint(path)]
     if not candidates:
         rank_zero_warn(f"ckpt_path='last': no checkpoint in {[str(f) for f in folders] or 'any checkpoint folder'}; training starts from the beginning")

@@ -325,6 +325,16 @@ def test_ckpt_path_last_takes_the_newest_checkpoint_of_any_kind_in_any_version(t
     assert find_last_checkpoint(cli.trainer) == str(written[-1])
     (cut_short / "meta.pt").write_bytes(b"loops done")
     assert find_last_checkpoint(cli.trainer) == str(cut_short)
+    # What killed writes left (a file and a sharded folder under their hidden names) is removed, nothing else.
+    left = [root / "version_1" / "checkpoints" / ".periodic-step=00000016.ckpt.partial",
+            root / "version_2" / "checkpoints" / "..periodic-step=00000018.ckpt.partial.partial-4242",
+            root / "version_3" / "checkpoints" / ".last.ckpt.partial-77"]
+    for path in left[1:]:
+        path.write_bytes(b"cut short")
+    left[0].mkdir()
+    (left[0] / "__0_0.distcp").write_bytes(b"cut short")
+    assert find_last_checkpoint(cli.trainer) == str(cut_short)
+    assert not any(path.exists() for path in left) and all(path.exists() for path in written)
 
 
 # ---- checkpoints that hold code ----------------------------------------------------------------------------
