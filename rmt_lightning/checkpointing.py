@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from .atomic import fsync_folder, staged_file
 from .checks import InputError
 
 
@@ -41,19 +42,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Not named like a checkpoint, so ModelCheckpoint never takes a partial file for "last".
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        _fsync_folder(path.parent)
+        # The staging file is hidden and not named like a checkpoint, so nothing takes it for "last".
+        with staged_file(path) as partial, open(partial, "wb") as handle:
+            torch.save(checkpoint, handle)
         # Partial files of earlier writes to this path were killed mid-way (only one process writes a path).
         for stale in path.parent.glob(f".{path.name}.partial-*"):
             stale.unlink(missing_ok=True)
@@ -101,7 +92,7 @@ def save_checkpoint_atomically(trainer, path: Path) -> None:
             # A folder cannot be renamed over another: move the old one aside first, delete it last.
             os.replace(path, previous)
         os.replace(partial, path)
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
         shutil.rmtree(previous) if previous.is_dir() else previous.unlink(missing_ok=True)
     trainer.strategy.barrier("save_checkpoint_atomically")
 
@@ -130,20 +121,6 @@ def use_atomic_checkpoint_io(strategy) -> None:
     strategies with their own checkpoint IO (sharded checkpoints) keep it."""
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk; some systems cannot open folders.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def verify_checkpoint_file(path, full: bool = False) -> None:
