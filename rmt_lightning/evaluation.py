@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, Metric
 from .atomic import staged_file
 from .method import TIER_NAMES, nested_tier_masks
 from .padding import pad_left
-from .rollout import positions_from_mask
+from .forward import positions_from_mask
 
 EVAL_STAGES = ("val", "test")
 """Lightning stages whose figures are logged as ``<stage>/acc_easy`` and so on."""

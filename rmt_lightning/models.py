@@ -52,6 +52,7 @@ def build_builtin_tiny(target: Path | None = None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from .data.mathgen import generate_math_corpus
+    from .prompts import ANSWER_SCAFFOLD, RESPONSE_PREFIX
 
     target = Path(target) if target is not None else cache_root() / "models" / "tiny-llama"
     if (target / _COMPLETE_MARKER).exists():
@@ -61,7 +62,8 @@ def build_builtin_tiny(target: Path | None = None) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    extra = ["<think>\n</think> \\boxed{", "Predict the next token of the text", " ".join(str(i) for i in range(200))]
+    # The answer format and the instruction as words of their own, as a real tokenizer has them.
+    extra = [RESPONSE_PREFIX + ANSWER_SCAFFOLD, "Predict the next token of the text", " ".join(str(i) for i in range(200))]
     bpe.train_from_iterator(generate_math_corpus(400, seed=0) + extra, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = _CHATML_TEMPLATE

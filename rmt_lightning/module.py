@@ -18,7 +18,6 @@ from .method import (
     exact_match,
     group_advantages,
     grpo_token_loss_terms,
-    head_positions,
     length_reward,
     prefix_match,
     token_logprobs,
@@ -30,13 +29,9 @@ from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figur
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
 from .checks import as_input_error, at_least, between
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
-from .rollout import (
-    DEFAULT_INSTRUCTION,
-    GroupRollout,
-    build_prompt_ids,
-    completion_logprobs,
-    generate_group,
-)
+from .forward import completion_logprobs, head_positions
+from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration
+from .rollout import GroupRollout, generate_group
 from .distributed import fsdp1_settings, is_fsdp1, shard_model, wrap_fsdp1
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
@@ -135,7 +130,7 @@ class RMTModule(L.LightningModule):
         max_response_length: int = 2048,
         budget_forcing: bool = False,
         instruction: str = DEFAULT_INSTRUCTION,
-        response_prefix: str = "<think>\n",
+        response_prefix: str = RESPONSE_PREFIX,
         use_chat_template: bool = True,
         format_warmup_steps: int = 0,
         format_warmup_lr: float | None = None,
@@ -445,7 +440,7 @@ class RMTModule(L.LightningModule):
             target = continuation[0].decode("utf-8", errors="replace")
             thought = hp.format_warmup_thought.replace("{context_tail}", self.tokenizer.decode(context[-budget:]))
             thought = thought.replace("{next_token}", target)
-            text = f"{thought}</think> \\boxed{{{target}}}"
+            text = demonstration(thought, target)
             responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
         response_ids, response_mask = pad_right(responses, self.tokenizer.pad_token_id)

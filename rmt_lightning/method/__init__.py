@@ -4,7 +4,7 @@ from .budget import length_reward, token_budget
 from .curriculum import TIER_NAMES, assign_tiers, nested_tier_masks, renormalise_over_nonempty, tier_probabilities
 from .entropy import token_entropy
 from .grpo import GRPOLossTerms, group_advantages, grpo_token_loss, grpo_token_loss_terms, zero_std_groups
-from .logprobs import head_positions, token_logprobs
+from .logprobs import token_logprobs
 from .rewards import exact_match, extract_prediction, prefix_match, total_reward
 
 __all__ = [
@@ -25,6 +25,5 @@ __all__ = [
     "grpo_token_loss_terms",
     "grpo_token_loss",
     "token_entropy",
-    "head_positions",
     "token_logprobs",
 ]

@@ -1,16 +1,12 @@
-"""Log-probabilities of chosen tokens, chunked so no full float32 log-softmax is ever built, and a way to
-have a model's output head compute logits only where log-probabilities are needed."""
+"""Log-probabilities of chosen tokens, chunked so no full float32 log-softmax is ever built."""
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["head_positions", "token_logprobs"]
+__all__ = ["token_logprobs"]
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -71,35 +67,3 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, chunk_size: int = 1024) ->
     flat = logits.reshape(-1, logits.shape[-1])
     ids = token_ids.reshape(-1).to(device=logits.device, dtype=torch.int64)
     return _ChunkedTokenLogprobs.apply(flat, ids, int(chunk_size)).reshape(leading)
-
-
-@contextmanager
-def head_positions(model, select: Tensor) -> Iterator[Callable[[Tensor], Tensor]]:
-    """Within the block, ``model``'s output head computes logits only at the ``select``-ed positions.
-
-    ``select`` is a ``[N, T]`` bool mask over the hidden states the head receives (after any
-    ``logits_to_keep`` slicing). A forward pre-hook on ``model.get_output_embeddings()`` hands the head
-    ``hidden[select]`` as a ``[1, K, H]`` batch, so positions that are padding, text written for the model or
-    untrained context never cost a vocabulary projection (nor its memory, ``N*T*V`` floats). The head still
-    runs inside the model's forward, so wrappers that gather weights around it (FSDP) see an ordinary call.
-
-    Yields ``pick(logits) -> [K, V]``: the selected positions' logits, in the order of ``select.nonzero()``,
-    from the model's output. A model without an output-embeddings accessor is left as it is and ``pick``
-    selects from its full logits instead.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        yield lambda logits: logits[select]
-        return
-
-    def keep_selected(module, args):
-        hidden = args[0]
-        if hidden.shape[:2] != select.shape:
-            raise ValueError(f"head_positions: mask {tuple(select.shape)} does not fit hidden states {tuple(hidden.shape[:2])}")
-        return (hidden[select].unsqueeze(0), *args[1:])
-
-    handle = head.register_forward_pre_hook(keep_selected)
-    try:
-        yield lambda logits: logits.reshape(-1, logits.shape[-1])
-    finally:
-        handle.remove()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["extract_prediction", "exact_match", "prefix_match", "total_reward"]
+__all__ = ["extract_prediction", "exact_match", "prefix_match", "total_reward", "THINK_OPEN", "THINK_CLOSE", "BOXED"]
 
-_THINK_END = "</think>"
-_BOXED = "\\boxed{"
+# The answer format the reward reads: ``<think>thought</think> \boxed{prediction}``.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+BOXED = "\\boxed{"
 
 
 def extract_prediction(completion: str) -> str | None:
@@ -18,16 +19,16 @@ def extract_prediction(completion: str) -> str | None:
     when there is no ``</think>``, no ``\\boxed{`` after it, or the last one is
     never closed.
     """
-    end = completion.rfind(_THINK_END)
+    end = completion.rfind(THINK_CLOSE)
     if end < 0:
         return None
-    tail = completion[end + len(_THINK_END) :]
+    tail = completion[end + len(THINK_CLOSE) :]
     # Scan forward over top-level boxes so that a box written inside another
     # box's content is part of that content, not a separate answer.
     found: str | None = None
-    pos = tail.find(_BOXED)
+    pos = tail.find(BOXED)
     while pos >= 0:
-        start = pos + len(_BOXED)
+        start = pos + len(BOXED)
         depth = 1
         i = start
         while i < len(tail) and depth:
@@ -40,7 +41,7 @@ def extract_prediction(completion: str) -> str | None:
         if depth:
             return None
         found = tail[start : i - 1]
-        pos = tail.find(_BOXED, i)
+        pos = tail.find(BOXED, i)
     return found
 
 

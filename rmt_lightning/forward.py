@@ -1,0 +1,172 @@
+"""Forward passes the losses and the rollout share: prompts prefilled once (the prefix every prompt shares once
+for all of them), completion log-probs with each prompt's keys and values shared by its group, position ids that
+skip left padding, and an output head that projects only the positions a loss reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .method import token_logprobs
+from .padding import pad_left
+
+
+def positions_from_mask(attention: Tensor) -> Tensor:
+    """Position ids that skip left padding: each row's first real token is at position 0."""
+    return (attention.cumsum(-1) - 1).clamp(min=0)
+
+
+MIN_SHARED_PREFIX = 8
+"""Shortest common prefix (tokens) worth a forward pass of its own in ``prefill``."""
+
+
+@dataclass
+class Prefill:
+    """Prompts run through the model, ready to be continued: row ``p`` is prompt ``p``."""
+
+    last_logits: Tensor
+    """``[P, V]`` logits at each prompt's last token (the first completion token's distribution)."""
+    cache: object
+    """The key/value cache of the ``[P, W]`` layout of ``attention``."""
+    attention: Tensor
+    """``[P, W]`` attention mask of the cached positions (1: a prompt token)."""
+    positions: Tensor
+    """``[P]`` position id of each prompt's last token."""
+    shared: int
+    """Tokens of the common prefix computed once for all prompts (0: none)."""
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest prefix every prompt starts with, leaving each prompt at least one token of its own."""
+    if not prompts:
+        return 0
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: bool = True,
+            all_agree: Callable[[bool], bool] | None = None) -> Prefill:
+    """Run the prompts through the model once, for a cache to continue from (with gradients when enabled).
+
+    Prompts built from one template start with the same tokens (chat template, system prompt, the task
+    instruction with the budget: 79 of SmolLM2's 144 prompt tokens in the quickstart). With
+    ``share_prefix`` and two or more prompts, that common prefix runs once as a batch of one and its cache
+    is copied to every prompt; the prompts' own suffixes then run, left-padded, against it. The cache
+    layout is ``[prefix | padding | suffix]``: the padding is masked and position ids count only real
+    tokens, so every prompt token sees exactly what it sees in a plain left-padded forward.
+
+    ``all_agree(flag) -> bool`` (True when ``flag`` holds on every process) makes all processes take the
+    same path: under FSDP every forward is a collective, so they must all run two forwards or all one.
+    """
+    shared = common_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    use = shared >= MIN_SHARED_PREFIX
+    if all_agree is not None:
+        use = all_agree(use)
+    if not use:
+        ids, mask = (t.to(device) for t in pad_left(prompts, pad_id))
+        positions = positions_from_mask(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return Prefill(out.logits[:, -1], out.cache, mask, positions[:, -1], 0)
+    head = torch.tensor([prompts[0][:shared]], device=device)
+    out = model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True, logits_to_keep=1)
+    # The prefix reaches the loss only through its keys and values. FSDP2 gathers a layer's weights for
+    # backward when gradients reach that layer's outputs, so those outputs are kept in the graph, at weight 0.
+    tie = out.logits.sum() * 0.0 if torch.is_grad_enabled() else None
+    cache = out.cache
+    cache.batch_repeat_interleave(len(prompts))
+    ids, suffix_mask = (t.to(device) for t in pad_left([p[shared:] for p in prompts], pad_id))
+    mask = torch.cat([torch.ones((len(prompts), shared), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1)
+    positions = positions_from_mask(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], cache=cache,
+                use_cache=True, logits_to_keep=1)
+    last_logits = out.logits[:, -1] if tie is None else out.logits[:, -1] + tie
+    return Prefill(last_logits, out.cache, mask, positions[:, -1], shared)
+
+
+def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                        completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True,
+                        logprob_mask: Tensor | None = None, share_prefix: bool = True,
+                        all_agree: Callable[[bool], bool] | None = None) -> Tensor:
+    """Log-probs ``[N, C]`` of each completion token given its prompt and the completion before it.
+
+    Prompts are ``[P, Lp]`` (left-padded), completions ``[P * group_size, C]`` (right-padded), row ``i``
+    belonging to prompt ``i // group_size``. With ``share_prompt`` each prompt runs through the model
+    once and its key/value cache, still attached to the graph, is repeated for its group, so the
+    gradient through the shared prompt is computed once instead of G times; with ``share_prefix`` too, the
+    prefix all prompts share is computed once for all of them (``prefill``; ``all_agree`` as there).
+
+    Only the positions of ``logprob_mask`` (default: ``completion_mask``) get a log-prob, the others are 0:
+    the output head projects just those positions (``head_positions``), so padding and tokens written by
+    budget forcing, which no loss reads, cost no vocabulary projection.
+    """
+    keep = (completion_mask if logprob_mask is None else logprob_mask).bool()
+    out_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    if not share_prompt:
+        ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], dim=1)
+        attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0), completion_mask], dim=1)
+        width = completion_ids.shape[1]
+        # logits_to_keep=width+1 leaves the hidden states from the last prompt token on; the last one predicts
+        # nothing that is scored.
+        select = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)
+        with head_positions(model, select) as pick:
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention),
+                           logits_to_keep=width + 1).logits
+            return out_logprobs.masked_scatter(keep, token_logprobs(pick(logits), completion_ids[keep]))
+    prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+    start = prefill(model, prompts, 0, prompt_ids.device, share_prefix=share_prefix, all_agree=all_agree)
+    # The first completion token is predicted by its prompt's last position, shared by the group.
+    first = token_logprobs(start.last_logits.repeat_interleave(group_size, 0), completion_ids[:, 0])
+    parts = [torch.where(keep[:, 0], first, torch.zeros_like(first)).unsqueeze(1)]
+    if completion_ids.shape[1] > 1:
+        cache = start.cache
+        cache.batch_repeat_interleave(group_size)
+        cached = start.attention.repeat_interleave(group_size, 0)
+        attention = torch.cat([cached, completion_mask], dim=1)[:, :-1]
+        positions = positions_from_mask(attention)[:, cached.shape[1]:]
+        rest_keep = keep[:, 1:]
+        with head_positions(model, rest_keep) as pick:
+            logits = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                           cache=cache, use_cache=True).logits
+            rest = out_logprobs[:, 1:].masked_scatter(rest_keep, token_logprobs(pick(logits), completion_ids[:, 1:][rest_keep]))
+        parts.append(rest)
+    return torch.cat(parts, dim=1)
+
+
+@contextmanager
+def head_positions(model, select: Tensor) -> Iterator[Callable[[Tensor], Tensor]]:
+    """Within the block, ``model``'s output head computes logits only at the ``select``-ed positions.
+
+    ``select`` is a ``[N, T]`` bool mask over the hidden states the head receives (after any
+    ``logits_to_keep`` slicing). A forward pre-hook on ``model.get_output_embeddings()`` hands the head
+    ``hidden[select]`` as a ``[1, K, H]`` batch, so positions that are padding, text written for the model or
+    untrained context never cost a vocabulary projection (nor its memory, ``N*T*V`` floats). The head still
+    runs inside the model's forward, so wrappers that gather weights around it (FSDP) see an ordinary call.
+
+    Yields ``pick(logits) -> [K, V]``: the selected positions' logits, in the order of ``select.nonzero()``,
+    from the model's output. A model without an output-embeddings accessor is left as it is and ``pick``
+    selects from its full logits instead.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield lambda logits: logits[select]
+        return
+
+    def keep_selected(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != select.shape:
+            raise ValueError(f"head_positions: mask {tuple(select.shape)} does not fit hidden states {tuple(hidden.shape[:2])}")
+        return (hidden[select].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_selected)
+    try:
+        yield lambda logits: logits.reshape(-1, logits.shape[-1])
+    finally:
+        handle.remove()
