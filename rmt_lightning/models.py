@@ -143,7 +143,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """A ``transformers`` causal LM in ``dtype``, in train mode, with its cache enabled for generation."""
+    """A ``transformers`` causal LM in ``dtype`` as ``from_pretrained`` returns it (in eval mode; the caller
+    sets the mode it needs)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(

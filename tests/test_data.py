@@ -13,23 +13,13 @@ from rmt_lightning.data.corpus import load_texts, tokenize_documents
 from rmt_lightning.data.datamodule import RMTDataModule
 from rmt_lightning.data.scoring import load_scores, save_scores, score_entropy, window_plan
 from rmt_lightning.method import assign_tiers
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.models import BUILTIN_TINY
 from rmt_lightning.tokens import TokenBytes
 
 GSM8K_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"
 
 
 # ---- shared fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return load_tokenizer(BUILTIN_TINY)
-
-
-@pytest.fixture(scope="session")
-def model():
-    return load_causal_lm(BUILTIN_TINY).eval()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -56,21 +56,6 @@ def fit_until_preempted(config: Path, *args) -> Preempted:
     return stopped.value
 
 
-@pytest.fixture(scope="module")
-def dropout_model(tmp_path_factory) -> Path:
-    """The tiny model with attention dropout: its steps draw from the global RNG, so a resume is exact only
-    when the checkpoint restores the RNG states too."""
-    import json
-    import shutil
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-dropout"
-    shutil.copytree(build_builtin_tiny(), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["attention_dropout"] = 0.2
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 # What each kind of run changes in configs/tiny.yaml (2 epochs of 3 steps).
 VARIANTS = {
     "budget per epoch": {},

@@ -63,13 +63,6 @@ def file_states(*folders: Path) -> dict[str, str]:
 # ---- exact resume ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dropout_model(tmp_path_factory) -> Path:
-    """The tiny model with attention dropout: its training steps draw from the global RNG, so a resume is
-    exact only when the checkpoint restores the RNG states."""
-    return tiny_variant(tmp_path_factory.mktemp("models") / "tiny-dropout", edit_config=lambda c: c.update(attention_dropout=0.2))
-
-
 def resume_config(tmp_path: Path, name: str, model: Path) -> Path:
     """configs/tiny.yaml for 2 epochs of 3 steps, with a checkpoint at each epoch end and after every step."""
     config = yaml.safe_load(TINY.read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.models import BUILTIN_TINY, load_tokenizer
 from rmt_lightning.forward import completion_logprobs, positions_from_mask
 from rmt_lightning.prompts import DEFAULT_INSTRUCTION, build_prompt_ids, render_instruction
 from rmt_lightning.rollout import generate_group
@@ -20,18 +20,6 @@ PREFIX = "<think>\n"
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(BUILTIN_TINY)
-
-
-@pytest.fixture(scope="module")
-def model():
-    lm = load_causal_lm(BUILTIN_TINY)
-    lm.eval()
-    return lm
 
 
 @pytest.fixture(scope="module")
