@@ -25,7 +25,7 @@ def _fit(tmp_path, loggers, callbacks=(), module=None, **trainer):
     """Two RL steps of the tiny model and one validation at the end, logging to ``loggers``."""
     L.seed_everything(0)
     module = RMTModule(**{"model_name_or_path": BUILTIN_TINY, "group_size": GROUP, "answer_allowance": 2,
-                          "budget_forcing": True, "log_samples": LOG_SAMPLES, **(module or {})})
+                          "budget_forcing": True, "budget": 4, "log_samples": LOG_SAMPLES, **(module or {})})
     data = RMTDataModule(model_name_or_path=BUILTIN_TINY, embedded_documents=48, val_documents=8, batch_size=BATCH,
                          batches_per_epoch=STEPS, max_context_tokens=48, val_positions=VAL_POSITIONS, val_batch_size=4,
                          cache_dir=str(tmp_path / "cache"))
