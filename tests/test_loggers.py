@@ -1,20 +1,24 @@
 """Completions tables, histograms and scalars of a tiny run, read back from each logger's own files (TensorBoard
-events, a CSV folder, a W&B offline run, an MLflow file store), several loggers at once, a logger the project
-does not know, and what the progress bar shows on each kind of step."""
+events, a CSV folder, a W&B offline run, an MLflow file store), several loggers at once, two processes gathered to
+rank 0, a logger the project does not know, and what the progress bar shows on each kind of step."""
 
 import csv
 import json
 import struct
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from rmt_lightning import CompletionsTable, RMTDataModule, RMTModule
 from rmt_lightning.callbacks.writers import COLUMNS, HISTOGRAM_BINS
 from rmt_lightning.models import BUILTIN_TINY
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STEPS, BATCH, GROUP, LOG_SAMPLES, VAL_POSITIONS = 2, 2, 2, 2, 4
 HISTOGRAM_COUNTS = {"curriculum/sampled_entropy": BATCH, "train/reasoning_length_hist": BATCH * GROUP}
@@ -248,3 +252,31 @@ def test_the_progress_bar_shows_what_each_step_trains(tmp_path, module, expected
          max_epochs=2, limit_val_batches=0)
     assert [set(shown) for shown in recorder.shown] == expected
     assert all(isinstance(v, float) and v == v for shown in recorder.shown for v in shown.values())  # never NaN
+
+
+# ---- two processes ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_gather_every_rank_to_rank_0_in_each_logger(tmp_path):
+    from distributed_probe import run_probe
+
+    loggers = [{"class_path": f"lightning.pytorch.loggers.{kind}Logger", "init_args": {"save_dir": "logs", "name": kind}}
+               for kind in ("TensorBoard", "CSV")]
+    run_probe(tmp_path, tmp_path / "probe", ["--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.devices", "2",
+                                             "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+                                             "--trainer.enable_progress_bar", "false", "--trainer.logger",
+                                             json.dumps(loggers), "--data.cache_dir", str(tmp_path / "cache")])
+    folder = tmp_path / "logs" / "CSV" / "version_0"
+    # tiny.yaml: 2 positions per rank and step, 4 completions each; 8 held-out positions dealt to the 2 ranks. A table
+    # shows the first completion of each position, up to model.log_samples (4) per rank.
+    rows = [json.loads(line) for line in (folder / "completions.jsonl").read_text().splitlines()]
+    assert sorted(Counter((r["tag"], r["step"]) for r in rows).items()) == [
+        (("completions", 1), 4), (("completions", 2), 4), (("completions/val", 2), 8)]
+    histograms = [json.loads(line) for line in (folder / "histograms.jsonl").read_text().splitlines()]
+    assert {(h["tag"], h["step"]): h["count"] for h in histograms} == {
+        ("curriculum/sampled_entropy", 1): 4, ("curriculum/sampled_entropy", 2): 4,
+        ("train/reasoning_length_hist", 1): 16, ("train/reasoning_length_hist", 2): 16,
+        ("val/reasoning_length_hist", 2): 8}
+    events = _tensorboard_events(tmp_path / "logs" / "TensorBoard" / "version_0")
+    assert [int(e.histogram_value.num) for e in events.Histograms("train/reasoning_length_hist")] == [16, 16]
