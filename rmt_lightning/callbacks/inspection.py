@@ -43,7 +43,7 @@ class CompletionsTable(L.Callback):
       sampled positions' entropy (``curriculum/sampled_entropy``) and of the reasoning lengths
       (``train/reasoning_length_hist``);
     - after each validation or test: a table of the first held-out completions (``completions/val``,
-      ``completions/test``) and a histogram of their reasoning lengths (``val/reasoning_length_hist``);
+      ``completions/test``) and a histogram of their reasoning lengths (``val/`` or ``test/reasoning_length_hist``);
     - once at the start of ``fit``, TensorBoard only: charts that draw ``curriculum/p_*`` with
       ``curriculum/drawn_*``, the budget with the reasoning length, and the accuracy splits together (the CUSTOM
       SCALARS tab).

@@ -95,9 +95,9 @@ def _csv(logger: CSVLogger, step: int, tables: dict, histograms: dict) -> None:
                 handle.writelines(json.dumps(record) + "\n" for record in records)
 
 
-def write_views(logger: Logger, step: int, tables: dict[str, list[dict]], histograms: dict[str, torch.Tensor]) -> bool:
-    """Write one step's completions tables and histograms to ``logger`` in its own form; False when the logger is
-    not one of ``SUPPORTED`` (nothing is written). Call on rank 0 only."""
+def write_views(logger: Logger, step: int, tables: dict[str, list[dict]], histograms: dict[str, torch.Tensor]) -> None:
+    """Write one step's completions tables (tag -> rows with the ``COLUMNS`` keys) and histograms (tag -> values)
+    to ``logger`` in its own form; a logger not in ``SUPPORTED`` gets nothing. Call on rank 0 only."""
     if isinstance(logger, TensorBoardLogger):
         _tensorboard(logger, step, tables, histograms)
     elif isinstance(logger, WandbLogger):
@@ -106,6 +106,3 @@ def write_views(logger: Logger, step: int, tables: dict[str, list[dict]], histog
         _mlflow(logger, step, tables, histograms)
     elif isinstance(logger, CSVLogger):
         _csv(logger, step, tables, histograms)
-    else:
-        return False
-    return True
