@@ -5,6 +5,7 @@ rank 0, a logger the project does not know, and what the progress bar shows on e
 import csv
 import json
 import struct
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -126,11 +127,24 @@ def _wandb_records(path: Path):
             yield record
 
 
-def _wandb_history(run_folder: Path) -> list[dict]:
+def _wandb_history(run_folder: Path, timeout: float = 60.0) -> list[dict]:
     """Every logged row of the offline run: ``{key: value}``, nested keys joined by ``/``."""
+    from google.protobuf.message import DecodeError
+
     (path,) = run_folder.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    # wandb's service process may still be appending after finish() returns: read until the run's exit record.
+    while True:
+        try:
+            records = list(_wandb_records(path))
+        except DecodeError:
+            records = []
+        if any(record.WhichOneof("record_type") == "exit" for record in records):
+            break
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.2)
     return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            for record in _wandb_records(path) if record.WhichOneof("record_type") == "history"]
+            for record in records if record.WhichOneof("record_type") == "history"]
 
 
 def test_wandb_offline_run_holds_completions_histograms_and_scalars(tmp_path, monkeypatch):
