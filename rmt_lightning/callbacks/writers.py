@@ -1,13 +1,9 @@
 """Completions tables and histograms in the form each Lightning logger shows them.
 
-=================  ===================================================  ===============================================
-logger             a completions table                                  a histogram
-=================  ===================================================  ===============================================
-TensorBoard        text (a markdown table) under the tag                histogram under the tag
-Weights & Biases   ``wandb.Table`` under the tag                        ``wandb.Histogram`` under the tag
-MLflow             table artifact ``{tag}/step_{step}.json``            JSON artifact ``histograms/{tag}/step_{step}.json``
-CSV                lines of ``completions.jsonl`` beside metrics.csv    lines of ``histograms.jsonl`` beside metrics.csv
-=================  ===================================================  ===============================================
+- TensorBoard: a table as text (markdown) under its tag; a histogram under its tag.
+- Weights & Biases: a ``wandb.Table`` under the tag; a ``wandb.Histogram`` under the tag.
+- MLflow: a table artifact ``{tag}/step_{step}.json``; a JSON artifact ``histograms/{tag}/step_{step}.json``.
+- CSV: lines of ``completions.jsonl`` and ``histograms.jsonl`` beside ``metrics.csv``.
 
 Every writer takes one logging step's views at once (``tables``: tag -> rows, ``histograms``: tag -> values), so
 W&B gets them as one history row at the step. Any other logger gets only the scalars Lightning logs itself.
