@@ -23,6 +23,8 @@ SPLITS = (*TIER_NAMES, "avg")
 CURVES = {"train/reward": "reward", "train/reasoning_length": "reasoning length (tokens)", "train/budget": "budget B"}
 """The scalars ``curves.png`` draws, with their axis labels."""
 
+LINE_STYLES = ("-", "--", "-.", ":")
+
 Z_95 = 1.959963984540054
 """The standard normal quantile of a two-sided 95% interval."""
 
@@ -165,8 +167,10 @@ def draw_curves(data: list[dict], path: str | Path) -> Path:
         for index, entry in enumerate(data):
             steps, values = entry["curves"][tag]
             if steps:
+                # Rows often share a curve (the budget of two configs with one schedule): a line style per row
+                # keeps the one drawn first visible under the next.
                 axis.plot(steps, values, marker="." if len(steps) < 50 else None, color=f"C{index % 10}",
-                          label=entry["method"])
+                          linestyle=LINE_STYLES[index % len(LINE_STYLES)], label=entry["method"])
         if not axis.lines:
             axis.text(0.5, 0.5, "not logged", transform=axis.transAxes, ha="center")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
