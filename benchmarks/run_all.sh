@@ -4,7 +4,7 @@
 # (only the common ones make sense: --threads, --seed). Results: benchmarks/results/*.json and summary.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-for bench in rollout entropy budget_step rl_step; do
+for bench in rollout entropy budget_step rl_step checkpoint_cost; do
     echo "== $bench"
     python "$bench.py" "$@"
 done

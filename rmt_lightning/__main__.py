@@ -12,8 +12,13 @@ def main(argv: list[str] | None = None) -> None:
         if len(words) != 3:
             sys.exit("usage: python -m rmt_lightning export CHECKPOINT FOLDER")
         from .callbacks.export import export_checkpoint
+        from .checks import InputError
 
-        print(export_checkpoint(words[1], words[2]))
+        try:
+            print(export_checkpoint(words[1], words[2]))
+        except InputError as error:
+            sys.stderr.write(f"error: {error}\n")
+            sys.exit(2)
     elif words[:1] == ["compare"]:
         from .compare import main as compare
 

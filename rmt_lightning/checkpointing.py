@@ -5,16 +5,19 @@
   with ``weights_only=True`` after checking every record's CRC, so a truncated or corrupted file is an error
   naming the file, never silently wrong weights.
 - ``rng_states`` / ``restore_rng_states``: the global random generators, saved in every checkpoint.
-- ``reopen_unfinished_epoch``: keeps a checkpoint written after ``max_steps`` stopped an epoch early from
-  resuming at the next epoch.
+- ``as_batch_end_checkpoint``: loop counters in the form Lightning resumes exactly, whether the checkpoint was
+  written mid-epoch, at an epoch's end or after ``max_steps`` stopped the run, and whether or not the resumed
+  run sets ``max_steps``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from .atomic import fsync_folder, staged_file
 from .checks import InputError
 
 
@@ -38,19 +42,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Not named like a checkpoint, so ModelCheckpoint never takes a partial file for "last".
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        _fsync_folder(path.parent)
+        # The staging file is hidden and not named like a checkpoint, so nothing takes it for "last".
+        with staged_file(path) as partial, open(partial, "wb") as handle:
+            torch.save(checkpoint, handle)
         # Partial files of earlier writes to this path were killed mid-way (only one process writes a path).
         for stale in path.parent.glob(f".{path.name}.partial-*"):
             stale.unlink(missing_ok=True)
@@ -62,11 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # Checkpoints hold only tensors and plain values: nothing in one may run code when it is loaded.
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as error:
-            found = re.search(r"GLOBAL (\S+)", str(error))
-            raise InputError(
-                f"checkpoint '{path}' holds {found.group(1) if found else 'an object'}, not only tensors and plain "
-                "values; it is not loaded, since unpickling it could run code"
-            ) from None
+            raise unsafe_checkpoint_error(path, error) from None
         except FileNotFoundError:
             raise
         except Exception as error:
@@ -74,18 +64,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise InputError(f"checkpoint '{path}' cannot be loaded: {type(error).__name__}: {first_line}") from None
 
 
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk; some systems cannot open folders.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+def unsafe_checkpoint_error(path, error: pickle.UnpicklingError) -> InputError:
+    """The one-line error for a checkpoint that ``weights_only=True`` refuses: it names the file and what it
+    holds, and gives no advice to load it another way."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return InputError(
+        f"checkpoint '{path}' holds {found.group(1) if found else 'an object'} (code or objects, not only tensors "
+        "and plain values); it is not loaded, since unpickling it could run code"
+    )
+
+
+def save_checkpoint_atomically(trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to ``path`` such that a kill at any moment leaves either the previous checkpoint
+    at ``path`` or the new one, never a mix: the checkpoint is written under a hidden name beside ``path`` and
+    renamed into place once every rank has written its part. A single file is atomic already
+    (``AtomicCheckpointIO``); a sharded checkpoint is a folder that the strategy fills shard by shard, which a
+    kill would leave half-new. Every rank must call it."""
+    path = Path(path)
+    partial, previous = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.previous")
+    if trainer.is_global_zero:
+        for stale in (partial, previous):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    trainer.strategy.barrier("save_checkpoint_atomically")
+    trainer.save_checkpoint(partial, weights_only=False)
+    if trainer.is_global_zero:
+        if partial.is_dir() and path.exists():
+            # A folder cannot be renamed over another: move the old one aside first, delete it last.
+            os.replace(path, previous)
+        os.replace(partial, path)
+        fsync_folder(path.parent)
+        shutil.rmtree(previous) if previous.is_dir() else previous.unlink(missing_ok=True)
+    trainer.strategy.barrier("save_checkpoint_atomically")
+
+
+_PARTIAL_WRITE = re.compile(r"^\..+\.ckpt\.(partial(-\d+)?|previous)(\.partial-\d+)?$")
+
+
+def remove_partial_writes(folders) -> list[Path]:
+    """Delete what killed checkpoint writes left in ``folders`` (the hidden ``.<name>.partial...`` files and
+    folders ``AtomicCheckpointIO`` and ``save_checkpoint_atomically`` write before renaming); returns them.
+    Call it before training starts, on one process: a run writes only into its own version's folder, so in the
+    folders of earlier versions nothing else is writing."""
+    removed = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            continue
+        for path in Path(folder).iterdir():
+            if _PARTIAL_WRITE.match(path.name):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def use_atomic_checkpoint_io(strategy) -> None:
+    """Make ``strategy`` write checkpoints with ``AtomicCheckpointIO`` when it uses Lightning's plain one;
+    strategies with their own checkpoint IO (sharded checkpoints) keep it."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def verify_checkpoint_file(path, full: bool = False) -> None:
@@ -134,21 +169,61 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def reopen_unfinished_epoch(checkpoint: dict[str, Any], batches_per_epoch: int | float) -> None:
-    """Count an epoch that ``max_steps`` stopped early as unfinished in ``checkpoint``.
+def as_batch_end_checkpoint(checkpoint: dict[str, Any], batches_per_epoch: int | float = math.inf) -> None:
+    """Write ``checkpoint``'s loop counters in the one form Lightning resumes exactly in every mode.
 
     Lightning marks an epoch processed when its loop ends, whether its batches ran out or ``max_steps``
-    stopped it. A checkpoint written then (the ``last.ckpt`` of a run that ends mid-epoch) resumes at the
-    *next* epoch and silently skips the rest of this one. Counted as unfinished, it resumes mid-epoch, at
-    the batch where the sampler's state points, as a checkpoint written after a training batch does.
+    stopped it, and a checkpoint written then resumes wrongly in two ways:
+
+    - cut short by ``max_steps`` (the ``last.ckpt`` of a run that ends mid-epoch), it resumes at the *next*
+      epoch and silently skips the rest of this one;
+    - written at an epoch's end (``max_steps`` landing on it, or an epoch-end checkpoint), it resumes right
+      only when the resumed run is epoch-based: with ``max_steps`` set, Lightning runs the finished epoch's
+      end again, so the next epoch trains under the wrong epoch number (the previous epoch's token budget,
+      the next epoch's curriculum draws) and its steps are logged one step late.
+
+    Both are rewritten as what a checkpoint written after the epoch's last trained batch holds (epoch not
+    yet processed, the last batch processed but not completed), which resumes at the batch the sampler's
+    state points to, in epoch- and step-based runs alike.
     """
     loop = checkpoint.get("loops", {}).get("fit_loop")
     if not loop or "epoch_progress" not in loop:
         return
     epochs = loop["epoch_progress"]
-    batches_done = loop["epoch_loop.batch_progress"]["current"]["completed"]
-    if epochs["current"]["processed"] == epochs["current"]["started"] and 0 < batches_done < batches_per_epoch:
+    batches = loop["epoch_loop.batch_progress"]
+    if batches["current"]["processed"] > 0 and all(
+        len({counts["ready"], counts["started"], counts["processed"], counts["completed"]}) == 1
+        for counts in (epochs["total"], epochs["current"])
+    ):
+        # An epoch in progress that Lightning never counted as started (see count_the_next_epoch_after_resume;
+        # written before that repair existed): count it, and it resumes as the mid-epoch checkpoint it is.
         for counts in (epochs["total"], epochs["current"]):
-            counts["processed"] = counts["started"] - 1
-            counts["completed"] = counts["processed"]
-        checkpoint["epoch"] = epochs["current"]["completed"]
+            counts["ready"] = counts["started"] = counts["processed"] + 1
+        return
+    batches_done = batches["current"]["completed"]
+    if epochs["current"]["processed"] != epochs["current"]["started"] or batches_done == 0:
+        return
+    for counts in (epochs["total"], epochs["current"]):
+        counts["processed"] = counts["started"] - 1
+        counts["completed"] = counts["processed"]
+    checkpoint["epoch"] = epochs["current"]["completed"]
+    if batches.get("is_last_batch") or batches_done >= batches_per_epoch:
+        for counts in (batches["total"], batches["current"]):
+            counts["completed"] = counts["processed"] - 1
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+
+def count_the_next_epoch_after_resume(trainer) -> None:
+    """Repair Lightning's epoch counters of a run resumed from a checkpoint written after an epoch's last batch.
+
+    Lightning counts that epoch processed and completed when it restores such a checkpoint, but the restart
+    flag it leaves set (``restarted_mid_epoch``) then keeps the *next* epoch from being counted as ready and
+    started, and from calling ``on_train_epoch_start``. Training itself is right, but every checkpoint written
+    in that next epoch says "no epoch in progress", and resuming from one logs every step one step early or
+    trains an extra epoch. Clearing the flag once the restore is done lets the next epoch start as any epoch
+    does. Call it in ``on_train_start`` (after the restore, before the first epoch starts)."""
+    fit_loop = trainer.fit_loop
+    if fit_loop.restarted_mid_epoch and fit_loop.epoch_loop.batch_progress.is_last_batch and (
+        fit_loop.epoch_progress.current.processed == fit_loop.epoch_progress.current.started
+    ):
+        fit_loop.reset_restart_stage()

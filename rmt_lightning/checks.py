@@ -54,9 +54,12 @@ def in_open_interval(name: str, value, low: float, high: float) -> None:
         raise InputError(f"{name}={value!r} is not valid: it must be in ({low}, {high})")
 
 
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else with a separator is meant as a folder.
-    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+def names_a_local_path(source: str) -> bool:
+    """Whether ``source`` (a model or corpus) means something on this machine rather than a hub id: a hub id is
+    ``name`` or ``org/name``; what exists here, starts like a path (``/``, ``./``, ``../``, ``~``) or has any other
+    separator is a path."""
+    return (Path(source).expanduser().exists() or source.startswith(("/", "./", "../", "~", ".\\"))
+            or "\\" in source or source.count("/") > 1 or source.endswith("/"))
 
 
 def check_model_source(name: str, field: str = "model_name_or_path") -> None:
@@ -67,7 +70,7 @@ def check_model_source(name: str, field: str = "model_name_or_path") -> None:
             raise InputError(f"{field} '{name}' is not a built-in model; valid: {list(BUILTIN_MODELS)}")
         return
     path = Path(name).expanduser()
-    if path.exists() or _looks_like_path(name):
+    if names_a_local_path(name):
         if not path.exists():
             raise InputError(f"{field} '{name}' does not exist; give a Hugging Face model folder, a hub id or one of {list(BUILTIN_MODELS)}")
         if not path.is_dir() or not (path / "config.json").is_file():

@@ -1,24 +1,25 @@
 """``python -m rmt_lightning fit|validate|test --config configs/<name>.yaml``: LightningCLI for RMT.
 
 Before a run starts, before any model is loaded, every input is checked (``preflight``); a bad one ends the
-command with one line, ``error: ...``, and exit status 2. Checkpoints are written atomically and
-``--ckpt_path last`` finds the newest ``last.ckpt`` across the logger's version folders.
+command with one line, ``error: ...``, and exit status 2. Checkpoints are written atomically, a preemption
+signal stops the run with a checkpoint and exit status 128 + the signal's number, and ``--ckpt_path last``
+finds the newest checkpoint across the logger's version folders.
 """
 
 from __future__ import annotations
 
 import difflib
+import pickle
 import re
 import sys
 from pathlib import Path
 
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from .callbacks import HuggingFaceExport, TokenBudget
-from .checkpointing import AtomicCheckpointIO, verify_checkpoint_file
+from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
+from .checkpointing import remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file
 from .checks import InputError, check_rollout_fits, check_writable_directory
 from .data.datamodule import RMTDataModule
 from .module import NonFiniteLossError, RMTModule
@@ -46,11 +47,13 @@ class RMTArgumentParser(LightningArgumentParser):
 
 class RMTCLI(LightningCLI):
     """LightningCLI that gives the datamodule the policy's name (the corpus is tokenized by its tokenizer),
-    checks every input before a model is loaded, and writes checkpoints atomically."""
+    checks every input before a model is loaded, writes checkpoints atomically and checkpoints on preemption
+    signals (``--preemption.signals``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters before anything else: a damaged file must be one
@@ -59,7 +62,10 @@ class RMTCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last", "best", "hpc") and "://" not in str(ckpt_path):
             verify_checkpoint_file(ckpt_path, full=True)
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError as error:
+            raise unsafe_checkpoint_error(ckpt_path, error) from None
 
     def instantiate_classes(self) -> None:
         try:
@@ -70,10 +76,7 @@ class RMTCLI(LightningCLI):
             if cause is None:
                 raise
             raise InputError(str(cause)) from None
-        strategy = self.trainer.strategy
-        # Strategies with their own checkpoint IO (sharded checkpoints) keep it.
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
+        use_atomic_checkpoint_io(self.trainer.strategy)
 
     def before_fit(self) -> None:
         self.preflight("fit")
@@ -127,33 +130,51 @@ def _output_folders(trainer) -> list[tuple[str, str]]:
 
 
 def _checkpoint_folders(trainer) -> list[Path]:
-    """Where this run's ModelCheckpoint callbacks write; with a logger, that folder of every version."""
+    """Where this run's checkpoints go (ModelCheckpoint, PeriodicCheckpoint, PreemptionCheckpoint): a folder
+    given to a callback, and, with a logger, the ``checkpoints`` folder of every version of the logger's name
+    (a requeued job logs to a new version)."""
     folders = []
-    for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, ModelCheckpoint):
-            continue
-        if callback.dirpath:
+    for callback in trainer.callbacks:
+        if isinstance(callback, (ModelCheckpoint, PeriodicCheckpoint, PreemptionCheckpoint)) and callback.dirpath:
             folders.append(Path(callback.dirpath))
-        elif trainer.loggers:
-            logger = trainer.loggers[0]
-            root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
-            folders.extend(sorted(root.glob("*/checkpoints")))
-        else:
-            folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    return folders
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
+        folders.extend(sorted(root.glob("*/checkpoints")))
+    else:
+        folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    return list(dict.fromkeys(folders))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a complete sharded checkpoint folder: Lightning's sharded strategies write the
+    shards, then torch.distributed.checkpoint's ``.metadata``, then ``meta.pt`` (loops, callbacks, sampler), so a
+    folder without both was cut short."""
+    if path.name.startswith(".") or not path.name.endswith(".ckpt"):
+        return False
+    if path.is_dir() and not ((path / ".metadata").exists() and (path / "meta.pt").exists()):
+        rank_zero_warn(f"ckpt_path='last': {path} is an incomplete sharded checkpoint (no .metadata or meta.pt); skipped")
+        return False
+    return True
 
 
 def find_last_checkpoint(trainer) -> str | None:
-    """The newest ``last.ckpt`` of the run's ModelCheckpoint callbacks, or None with a warning.
+    """The newest checkpoint in the run's checkpoint folders, however it was written (preemption, periodic,
+    ModelCheckpoint's epoch-end and ``last.ckpt``), or None with a note.
 
     Lightning looks for ``last`` only in the folder of the *new* logger version, which never holds one, so
-    ``--ckpt_path last`` would silently start from scratch; this looks through every version folder."""
+    ``--ckpt_path last`` would silently start from scratch; this looks through every version folder. Newest is
+    by modification time: checkpoints are written in training order and renamed into place when complete."""
     folders = _checkpoint_folders(trainer)
-    candidates = [path for folder in folders if folder.is_dir() for path in folder.iterdir() if _LAST.match(path.name)]
+    if rank_zero_only.rank == 0:
+        removed = remove_partial_writes(folders)
+        if removed:
+            rank_zero_info(f"ckpt_path='last': removed {len(removed)} checkpoint write(s) cut short: {[str(p) for p in removed]}")
+    candidates = [path for folder in folders if folder.is_dir() for path in folder.iterdir() if _is_checkpoint(path)]
     if not candidates:
-        rank_zero_warn(f"ckpt_path='last': no last.ckpt in {[str(f) for f in folders] or 'any checkpoint folder'}; training starts from the beginning")
+        rank_zero_warn(f"ckpt_path='last': no checkpoint in {[str(f) for f in folders] or 'any checkpoint folder'}; training starts from the beginning")
         return None
-    newest = max(candidates, key=lambda path: path.stat().st_mtime)
+    newest = max(candidates, key=lambda path: (path.stat().st_mtime, _LAST.match(path.name) is not None))
     verify_checkpoint_file(newest)
     rank_zero_info(f"ckpt_path='last': resuming from {newest}")
     return str(newest)
@@ -179,9 +200,14 @@ def build_cli(args=None, run: bool = True) -> RMTCLI:
 
 def main(args=None) -> None:
     """Entry point of ``python -m rmt_lightning``: a bad input or a diverged run ends with one line on stderr
-    and exit status 2 (input) or 1 (NaN/inf losses), not a traceback."""
+    and exit status 2 (input) or 1 (NaN/inf losses), not a traceback; a preempted run with one line naming its
+    checkpoint and 128 + the signal's number."""
     try:
         build_cli(args)
+    except Preempted as stopped:
+        if stopped.global_rank == 0:
+            sys.stderr.write(f"{stopped}\n")
+        sys.exit(stopped.exit_status)
     except InputError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)

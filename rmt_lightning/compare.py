@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .callbacks import HuggingFaceExport
+from .callbacks import HuggingFaceExport, PeriodicCheckpoint
 from .charts import write_charts
 from .method import TIER_NAMES, nested_tier_masks
 
@@ -75,7 +75,8 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if not keep_artifacts:
         # Checkpoints and exports of every row would cost minutes and gigabytes; the table needs neither.
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (ModelCheckpoint, HuggingFaceExport))]
+        trainer.callbacks = [c for c in trainer.callbacks
+                             if not isinstance(c, (ModelCheckpoint, PeriodicCheckpoint, HuggingFaceExport))]
     # Score the corpus before the clock starts, so a cold entropy cache is not charged to the first row.
     data.prepare_data()
     train_seconds = train_cpu_seconds = 0.0

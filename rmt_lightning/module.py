@@ -27,7 +27,7 @@ from .method import (
 )
 from .callbacks.token_budget import TokenBudget
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
-from .checkpointing import reopen_unfinished_epoch, restore_rng_states, rng_states
+from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
 from .checks import as_input_error, at_least, between
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
 from .rollout import (
@@ -269,9 +269,13 @@ class RMTModule(L.LightningModule):
         checkpoint["rmt_consecutive_skips"] = self.consecutive_skips
         checkpoint["rng_states"] = rng_states()
         if self._trainer is not None:
-            reopen_unfinished_epoch(checkpoint, self.trainer.num_training_batches)
+            as_batch_end_checkpoint(checkpoint, self.trainer.num_training_batches)
+
+    def on_train_start(self) -> None:
+        count_the_next_epoch_after_resume(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        as_batch_end_checkpoint(checkpoint)
         self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
         self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
         if "rng_states" in checkpoint:

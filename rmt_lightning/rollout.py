@@ -133,21 +133,21 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
         ids, mask = (t.to(device) for t in pad_left(prompts, pad_id))
         positions = positions_from_mask(mask)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return Prefill(out.logits[:, -1], out.past_key_values, mask, positions[:, -1], 0)
+        return Prefill(out.logits[:, -1], out.cache, mask, positions[:, -1], 0)
     head = torch.tensor([prompts[0][:shared]], device=device)
     out = model(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True, logits_to_keep=1)
     # The prefix reaches the loss only through its keys and values. FSDP2 gathers a layer's weights for
     # backward when gradients reach that layer's outputs, so those outputs are kept in the graph, at weight 0.
     tie = out.logits.sum() * 0.0 if torch.is_grad_enabled() else None
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(len(prompts))
     ids, suffix_mask = (t.to(device) for t in pad_left([p[shared:] for p in prompts], pad_id))
     mask = torch.cat([torch.ones((len(prompts), shared), dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1)
     positions = positions_from_mask(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], cache=cache,
                 use_cache=True, logits_to_keep=1)
     last_logits = out.logits[:, -1] if tie is None else out.logits[:, -1] + tie
-    return Prefill(last_logits, out.past_key_values, mask, positions[:, -1], shared)
+    return Prefill(last_logits, out.cache, mask, positions[:, -1], shared)
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -193,7 +193,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         rest_keep = keep[:, 1:]
         with head_positions(model, rest_keep) as pick:
             logits = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True).logits
+                           cache=cache, use_cache=True).logits
             rest = out_logprobs[:, 1:].masked_scatter(rest_keep, token_logprobs(pick(logits), completion_ids[:, 1:][rest_keep]))
         parts.append(rest)
     return torch.cat(parts, dim=1)
@@ -458,8 +458,8 @@ def generate_group(
                     active_index = active_index.index_select(0, keep_index)
             tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
             out = model(input_ids=tokens, attention_mask=attention[:, : prompt_width + steps],
-                        position_ids=next_position.unsqueeze(1), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                        position_ids=next_position.unsqueeze(1), cache=cache, use_cache=True)
+            cache = out.cache
             logits = out.logits[:, -1]
             next_position = next_position + 1
     finally:

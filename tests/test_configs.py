@@ -132,3 +132,17 @@ def test_bad_choice_is_rejected_before_training():
         TokenBudget(gamma=1.5)
     with pytest.raises(ValueError, match="b_min"):
         TokenBudget(b0=4, b_min=8)
+
+
+@pytest.mark.parametrize(("name", "minutes"), [("rmt", 5), ("quickstart", 5), ("rmt_paper", 30)])
+def test_long_run_configs_checkpoint_periodically_and_on_preemption(name, minutes, tmp_path, monkeypatch):
+    from rmt_lightning import PeriodicCheckpoint, PreemptionCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(CONFIG_DIR / f"{name}.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                     "--trainer.precision", "32-true"], run=False)
+    [periodic] = [c for c in cli.trainer.callbacks if isinstance(c, PeriodicCheckpoint)]
+    assert periodic.every_minutes == minutes and periodic.keep_last == 2
+    # The CLI adds the preemption checkpoint to every run, whatever the config.
+    [preemption] = [c for c in cli.trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
+    assert preemption.signals == ["SIGTERM", "SIGINT", "SIGUSR1"]

@@ -450,3 +450,14 @@ def test_datamodule_state_dict_carries_sampler(make_dm):
     later.setup("fit")
     later.load_state_dict(dm.state_dict())  # after setup: applied at once
     assert later.sampler.state_dict()["batches_yielded"] == 2
+
+
+@pytest.mark.parametrize(("source", "local"), [
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", False), ("gpt2", False), ("openai/gsm8k", False),
+    ("./model", True), ("../data/corpus", True), ("/abs/path", True), ("~/models/x", True), ("org/name/sub", True),
+    ("folder/", True), ("C:\\models\\x", True),
+])
+def test_one_rule_tells_a_local_path_from_a_hub_id(source, local):
+    from rmt_lightning.checks import names_a_local_path
+
+    assert names_a_local_path(source) is local

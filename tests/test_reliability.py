@@ -144,7 +144,7 @@ def test_resume_last_after_max_steps_continues_the_unfinished_epoch(uninterrupte
     assert checkpoint["state_dict"] and all(key.startswith("policy.") for key in checkpoint["state_dict"])
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"] and checkpoint["loops"]["fit_loop"]
     assert any("TokenBudget" in key for key in checkpoint["callbacks"])
-    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 1, "batches_yielded": 1, "seed": 0}
+    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 1, "batches_yielded": 1, "seed": 0, "global_batch_size": 2}
     assert {"torch", "numpy", "python"} <= set(checkpoint["rng_states"])
 
 
@@ -494,6 +494,6 @@ def test_safe_defaults_no_remote_code_no_unsafe_load_no_eval(tmp_path):
     # A checkpoint that would run code when unpickled is refused.
     path = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "callback": L.Callback()}, path)
-    with pytest.raises(InputError, match="unsafe.ckpt' holds lightning.pytorch.callbacks.callback.Callback, not only tensors"):
+    with pytest.raises(InputError, match="unsafe.ckpt' holds lightning.pytorch.callbacks.callback.Callback \\(code or objects, not only tensors"):
         AtomicCheckpointIO().load_checkpoint(path)
     verify_checkpoint_file(path)  # the file itself is intact

@@ -87,11 +87,11 @@ class ScriptedLM(nn.Module):
         script = self.scripts[row]
         return script[step] if step < len(script) else self.filler
 
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        out = self.lm(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+    def forward(self, input_ids, cache=None, **kwargs):
+        out = self.lm(input_ids=input_ids, cache=cache, **kwargs)
         logits = out.logits
         # Prompt passes (the shared prefix, then the prompts) feed several tokens; decoding steps feed one.
-        if past_key_values is None or input_ids.shape[1] > 1:
+        if cache is None or input_ids.shape[1] > 1:
             self.step = 0
             for p in range(logits.shape[0]):
                 first = {self._scripted(p * self.group_size + g, 0) for g in range(self.group_size)}
@@ -611,7 +611,7 @@ def test_expanded_cache_matches_repeated_cache(model, tokenizer):
     outputs = []
     for expand in (False, True):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         if expand:
             _expand_cache(cache, G, steps)
             assert all(isinstance(layer, _GrowingLayer) for layer in cache.layers)
@@ -623,15 +623,15 @@ def test_expanded_cache_matches_repeated_cache(model, tokenizer):
         for s in range(steps):
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             step = model(input_ids=tokens[:, s : s + 1], attention_mask=attention, position_ids=(position + s)[:, None],
-                         past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+                         cache=cache, use_cache=True)
+            cache = step.cache
             logits.append(step.logits[:, -1])
         # Dropping rows keeps the others' cache intact.
         keep = torch.tensor([0, 2, 5])
         cache.batch_select_indices(keep)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)[keep]
         last = model(input_ids=tokens[keep, :1], attention_mask=attention, position_ids=(position[keep] + steps)[:, None],
-                     past_key_values=cache, use_cache=True).logits[:, -1]
+                     cache=cache, use_cache=True).logits[:, -1]
         outputs.append(torch.stack(logits + [torch.zeros_like(logits[0])]).clone())
         outputs[-1][-1, keep] = last
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5, rtol=0)
@@ -701,7 +701,7 @@ def test_shared_prefix_prefill_matches_plain_prefill(model, tokenizer):
     for start in (shared, plain):
         attention = torch.cat([start.attention, torch.ones_like(token)], dim=1)
         nexts.append(model(input_ids=token, attention_mask=attention, position_ids=start.positions[:, None] + 1,
-                           past_key_values=start.cache, use_cache=True).logits[:, -1])
+                           cache=start.cache, use_cache=True).logits[:, -1])
     assert torch.allclose(nexts[0], nexts[1], atol=1e-5, rtol=0)
     runs = [generate_group(model, tokenizer, prompts, 2, think_cap=12, answer_allowance=0, temperature=1.0,
                            share_prefix=share, generator=torch.Generator().manual_seed(9)) for share in (True, False)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from rmt_lightning.checks import InputError
 from rmt_lightning.data.sampler import CurriculumBatchSampler
 from rmt_lightning.method import assign_tiers, tier_probabilities
 
@@ -107,7 +108,7 @@ def test_state_dict_resumes_mid_epoch() -> None:
     resumed = _sampler(total_batches=30)
     resumed.load_state_dict(original.state_dict())
     resumed.set_epoch(1)
-    assert original.state_dict() == {"epoch": 1, "batches_yielded": 4, "seed": 0}
+    assert original.state_dict() == {"epoch": 1, "batches_yielded": 4, "seed": 0, "global_batch_size": 4}
     assert head + list(resumed) == expected
     assert resumed.last_progress == pytest.approx(19 / 30)
 
@@ -143,3 +144,38 @@ def test_len_and_dataloader() -> None:
     assert len(batches) == len(loader) == 10
     assert all(b.shape == (4,) for b in batches)
     assert batches[-1].tolist() == list(_sampler())[-1]
+
+
+def test_state_resumes_on_another_number_of_processes_with_the_same_global_batch() -> None:
+    """Two ranks of 2 stopped after 3 batches; one process of 4 continues with the same global batches, and
+    the reverse."""
+    two = [_sampler(batch_size=2, rank=r, world_size=2, total_batches=30) for r in range(2)]
+    for sampler in two:
+        it = iter(sampler)
+        for _ in range(3):
+            next(it)
+    one = _sampler(batch_size=4, total_batches=30)
+    one.load_state_dict(two[0].state_dict())
+    expected = [a + b for a, b in zip(*(list(s) for s in two))]
+    assert list(one) == expected
+    back = [_sampler(batch_size=2, rank=r, world_size=2, total_batches=30) for r in range(2)]
+    for sampler in back:
+        sampler.load_state_dict({"epoch": 0, "batches_yielded": 3, "seed": 0, "global_batch_size": 4})
+    assert [a + b for a, b in zip(*(list(s) for s in back))] == expected
+
+
+@pytest.mark.parametrize(("batch_size", "world_size", "message"), [
+    (2, 1, r"the checkpoint drew global batches of 4 positions; this run draws 2 \(batch_size 2 x 1 process\(es\)\): "
+           r"set data.batch_size 4 to continue the same curriculum"),
+    (1, 3, r"draws 3 \(batch_size 1 x 3 process\(es\)\): use a number of processes that divides 4"),
+])
+def test_state_from_another_global_batch_size_is_refused_with_the_fix(batch_size, world_size, message) -> None:
+    sampler = _sampler(batch_size=batch_size, world_size=world_size, total_batches=30)
+    with pytest.raises(InputError, match=message):
+        sampler.load_state_dict({"epoch": 0, "batches_yielded": 3, "seed": 0, "global_batch_size": 4})
+
+
+def test_state_without_a_recorded_global_batch_size_still_loads() -> None:
+    sampler = _sampler(total_batches=30)
+    sampler.load_state_dict({"epoch": 1, "batches_yielded": 2, "seed": 0})
+    assert sampler.state_dict()["batches_yielded"] == 2

@@ -86,7 +86,7 @@ def test_checkpoint_has_policy_but_not_reference_and_resumes_the_same_draws(tmp_
     assert any(k.startswith("policy.") for k in checkpoint["state_dict"])
     assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])
     # The sampler runs a batch ahead of training; the checkpoint holds what training consumed.
-    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 0, "batches_yielded": 2, "seed": 0}
+    assert checkpoint["RMTDataModule"]["sampler"] == {"epoch": 0, "batches_yielded": 2, "seed": 0, "global_batch_size": 2}
     assert any("TokenBudget" in key for key in checkpoint["callbacks"])
 
     resumed_draws = _DrawRecorder()

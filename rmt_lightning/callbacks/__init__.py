@@ -1,8 +1,13 @@
-"""Callbacks: the token budget schedule, completions and histograms for every logger, and the Hugging Face export."""
+"""Callbacks: the token budget schedule, completions and histograms for every logger, the Hugging Face export,
+and checkpoints on preemption and every N steps or T minutes."""
 
+from .checkpoints import PeriodicCheckpoint, Preempted, PreemptionCheckpoint
 from .export import HuggingFaceExport
 from .inspection import CompletionsTable
 from .writers import completions_markdown
 from .token_budget import TokenBudget
 
-__all__ = ["TokenBudget", "CompletionsTable", "completions_markdown", "HuggingFaceExport"]
+__all__ = [
+    "TokenBudget", "CompletionsTable", "completions_markdown", "HuggingFaceExport", "PeriodicCheckpoint",
+    "PreemptionCheckpoint", "Preempted",
+]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import lightning as L
 
+from ..checkpointing import unsafe_checkpoint_error, verify_checkpoint_file
+from ..checks import InputError
 from ..distributed import full_state_dict
 
 
@@ -41,12 +44,16 @@ def export_checkpoint(ckpt_path: str, dirpath: str) -> str:
     from ..module import RMTModule
 
     if os.path.isdir(ckpt_path):
-        raise ValueError(
+        raise InputError(
             f"checkpoint '{ckpt_path}' is a sharded (distributed) checkpoint folder; export needs a full checkpoint "
             "file: write one with --trainer.strategy.init_args.save_distributed_checkpoint false (FSDP2) or "
             "--trainer.strategy.init_args.state_dict_type full (FSDP1)"
         )
-    module = RMTModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    verify_checkpoint_file(ckpt_path, full=True)
+    try:
+        module = RMTModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_checkpoint_error(ckpt_path, error) from None
     module.policy.save_pretrained(dirpath)
     module.tokenizer.save_pretrained(dirpath)
     return dirpath

@@ -6,7 +6,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checks import InputError
+from ..checks import InputError, names_a_local_path
 
 EMBEDDED_CORPUS = "embedded:math"
 """Name of the project's own corpus: generated GSM8K-style word problems (see ``data/mathgen.py``)."""
@@ -15,8 +15,8 @@ _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet"
 
 
 def _is_local(source: str) -> bool:
-    # A hub dataset is "name" or "org/name"; a file suffix or a path prefix means a local file.
-    return Path(source).suffix.lower() in _LOCAL_BUILDERS or source.startswith(("/", "./", "../", "~")) or Path(source).exists()
+    # The project's one path-or-hub-id rule, and a data file's suffix also means a local file.
+    return names_a_local_path(source) or Path(source).suffix.lower() in _LOCAL_BUILDERS
 
 
 def check_corpus_source(source: str, field: str = "corpus") -> None:

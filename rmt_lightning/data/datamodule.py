@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -464,6 +465,9 @@ class RMTDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         state = state_dict.get("sampler")
         if state is None:
+            return
+        if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            # Where training stood matters to training only; validate and test take any global batch size.
             return
         # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is stateful; here
         # the sampler resumes from this state instead, exactly.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from rmt_lightning.checks import InputError
 from rmt_lightning.method import TIER_NAMES, renormalise_over_nonempty, tier_probabilities
 
 __all__ = ["CurriculumBatchSampler"]
@@ -145,12 +146,25 @@ class CurriculumBatchSampler(Sampler[list[int]]):
             yield ids
 
     def state_dict(self) -> dict[str, int]:
-        """Resume point: current ``epoch``, ``batches_yielded`` within it, and ``seed``."""
-        return {"epoch": self.epoch, "batches_yielded": self._yielded, "seed": self.seed}
+        """Resume point: current ``epoch``, ``batches_yielded`` within it, ``seed``, and the ``global_batch_size``
+        (``batch_size * world_size``) the batches were drawn at."""
+        return {"epoch": self.epoch, "batches_yielded": self._yielded, "seed": self.seed,
+                "global_batch_size": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``; the seed must match, else the continuation would differ."""
+        """Continue from ``state``. The seed and the global batch size must match, else the continuation would
+        draw other batches; the number of processes may differ (every rank draws the whole global batch)."""
         if int(state["seed"]) != self.seed:
             raise ValueError(f"state seed {state['seed']!r} differs from this sampler's seed {self.seed!r}")
+        saved = state.get("global_batch_size")  # absent from checkpoints written before it was recorded
+        if saved is not None and int(saved) != self.batch_size * self.world_size:
+            if int(saved) % self.world_size:
+                fix = f"use a number of processes that divides {saved}"
+            else:
+                fix = f"set data.batch_size {int(saved) // self.world_size} to continue the same curriculum"
+            raise InputError(
+                f"the checkpoint drew global batches of {saved} positions; this run draws {self.batch_size * self.world_size} "
+                f"(batch_size {self.batch_size} x {self.world_size} process(es)): {fix}"
+            )
         self.epoch = int(state["epoch"])
         self._yielded = int(state["batches_yielded"])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..method import token_entropy
+from ..atomic import staged_file
 from ..padding import pad_right
 
 CACHE_FORMAT_VERSION = 2
@@ -141,14 +142,10 @@ def save_scores(path: Path, key: str, scores: Sequence[Tensor]) -> None:
     SHA-256 of the data."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     lengths = torch.tensor([len(s) for s in scores], dtype=torch.int64)
     flat = (torch.cat(list(scores)) if scores else torch.zeros(0)).float().contiguous()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({"entropy": flat, "lengths": lengths}, str(tmp), metadata={"key": key, "sha256": _data_digest(flat, lengths)})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with staged_file(path, f"{path.name}.tmp-{os.getpid()}") as staging:
+        save_file({"entropy": flat, "lengths": lengths}, str(staging), metadata={"key": key, "sha256": _data_digest(flat, lengths)})
 
 
 def load_scores(path: Path, key: str, expected_lengths: Sequence[int]) -> list[Tensor] | None:
