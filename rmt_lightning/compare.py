@@ -2,7 +2,9 @@
 
 Each config is trained for the same number of steps on the same data and seed, then its finished model is
 evaluated once on the same held-out positions (reasoning mode at the config's final budget, and NTP mode), and
-the rows are written as a markdown table and as JSON. Arguments after ``--`` are LightningCLI overrides given
+the rows are written as a markdown table, as JSON, and as two pictures (``comparison.png``: accuracy per split
+with 95% intervals, argmax accuracy, reasoning length; ``curves.png``: reward, reasoning length and budget
+against step, from each run's logs). Arguments after ``--`` are LightningCLI overrides given
 to every run, e.g. a corpus or a shorter schedule::
 
     python -m rmt_lightning compare --configs configs/rmt.yaml configs/rpt_baseline.yaml configs/ntp_only.yaml \\
@@ -25,7 +27,8 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint
-from .method import TIER_NAMES
+from .charts import write_charts
+from .method import TIER_NAMES, nested_tier_masks
 
 DEFAULT_CONFIGS = ("configs/rmt.yaml", "configs/rpt_baseline.yaml", "configs/ntp_only.yaml")
 """The paper's main rows: RMT, the RPT-style baseline and the NTP baseline."""
@@ -46,6 +49,12 @@ BASE_ROW = "base model (untrained)"
 
 def _percent(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
+
+
+def split_positions(data) -> dict[str, int]:
+    """Held-out positions in each nested split (the number behind each accuracy), as this process evaluated them."""
+    members = nested_tier_masks(data.val_candidates.tier[data.eval_positions()])
+    return dict(zip(TIER_NAMES, (int(n) for n in members.sum(0))))
 
 
 def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, overrides: list[str], train: bool = True,
@@ -95,6 +104,7 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
         "argmax_avg": _percent(figures.get("val/ntp_acc_avg")),
         "eval_budget": figures.get("budget"),
         "positions": figures.get("positions"),
+        "split_positions": split_positions(data),
         "steps": int(trainer.global_step),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
@@ -146,7 +156,8 @@ def markdown_table(rows: list[dict]) -> str:
 def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), seed: int = 0,
             base: bool = True, keep_artifacts: bool = False) -> dict:
     """Run every config (and the untrained model of the first, with ``base``), write
-    ``{out_dir}/comparison.md`` and ``comparison.json``, and return the JSON's content."""
+    ``{out_dir}/comparison.md``, ``comparison.json``, ``comparison.png`` and ``curves.png``, and return the JSON's
+    content."""
     missing = [c for c in configs if not Path(c).is_file()]
     if missing:
         raise FileNotFoundError(f"config file(s) not found: {missing}")
@@ -169,6 +180,7 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
         # Rewritten after every row: a long comparison can be read while it runs, and an interrupted one keeps
         # the rows it finished.
         result, markdown = write_table(rows, out_dir, seed, overrides, pending=len(runs) - len(rows))
+        write_charts(rows, out_dir)
     print(markdown)
     return result
 
@@ -210,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "configs/data/gsm8k.yaml --trainer.max_epochs 2).",
     )
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="configs to compare, one row each")
-    parser.add_argument("--out", default=os.path.join("logs", "compare"), help="folder of comparison.md/json and runs/")
+    parser.add_argument("--out", default=os.path.join("logs", "compare"), help="folder of comparison.md/json/png, curves.png and runs/")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, positions, initialisation and sampling")
     parser.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
                         help="add a row for the untrained model of the first config")

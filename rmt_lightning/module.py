@@ -38,6 +38,9 @@ from .tokens import TokenBytes
 
 CORRECTNESS_RULES = ("exact", "prefix")
 
+PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})
+"""What the progress bar shows: the loss of a format warm-up step, of an NTP-only step, or an RL step's reward and budget."""
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients were NaN/inf on ``max_consecutive_skips`` steps in a row."""
@@ -90,7 +93,7 @@ class RMTModule(L.LightningModule):
         gradient_checkpointing: Recompute each decoder layer's activations in backward to save memory (Hugging
             Face activation checkpointing, non-reentrant; works under every strategy, FSDP included).
         sample_seed: Seed of completion sampling (per step and rank).
-        log_samples: Completions kept per step for the TensorBoard table.
+        log_samples: Completions kept per step for the completions table.
         max_consecutive_skips: A step whose loss or gradients are not finite (NaN/inf) is skipped (no update,
             gradients zeroed, counted in ``train/skipped_steps``); this many skips in a row stop the run
             with an error, since the weights or the data are then broken rather than unlucky.
@@ -194,7 +197,7 @@ class RMTModule(L.LightningModule):
         self.last_reasoning_lengths: Tensor | None = None
         self.eval_metrics = torch.nn.ModuleDict({stage: EvaluationMetrics() for stage in EVAL_STAGES})
         self.eval_samples: list[dict] = []
-        """A few completions of the latest evaluation, for the TensorBoard table."""
+        """A few completions of the latest evaluation, for the completions table."""
         self.eval_reasoning_lengths: list[int] = []
         """Reasoning length of every completion of the latest evaluation on this rank (for a histogram)."""
         self.last_evaluation: dict = {}
@@ -538,18 +541,30 @@ class RMTModule(L.LightningModule):
         metrics["curriculum/progress"] = float(batch["curriculum_progress"])
         self.last_sampled_entropies = batch["entropies"].detach().cpu()
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
-        self.log_dict(
-            {"reward": metrics.get("train/reward", float("nan")), "budget": float(budget)},
-            prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=len(contexts),
-        )
+        if in_warmup:
+            shown = {"warmup_loss": loss}
+        elif not hp.rl:
+            shown = {"ntp_loss": loss}
+        else:
+            shown = {"reward": metrics["train/reward"], "budget": float(budget)}
+        self._show_in_progress_bar(shown, batch_size=len(contexts))
+
+    def _show_in_progress_bar(self, shown: dict[str, float], batch_size: int) -> None:
+        """Show what this step trained on the progress bar, and nothing left from a step of another kind."""
+        # Lightning keeps showing a key after the last step that logged it (and the warm-up is over once RL starts),
+        # so keys of the other kinds of step are dropped from its step results and its progress-bar dict.
+        for key in PROGRESS_BAR_KEYS - shown.keys():
+            self.trainer._results.pop(f"training_step.{key}", None)
+            self.trainer.progress_bar_metrics.pop(key, None)
+        self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
 
     def _keep_samples(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> None:
-        """What the TensorBoard callback shows of this step: a few completions and every reasoning length."""
+        """What the CompletionsTable callback shows of this step: a few completions and every reasoning length."""
         self.last_samples = self._sample_rows(batch, rollout, rewards)
         self.last_reasoning_lengths = torch.tensor(rollout.reasoning_lengths, dtype=torch.float32)
 
     def _sample_rows(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> list[dict]:
-        """A few rows for the TensorBoard completions table (the first completion of each position first)."""
+        """A few rows for the completions table (the first completion of each position first)."""
         group = len(rollout.texts) // len(batch["contexts"])
         rows = [p * group for p in range(len(batch["contexts"]))][: self.hparams.log_samples]
         predictions = rollout.predictions

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from rmt_lightning import CompletionsTable, HuggingFaceExport, RMTDataModule, RMTModule, TokenBudget
 from rmt_lightning.compare import BASE_ROW, compare
+from test_charts import assert_png
 from rmt_lightning.evaluation import TierAccuracy
 from rmt_lightning.method import TIER_NAMES, token_budget
 from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
@@ -376,6 +377,12 @@ TINY_RUN = ["--model.model_name_or_path", BUILTIN_TINY, "--trainer.accelerator",
 
 
 def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_path, monkeypatch):
+    import rmt_lightning.charts as charts
+
+    drawn = {}
+    for name in ("draw_comparison", "draw_curves"):
+        original = getattr(charts, name)
+        monkeypatch.setattr(charts, name, lambda data, path, original=original: drawn.update({Path(path).name: data}) or original(data, path))
     monkeypatch.chdir(tmp_path)
     configs = [str(ROOT / "configs" / f"{name}.yaml") for name in ("rmt", "rpt_baseline", "ntp_only")]
     result = compare(configs, tmp_path / "out", [*TINY_RUN, "--data.cache_dir", str(tmp_path / "cache")], seed=3)
@@ -400,6 +407,23 @@ def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_pa
     assert all(f"| {m} |" in markdown for m in rows)
     written = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert written["seed"] == 3 and written["pending_rows"] == 0
+    # The pictures, drawn from the final rows: every method, its figures, the curves of its run's TensorBoard logs.
+    for name in ("comparison.png", "curves.png"):
+        assert_png(tmp_path / "out" / name)
+    assert [entry["method"] for entry in drawn["comparison.png"]] == list(rows)
+    for entry in drawn["comparison.png"]:
+        row = rows[entry["method"]]
+        assert entry["accuracy"] == {s: row[s] for s in (*TIER_NAMES, "avg")} and entry["argmax"]["avg"] == row["argmax_avg"]
+        assert entry["reasoning_length"] == row["reasoning_length"]
+        assert sum(row["split_positions"].values()) >= row["split_positions"]["easy"] == row["positions"]
+        low, high = entry["accuracy_interval"]["easy"]
+        assert low <= row["easy"] <= high
+    curves = {entry["method"]: entry["curves"] for entry in drawn["curves.png"]}
+    assert list(curves) == list(rows) and curves[BASE_ROW]["train/budget"] == ([], [])
+    # The 4 steps are all format warm-up in the RL configs (no reward yet); the budget is logged on every step.
+    assert all(curves[m]["train/reward"] == ([], []) for m in rows)
+    assert curves["RMT"]["train/budget"] == ([0, 1, 2, 3], [8.0, 8.0, *[float(token_budget(0.5, 8, 2, 0.25))] * 2])
+    assert curves["RPT-style"]["train/budget"][1] == [8.0] * 4 and len(curves["NTP only"]["train/budget"][0]) == 4
     # Same seed, same data: the untrained model scores the same in a second comparison.
     again = compare(configs[:1], tmp_path / "again", [*TINY_RUN, "--data.cache_dir", str(tmp_path / "cache")], seed=3)
     assert again["rows"][0]["figures"] == {**rows[BASE_ROW]["figures"]}

@@ -1,9 +1,10 @@
-"""Callbacks: the token budget schedule, TensorBoard inspection, the Hugging Face export, and checkpoints on
-preemption and every N steps or T minutes."""
+"""Callbacks: the token budget schedule, completions and histograms for every logger, the Hugging Face export,
+and checkpoints on preemption and every N steps or T minutes."""
 
 from .checkpoints import PeriodicCheckpoint, Preempted, PreemptionCheckpoint
 from .export import HuggingFaceExport
-from .inspection import CompletionsTable, completions_markdown
+from .inspection import CompletionsTable
+from .writers import completions_markdown
 from .token_budget import TokenBudget
 
 __all__ = [

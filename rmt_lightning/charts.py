@@ -1,0 +1,189 @@
+"""The pictures ``compare`` writes beside its table.
+
+- ``comparison.png``: next-token accuracy per split for each method with 95% Wilson intervals (in the mode the
+  method is scored by, as in the table), the argmax accuracy per split beside it, and the mean reasoning length.
+- ``curves.png``: reward, reasoning length and budget against the optimizer step, one line per row, read from
+  each run's logs.
+
+Each picture is drawn from plain data (``comparison_data``, ``curves_data``), so what a chart shows can be
+checked, and redrawn elsewhere, without reading its pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from .method import TIER_NAMES
+
+SPLITS = (*TIER_NAMES, "avg")
+"""The accuracy columns of the table, in order."""
+
+CURVES = {"train/reward": "reward", "train/reasoning_length": "reasoning length (tokens)", "train/budget": "budget B"}
+"""The scalars ``curves.png`` draws, with their axis labels."""
+
+LINE_STYLES = ("-", "--", "-.", ":")
+
+Z_95 = 1.959963984540054
+"""The standard normal quantile of a two-sided 95% interval."""
+
+
+def wilson_interval(accuracy: float, positions: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy (a fraction in [0, 1]) measured on ``positions`` positions.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or 1, which small evaluations
+    at low accuracy (most RL rows) hit. With several completions per position the accuracy is the mean over
+    them, and the interval treats each position as one trial.
+    """
+    centre = (accuracy + z * z / (2 * positions)) / (1 + z * z / positions)
+    half = z / (1 + z * z / positions) * math.sqrt(accuracy * (1 - accuracy) / positions + z * z / (4 * positions**2))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _percent_interval(percent: float | None, positions: int | None) -> tuple[float, float] | None:
+    if percent is None or not positions:
+        return None
+    low, high = wilson_interval(percent / 100.0, positions)
+    return 100.0 * low, 100.0 * high
+
+
+def comparison_data(rows: list[dict]) -> list[dict]:
+    """What ``comparison.png`` draws, one entry per row of the table: ``method``, ``scored_by``, ``accuracy`` and
+    ``argmax`` (split -> % or None), their 95% Wilson ``accuracy_interval`` and ``argmax_interval`` (split ->
+    (low, high) in %, or None: the avg, an unweighted mean of nested splits, has no simple interval), and
+    ``reasoning_length`` (None for a row scored by argmax)."""
+    data = []
+    for row in rows:
+        positions = row.get("split_positions") or {}
+        figures = row.get("figures") or {}
+        argmax = {split: None if figures.get(f"val/ntp_acc_{split}") is None else 100.0 * figures[f"val/ntp_acc_{split}"]
+                  for split in TIER_NAMES}
+        argmax["avg"] = row.get("argmax_avg")
+        accuracy = {split: row.get(split) for split in SPLITS}
+        data.append({
+            "method": row["method"],
+            "scored_by": row.get("scored_by"),
+            "accuracy": accuracy,
+            "accuracy_interval": {s: _percent_interval(accuracy[s], positions.get(s)) for s in SPLITS},
+            "argmax": argmax,
+            "argmax_interval": {s: _percent_interval(argmax[s], positions.get(s)) for s in SPLITS},
+            "reasoning_length": row.get("reasoning_length"),
+        })
+    return data
+
+
+def read_scalars(log_dir: str | Path | None, tags=tuple(CURVES)) -> dict[str, tuple[list[int], list[float]]]:
+    """``tag -> (steps, values)`` of a run's logged scalars: from its TensorBoard event files, or else from a
+    CSVLogger's ``metrics.csv``; a tag never logged (or a run without either) gives empty lists."""
+    curves = {tag: ([], []) for tag in tags}
+    folder = Path(log_dir) if log_dir else None
+    if folder is None or not folder.is_dir():
+        return curves
+    if any(folder.glob("events.out.tfevents*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in set(tags) & set(events.Tags()["scalars"]):
+            points = events.Scalars(tag)
+            curves[tag] = ([p.step for p in points], [p.value for p in points])
+    elif (folder / "metrics.csv").is_file():
+        with open(folder / "metrics.csv") as handle:
+            for record in csv.DictReader(handle):
+                for tag in tags:
+                    if record.get(tag):
+                        curves[tag][0].append(int(record["step"]))
+                        curves[tag][1].append(float(record[tag]))
+    return curves
+
+
+def curves_data(rows: list[dict]) -> list[dict]:
+    """What ``curves.png`` draws: for every row, ``method`` and ``curves`` (``read_scalars`` of its ``log_dir``;
+    empty for the untrained row, which has no training steps)."""
+    return [{"method": row["method"], "curves": read_scalars(row.get("log_dir"))} for row in rows]
+
+
+def _figure(panels: int):
+    # A bare Figure draws with the Agg canvas: no pyplot state, no display needed.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.4 * panels, 4.6), layout="constrained")
+    return figure, figure.subplots(1, panels)
+
+
+def _grouped_bars(axis, data: list[dict], key: str, title: str) -> None:
+    width = 0.8 / max(1, len(data))
+    for index, entry in enumerate(data):
+        xs = [s + (index - (len(data) - 1) / 2) * width for s in range(len(SPLITS))]
+        values = [math.nan if entry[key][s] is None else entry[key][s] for s in SPLITS]
+        intervals = [entry[f"{key}_interval"][s] for s in SPLITS]
+        # NaN draws no error bar where there is no interval (the avg).
+        below = [math.nan if i is None else v - i[0] for v, i in zip(values, intervals)]
+        above = [math.nan if i is None else i[1] - v for v, i in zip(values, intervals)]
+        axis.bar(xs, values, width, yerr=[below, above], capsize=2, color=f"C{index % 10}", label=entry["method"])
+    axis.set_xticks(range(len(SPLITS)), SPLITS)
+    axis.set_ylabel("next-token accuracy (%)")
+    axis.set_title(title)
+    axis.set_ylim(bottom=0)
+
+
+def _legend(figure, axes) -> None:
+    """One legend above the panels, each method once, so it hides no bar or line."""
+    entries = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        figure.legend(entries.values(), entries.keys(), loc="outside upper center", ncols=min(len(entries), 5),
+                      fontsize="small")
+
+
+def draw_comparison(data: list[dict], path: str | Path) -> Path:
+    """Draw ``comparison_data`` as ``path`` (PNG): the accuracy the table scores each method by, the argmax
+    accuracy, and the mean reasoning length, one colour per method in every panel."""
+    figure, (scored, argmax, lengths) = _figure(3)
+    _grouped_bars(scored, data, "accuracy", "accuracy as scored (95% Wilson intervals)")
+    _grouped_bars(argmax, data, "argmax", "argmax (NTP-mode) accuracy")
+    _legend(figure, [scored])
+    for index, entry in enumerate(data):
+        value = entry["reasoning_length"]
+        lengths.bar(index, math.nan if value is None else value, color=f"C{index % 10}")
+        if value is None:
+            lengths.text(index, 0, "n/a", ha="center", va="bottom")
+    lengths.set_xticks(range(len(data)), [entry["method"] for entry in data], rotation=30, ha="right", fontsize="small")
+    lengths.set_ylabel("tokens inside <think>")
+    lengths.set_title("mean reasoning length")
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def draw_curves(data: list[dict], path: str | Path) -> Path:
+    """Draw ``curves_data`` as ``path`` (PNG): one panel per scalar of ``CURVES``, one line per row that logged it."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(len(CURVES))
+    for axis, (tag, label) in zip(axes, CURVES.items()):
+        for index, entry in enumerate(data):
+            steps, values = entry["curves"][tag]
+            if steps:
+                # Rows often share a curve (the budget of two configs with one schedule): a line style per row
+                # keeps the one drawn first visible under the next.
+                axis.plot(steps, values, marker="." if len(steps) < 50 else None, color=f"C{index % 10}",
+                          linestyle=LINE_STYLES[index % len(LINE_STYLES)], label=entry["method"])
+        if not axis.lines:
+            axis.text(0.5, 0.5, "not logged", transform=axis.transAxes, ha="center")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(label)
+        axis.set_title(tag)
+    _legend(figure, axes)
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def write_charts(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``{out_dir}/comparison.png`` and ``{out_dir}/curves.png`` for the rows; returns their paths."""
+    out_dir = Path(out_dir)
+    return (draw_comparison(comparison_data(rows), out_dir / "comparison.png"),
+            draw_curves(curves_data(rows), out_dir / "curves.png"))
