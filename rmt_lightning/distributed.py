@@ -95,3 +95,31 @@ def gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def world_size(trainer) -> int:
+    """Processes of the run (1 without a trainer)."""
+    return trainer.world_size if trainer is not None else 1
+
+
+def all_ranks(trainer, flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (every rank must call this)."""
+    if world_size(trainer) == 1:
+        return flag
+    value = torch.tensor(float(flag), device=trainer.strategy.root_device)
+    return bool(trainer.strategy.reduce(value, reduce_op="min") > 0)
+
+
+def max_over_ranks(trainer, count: int) -> int:
+    """The largest ``count`` of any rank, so that every rank runs as many forward/backward passes."""
+    if world_size(trainer) == 1:
+        return count
+    value = torch.tensor(float(count), device=trainer.strategy.root_device)
+    return int(trainer.strategy.reduce(value, reduce_op="max"))
+
+
+def gradients_finite(model) -> bool:
+    """Whether every gradient of ``model`` on this rank is finite (its local shard under FSDP)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -13,17 +14,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from .method import (
-    TIER_NAMES,
-    exact_match,
-    group_advantages,
-    grpo_token_loss_terms,
-    length_reward,
-    prefix_match,
-    token_logprobs,
-    total_reward,
-    zero_std_groups,
-)
+from .method import TIER_NAMES, completion_rewards, group_advantages, grpo_token_loss_terms, token_logprobs, zero_std_groups
 from .callbacks.token_budget import TokenBudget
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
@@ -32,7 +23,9 @@ from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
 from .forward import completion_logprobs, head_positions
 from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration
 from .rollout import GroupRollout, generate_group
-from .distributed import fsdp1_settings, is_fsdp1, shard_model, wrap_fsdp1
+from .distributed import (
+    all_ranks, fsdp1_settings, gradients_finite, is_fsdp1, max_over_ranks, shard_model, world_size, wrap_fsdp1,
+)
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
 
@@ -40,6 +33,54 @@ CORRECTNESS_RULES = ("exact", "prefix")
 
 PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})
 """What the progress bar shows: the loss of a format warm-up step, of an NTP-only step, or an RL step's reward and budget."""
+
+
+@dataclass
+class Trajectory:
+    """What one RL step collected, from the prompts to the advantages (``P`` positions, ``G`` completions each)."""
+
+    prompts: list[list[int]]
+    """Prompt token ids, one per position."""
+    rollout: GroupRollout
+    """The ``P * G`` completions; row ``i`` answers prompt ``i // G``."""
+    rewards: Tensor
+    """``[P, G]`` total reward."""
+    correct: Tensor
+    """``[P, G]`` correctness part."""
+    length: Tensor
+    """``[P, G]`` length part."""
+    advantages: Tensor
+    """``[P * G]`` group-normalised advantages."""
+
+
+def rl_step_metrics(trajectory: Trajectory, terms: dict[str, float], loss_ntp: float) -> dict[str, float]:
+    """The figures of an RL step: its loss terms, rewards, lengths and the canaries (clipped, forced, zero-std)."""
+    rollout, rewards = trajectory.rollout, trajectory.rewards
+    return {
+        "train/loss_rl": terms["loss_rl"],
+        "train/loss_ntp": loss_ntp,
+        "train/kl": terms["kl"],
+        "train/ppo_clip_fraction": terms["ppo_clip_fraction"],
+        "train/reward": float(rewards.mean()),
+        "train/reward_correct": float(trajectory.correct.mean()),
+        "train/reward_length": float(trajectory.length.mean()),
+        "train/reasoning_length": float(np.mean(rollout.reasoning_lengths)),
+        "train/completion_length": float(rollout.completion_mask.sum(1).float().mean()),
+        "train/frac_reward_zero_std": float(zero_std_groups(rewards).float().mean()),
+        "train/clipped_ratio": float(np.mean(rollout.clipped)),
+        "train/forced_ratio": float(np.mean(rollout.forced)),
+        "train/answer_rate": float(np.mean([p is not None for p in rollout.predictions])),
+    }
+
+
+def curriculum_metrics(batch: dict) -> dict[str, float]:
+    """The tier mix scheduled for the batch, the mix drawn, and the curriculum's progress."""
+    probabilities, tiers = batch["curriculum_probabilities"].tolist(), batch["tiers"]
+    metrics = {"curriculum/progress": float(batch["curriculum_progress"])}
+    for t, name in enumerate(TIER_NAMES):
+        metrics[f"curriculum/p_{name}"] = probabilities[t]
+        metrics[f"curriculum/drawn_{name}"] = float((tiers == t).float().mean())
+    return metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,7 +103,9 @@ class RMTModule(L.LightningModule):
         group_size: Completions per RL position, G (paper: 8).
         temperature: Sampling temperature (RPT: 0.8).
         top_p: Nucleus sampling mass (1: off).
-        clip_eps: PPO clip range of the ratio.
+        clip_eps: PPO clip range of the ratio ``pi / pi_old``. With one update per rollout (today's only mode) the
+            ratio is 1 and the clip never acts (``train/ppo_clip_fraction`` stays 0); it acts once several
+            updates reuse one rollout.
         advantage_eps: delta in ``(r - mean) / (std + delta)``.
         beta: Weight of the k3 KL penalty to the frozen initial policy; 0 loads no reference model.
         ntp_weight: lambda in ``L = L_RL + lambda * L_NTP``; 0 skips the NTP pass.
@@ -285,32 +328,15 @@ class RMTModule(L.LightningModule):
                 self.reference.to(self.device)
         return self.reference
 
-    # ---- agreement across ranks ----------------------------------------------------------------------
-
-    def _world_size(self) -> int:
-        return self._trainer.world_size if self._trainer is not None else 1
+    # ---- rollout and rewards -----------------------------------------------------------------------
 
     def _all_ranks(self, flag: bool) -> bool:
-        """True when ``flag`` holds on every rank (every rank must call this)."""
-        if self._world_size() == 1:
-            return flag
-        value = torch.tensor(float(flag), device=self.device)
-        return bool(self.trainer.strategy.reduce(value, reduce_op="min") > 0)
+        return all_ranks(self._trainer, flag)
 
-    def _max_over_ranks(self, count: int) -> int:
-        """The largest ``count`` of any rank, so that every rank runs as many forward/backward passes."""
-        if self._world_size() == 1:
-            return count
-        value = torch.tensor(float(count), device=self.device)
-        return int(self.trainer.strategy.reduce(value, reduce_op="max"))
-
-    def _gradients_finite(self) -> bool:
-        """Whether every policy gradient on this rank is finite (its local shard under FSDP)."""
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-
-    # ---- rollout and rewards -----------------------------------------------------------------------
+    def _agreement(self):
+        """``all_ranks`` when several processes must take the same path (every forward is a collective under
+        FSDP), else None."""
+        return self._all_ranks if world_size(self._trainer) > 1 else None
 
     def _prompts(self, contexts: list[list[int]], budget: int) -> list[list[int]]:
         hp = self.hparams
@@ -334,24 +360,22 @@ class RMTModule(L.LightningModule):
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
-            all_finished=self._all_ranks if self._world_size() > 1 else None,
+            all_finished=self._agreement(),
         )
 
-    def score(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Rewards ``[P, G]``: total, correctness and length parts (G: the rollout's completions per prompt)."""
+    def rewards(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rewards ``[P, G]``: total, correctness and length parts (``method.completion_rewards``)."""
         hp = self.hparams
-        group = len(rollout.texts) // len(continuations)
-        correct, lengths = [], []
-        for row, (prediction, reasoning) in enumerate(zip(rollout.predictions, rollout.reasoning_lengths)):
-            continuation = continuations[row // group]
-            if hp.correctness == "exact":
-                correct.append(float(exact_match(prediction, continuation[0])))
-            else:
-                correct.append(float(prefix_match(prediction, continuation)))
-            lengths.append(length_reward(reasoning, budget, hp.r_max))
-        total = [total_reward(c, l, hp.length_reward_weight, hp.length_reward_only_when_correct) for c, l in zip(correct, lengths)]
-        shape = (len(continuations), group)
-        return tuple(torch.tensor(x, dtype=torch.float32).view(shape) for x in (total, correct, lengths))
+        return completion_rewards(rollout.predictions, rollout.reasoning_lengths, continuations, budget, hp.correctness,
+                                  hp.r_max, hp.length_reward_weight, hp.length_reward_only_when_correct)
+
+    def collect_trajectory(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> Trajectory:
+        """Prompts, G completions each, their rewards and their group-normalised advantages."""
+        prompts = self._prompts(contexts, budget)
+        rollout = self.rollout(prompts, budget)
+        rewards, correct, length = self.rewards(rollout, continuations, budget)
+        advantages = group_advantages(rewards, eps=self.hparams.advantage_eps).flatten()
+        return Trajectory(prompts, rollout, rewards, correct, length, advantages)
 
     # ---- losses ------------------------------------------------------------------------------------
 
@@ -361,30 +385,27 @@ class RMTModule(L.LightningModule):
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        share = not checkpointing
-        # Under FSDP the processes must agree on running the shared prompt prefix as a pass of its own.
-        agree = self._all_ranks if self._world_size() > 1 else None
-        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size, share,
-                                   logprob_mask=logprob_mask, all_agree=agree)
+        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
+                                   not checkpointing, logprob_mask=logprob_mask, all_agree=self._agreement())
 
-    def rl_backward(self, prompts: list[list[int]], rollout: GroupRollout, advantages: Tensor) -> dict[str, float]:
+    def rl_backward(self, trajectory: Trajectory) -> dict[str, float]:
         """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
         hp = self.hparams
-        group = hp.group_size
-        prompt_ids, prompt_mask = (t.to(self.device) for t in pad_left(prompts, self.tokenizer.pad_token_id))
+        group, rollout = hp.group_size, trajectory.rollout
+        prompt_ids, prompt_mask = (t.to(self.device) for t in pad_left(trajectory.prompts, self.tokenizer.pad_token_id))
         completion_ids = rollout.completion_ids.to(self.device)
         completion_mask = rollout.completion_mask.long().to(self.device)
         loss_mask = rollout.sampled_mask.to(self.device)
-        advantages = advantages.to(self.device)
+        advantages = trajectory.advantages.to(self.device)
         total_tokens = max(1, int(loss_mask.sum()))
-        sums = {"loss_rl": 0.0, "kl": 0.0, "ratio_clipped": 0.0}
+        sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
         prompts_per_micro_batch = max(1, hp.rl_micro_batch_size // group)
-        for first in range(0, len(prompts), prompts_per_micro_batch):
+        for first in range(0, len(trajectory.prompts), prompts_per_micro_batch):
             owners = slice(first, first + prompts_per_micro_batch)
             rows = slice(first * group, (first + prompts_per_micro_batch) * group)
             tokens = int(loss_mask[rows].sum())
             # Every rank has as many micro-batches; under DDP/FSDP each must run its passes even when empty.
-            if tokens == 0 and self._world_size() == 1:
+            if tokens == 0 and world_size(self._trainer) == 1:
                 continue
             args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group)
             # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
@@ -401,7 +422,7 @@ class RMTModule(L.LightningModule):
             self.manual_backward(terms.loss * share)
             sums["loss_rl"] += float(terms.loss.detach()) * share
             sums["kl"] += float(terms.kl) * share
-            sums["ratio_clipped"] += float(terms.clipped_fraction) * share
+            sums["ppo_clip_fraction"] += float(terms.clipped_fraction) * share
         return sums
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
@@ -414,10 +435,10 @@ class RMTModule(L.LightningModule):
         micro_batches = math.ceil(documents.shape[0] / size)
         # Ranks hold different numbers of documents, but under DDP/FSDP every rank must run as many
         # forward/backward passes: a rank that runs out repeats its first rows at weight 0.
-        for index in range(self._max_over_ranks(micro_batches)):
+        for index in range(max_over_ranks(self._trainer, micro_batches)):
             rows = slice(index * size, (index + 1) * size) if index < micro_batches else slice(0, size)
             count = int(targets[rows].sum()) if index < micro_batches else 0
-            if count == 0 and self._world_size() == 1:
+            if count == 0 and world_size(self._trainer) == 1:
                 continue
             # The head projects only the positions that predict a target (not padding, not RL positions), so
             # no [N, T, V] logits tensor is built. A rank with nothing to add runs one position at weight 0.
@@ -443,8 +464,7 @@ class RMTModule(L.LightningModule):
             target = continuation[0].decode("utf-8", errors="replace")
             thought = hp.format_warmup_thought.replace("{context_tail}", self.tokenizer.decode(context[-budget:]))
             thought = thought.replace("{next_token}", target)
-            text = demonstration(thought, target)
-            responses.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            responses.append(self.tokenizer(demonstration(thought, target), add_special_tokens=False)["input_ids"])
         prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
         response_ids, response_mask = pad_right(responses, self.tokenizer.pad_token_id)
         args = [t.to(self.device) for t in (prompt_ids, prompt_mask, response_ids, response_mask)]
@@ -454,63 +474,14 @@ class RMTModule(L.LightningModule):
         self.manual_backward(loss)
         return float(loss.detach())
 
-    # ---- the step ----------------------------------------------------------------------------------
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def update_or_skip(self, loss: float) -> None:
+        """Clip the gradients and step the optimizer and the LR schedule, or, when the loss or a gradient is not
+        finite on any rank, drop this update (and stop the run after ``max_consecutive_skips`` in a row)."""
         hp = self.hparams
         optimizer = self.optimizers()
-        budget = int(self.budget)
-        contexts, continuations = batch["contexts"], batch["continuations"]
-        metrics: dict[str, float] = {"train/budget": float(budget)}
-        started = time.perf_counter()
-
-        in_warmup = self.global_step < hp.format_warmup_steps
-        # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
-        metrics["train/format_warmup"] = float(in_warmup)
-        if in_warmup:
-            loss = self.format_warmup_backward(contexts, continuations, budget)
-            metrics["timing/update"] = time.perf_counter() - started
-        elif not hp.rl:
-            # NTP only: every position of the documents, the sampled ones included.
-            loss = self.ntp_backward(batch["documents"], batch["document_attention_mask"], batch["document_attention_mask"].bool(), 1.0)
-            metrics["train/loss_ntp"] = loss
-            metrics["timing/update"] = time.perf_counter() - started
-        else:
-            prompts = self._prompts(contexts, budget)
-            rollout = self.rollout(prompts, budget)
-            generated = time.perf_counter()
-            rewards, correct, length = self.score(rollout, continuations, budget)
-            advantages = group_advantages(rewards, eps=hp.advantage_eps).flatten()
-            terms = self.rl_backward(prompts, rollout, advantages)
-            loss_ntp = 0.0
-            if hp.ntp_weight > 0:
-                loss_ntp = self.ntp_backward(
-                    batch["documents"], batch["document_attention_mask"], batch["ntp_mask"], hp.ntp_weight
-                )
-            loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
-            predictions = rollout.predictions
-            metrics.update({
-                "train/loss_rl": terms["loss_rl"],
-                "train/loss_ntp": loss_ntp,
-                "train/kl": terms["kl"],
-                "train/ratio_clipped": terms["ratio_clipped"],
-                "train/reward": float(rewards.mean()),
-                "train/reward_correct": float(correct.mean()),
-                "train/reward_length": float(length.mean()),
-                "train/reasoning_length": float(np.mean(rollout.reasoning_lengths)),
-                "train/completion_length": float(rollout.completion_mask.sum(1).float().mean()),
-                "train/frac_reward_zero_std": float(zero_std_groups(rewards).float().mean()),
-                "train/clipped_ratio": float(np.mean(rollout.clipped)),
-                "train/forced_ratio": float(np.mean(rollout.forced)),
-                "train/answer_rate": float(np.mean([p is not None for p in predictions])),
-                "timing/generate": generated - started,
-                "timing/update": time.perf_counter() - generated,
-            })
-            self._keep_samples(batch, rollout, rewards)
-
         # One rank's non-finite loss reaches every rank through the gradient all-reduce: all skip together.
-        if not self._all_ranks(math.isfinite(loss) and self._gradients_finite()):
-            # A non-finite loss or gradient would poison the weights and the optimizer moments: drop this update.
+        if not self._all_ranks(math.isfinite(loss) and gradients_finite(self.policy)):
+            # A non-finite loss or gradient would poison the weights and the optimizer moments.
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -520,33 +491,51 @@ class RMTModule(L.LightningModule):
                     f"{self.global_step}, epoch {self.current_epoch}; max_consecutive_skips={hp.max_consecutive_skips}), "
                     f"so the run stops; lower lr (now {hp.lr}), check the corpus, or resume from an earlier checkpoint"
                 )
-        else:
-            self.consecutive_skips = 0
-            if hp.grad_clip > 0 and is_fsdp1(self.policy):
-                # The norm over all shards; Lightning's FSDP1 precision plugin refuses norm clipping.
-                self.policy.clip_grad_norm_(hp.grad_clip)
-            elif hp.grad_clip > 0:
-                self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.lr_schedulers().step()
-        metrics["train/loss"] = loss
-        metrics["train/skipped_steps"] = float(self.skipped_steps)
-        metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-        probabilities = batch["curriculum_probabilities"].tolist()
-        tiers = batch["tiers"]
-        for t, name in enumerate(TIER_NAMES):
-            metrics[f"curriculum/p_{name}"] = probabilities[t]
-            metrics[f"curriculum/drawn_{name}"] = float((tiers == t).float().mean())
-        metrics["curriculum/progress"] = float(batch["curriculum_progress"])
-        self.last_sampled_entropies = batch["entropies"].detach().cpu()
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
+            return
+        self.consecutive_skips = 0
+        if hp.grad_clip > 0 and is_fsdp1(self.policy):
+            # The norm over all shards; Lightning's FSDP1 precision plugin refuses norm clipping.
+            self.policy.clip_grad_norm_(hp.grad_clip)
+        elif hp.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+
+    # ---- the step ----------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One optimizer step: format warm-up, NTP only, or RL (trajectory, GRPO + lambda NTP); then update."""
+        hp = self.hparams
+        budget, started = int(self.budget), time.perf_counter()
+        contexts, continuations = batch["contexts"], batch["continuations"]
+        documents, attention = batch["documents"], batch["document_attention_mask"]
+        in_warmup = self.global_step < hp.format_warmup_steps
+        # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
+        metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup)}
         if in_warmup:
+            loss = self.format_warmup_backward(contexts, continuations, budget)
             shown = {"warmup_loss": loss}
         elif not hp.rl:
+            # NTP only: every position of the documents, the sampled ones included.
+            loss = metrics["train/loss_ntp"] = self.ntp_backward(documents, attention, attention.bool(), 1.0)
             shown = {"ntp_loss": loss}
         else:
+            trajectory = self.collect_trajectory(contexts, continuations, budget)
+            generated = time.perf_counter()
+            metrics["timing/generate"], started = generated - started, generated
+            terms = self.rl_backward(trajectory)
+            loss_ntp = self.ntp_backward(documents, attention, batch["ntp_mask"], hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
+            loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
+            metrics.update(rl_step_metrics(trajectory, terms, loss_ntp))
+            self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
             shown = {"reward": metrics["train/reward"], "budget": float(budget)}
+        metrics["timing/update"] = time.perf_counter() - started
+        self.update_or_skip(loss)
+        metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
+                        "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
+        self.last_sampled_entropies = batch["entropies"].detach().cpu()
+        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
         self._show_in_progress_bar(shown, batch_size=len(contexts))
 
     def _show_in_progress_bar(self, shown: dict[str, float], batch_size: int) -> None:
@@ -607,7 +596,7 @@ class RMTModule(L.LightningModule):
             return
         budget = self.evaluation_budget()
         rollout = self.rollout(self._prompts(batch["contexts"], budget), budget, hp.val_group_size, hp.val_temperature)
-        rewards, correct, _ = self.score(rollout, batch["continuations"], budget)
+        rewards, correct, _ = self.rewards(rollout, batch["continuations"], budget)
         metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch["tiers"])
         self.eval_reasoning_lengths.extend(rollout.reasoning_lengths)
         if batch_idx == 0:

@@ -420,3 +420,24 @@ def test_token_logprobs_bf16_no_grad_and_validation():
     assert xb.grad.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="token_ids"):
         token_logprobs(x, torch.tensor([0, 1]))
+
+
+def test_completion_rewards_assemble_correctness_length_and_total_per_group():
+    from rmt_lightning.method import completion_rewards
+
+    # 2 positions x 3 completions; budget 4: r_len = l/4 up to 4, (8 - l)/4 up to 8, 0 beyond.
+    predictions = [" 7", " 7x", None, "abc", " ab", ""]
+    lengths = [4, 2, 9, 6, 0, 1]
+    continuations = [[b" 7", b" and"], [b" ab", b"c"]]
+    total, correct, length = completion_rewards(predictions, lengths, continuations, budget=4, w=0.5)
+    assert correct.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    assert length.tolist() == [[1.0, 0.5, 0.0], [0.5, 0.0, 0.25]]
+    assert total.tolist() == [[1.0, 0.25, 0.0], [0.25, 0.5, 0.125]]
+    # RPT's prefix rule: the prediction must be whole tokens of the continuation (" 7x" and "abc" are not).
+    _, prefix, _ = completion_rewards(predictions, lengths, continuations, budget=4, correctness="prefix")
+    assert prefix.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    # Length counted for correct completions only.
+    only, _, _ = completion_rewards(predictions, lengths, continuations, budget=4, w=0.5, length_only_when_correct=True)
+    assert only.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]]
+    with pytest.raises(ValueError, match="do not make whole groups"):
+        completion_rewards(predictions[:5], lengths[:5], continuations, budget=4)

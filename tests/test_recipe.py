@@ -20,7 +20,7 @@ RMT = {
         "train/reward": [0.0, 0.0, 0.0],
         "train/budget": [8.0, 8.0, 4.0, 4.0],
         "train/reasoning_length": [16.0, 8.0, 8.0],
-        "train/ratio_clipped": [0.0, 0.0, 0.0],
+        "train/ppo_clip_fraction": [0.0, 0.0, 0.0],
     }
 
 NTP_ONLY = {

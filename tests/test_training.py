@@ -203,7 +203,7 @@ def test_score_adds_the_length_reward_to_every_completion_or_only_to_correct_one
     empty = torch.zeros(4, 1)
     rollout = GroupRollout(completion_ids=empty.long(), completion_mask=empty.bool(), sampled_mask=empty.bool(),
                            texts=texts, reasoning_lengths=[2, 1, 2, 1], clipped=[False] * 4, forced=[False] * 4)
-    total, correct, length = module.score(rollout, [[b" 7"], [b" 7"]], budget=2)
+    total, correct, length = module.rewards(rollout, [[b" 7"], [b" 7"]], budget=2)
     assert correct.tolist() == [[1.0, 1.0], [0.0, 0.0]]
     assert length.tolist() == [[1.0, 0.5], [1.0, 0.5]]
     wrong = [0.1, 0.05] if not only_when_correct else [0.0, 0.0]

@@ -5,7 +5,7 @@ from .curriculum import TIER_NAMES, assign_tiers, nested_tier_masks, renormalise
 from .entropy import token_entropy
 from .grpo import GRPOLossTerms, group_advantages, grpo_token_loss, grpo_token_loss_terms, zero_std_groups
 from .logprobs import token_logprobs
-from .rewards import exact_match, extract_prediction, prefix_match, total_reward
+from .rewards import completion_rewards, exact_match, extract_prediction, prefix_match, total_reward
 
 __all__ = [
     "token_budget",
@@ -19,6 +19,7 @@ __all__ = [
     "exact_match",
     "prefix_match",
     "total_reward",
+    "completion_rewards",
     "group_advantages",
     "zero_std_groups",
     "GRPOLossTerms",

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["extract_prediction", "exact_match", "prefix_match", "total_reward", "THINK_OPEN", "THINK_CLOSE", "BOXED"]
+import torch
+from torch import Tensor
+
+from .budget import length_reward
+
+__all__ = [
+    "extract_prediction", "exact_match", "prefix_match", "total_reward", "completion_rewards", "THINK_OPEN", "THINK_CLOSE",
+    "BOXED",
+]
 
 # The answer format the reward reads: ``<think>thought</think> \boxed{prediction}``.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -95,3 +103,40 @@ def total_reward(correct: float, length: float, w: float = 0.1, length_only_when
     if length_only_when_correct:
         length = length * correct
     return float((1.0 - w) * correct + w * length)
+
+
+def completion_rewards(
+    predictions: Sequence[str | None],
+    reasoning_lengths: Sequence[int],
+    continuations: Sequence[Sequence[bytes]],
+    budget: int,
+    correctness: str = "exact",
+    r_max: float = 1.0,
+    w: float = 0.1,
+    length_only_when_correct: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rewards of ``P * G`` completions, row ``i`` answering position ``i // G``: ``(total, correct, length)``,
+    each ``[P, G]`` float32.
+
+    ``correct`` is ``exact_match`` of the prediction with the position's next token (``correctness="exact"``,
+    RMT) or ``prefix_match`` with its continuation (``"prefix"``, RPT); ``length`` is
+    ``length_reward(reasoning length, budget, r_max)``; ``total`` is ``total_reward(correct, length, w,
+    length_only_when_correct)``.
+    """
+    if correctness not in ("exact", "prefix"):
+        raise ValueError(f"correctness '{correctness}' is not a rule; valid: ['exact', 'prefix']")
+    positions = len(continuations)
+    if positions == 0 or len(predictions) % positions or len(predictions) != len(reasoning_lengths):
+        raise ValueError(
+            f"{len(predictions)} predictions and {len(reasoning_lengths)} reasoning lengths do not make whole groups "
+            f"for {positions} positions"
+        )
+    group = len(predictions) // positions
+    correct, length = [], []
+    for row, (prediction, reasoning) in enumerate(zip(predictions, reasoning_lengths)):
+        continuation = continuations[row // group]
+        hit = exact_match(prediction, continuation[0]) if correctness == "exact" else prefix_match(prediction, continuation)
+        correct.append(float(hit))
+        length.append(length_reward(reasoning, budget, r_max))
+    total = [total_reward(c, l, w, length_only_when_correct) for c, l in zip(correct, length)]
+    return tuple(torch.tensor(values, dtype=torch.float32).view(positions, group) for values in (total, correct, length))
