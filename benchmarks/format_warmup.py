@@ -36,7 +36,7 @@ def measure(model: str, steps: int, lr: float, thought: str, budget: int, group_
             data.sampler.set_epoch(step // len(loader))
             batches = iter(loader)
         batch = next(batches)
-        loss = module.format_warmup_backward(batch["contexts"], batch["continuations"], budget)
+        loss = module.format_warmup_backward(batch.contexts, batch.continuations, budget)
         torch.nn.utils.clip_grad_norm_(module.policy.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -44,8 +44,8 @@ def measure(model: str, steps: int, lr: float, thought: str, budget: int, group_
     correct = answered = samples = 0
     module._generator = lambda: torch.Generator().manual_seed(seed + 1)
     for batch in data.val_dataloader():
-        rollout = module.rollout(module._prompts(batch["contexts"], budget), budget)
-        _, right, _ = module.rewards(rollout, batch["continuations"], budget)
+        rollout = module.rollout(module._prompts(batch.contexts, budget), budget)
+        _, right, _ = module.rewards(rollout, batch.continuations, budget)
         correct += int(right.sum())
         answered += sum(p is not None for p in rollout.predictions)
         samples += right.numel()

@@ -15,12 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from rmt_lightning import RMTModule
+from rmt_lightning.data.batches import PositionBatch
 from rmt_lightning.data.mathgen import generate_math_corpus
 from rmt_lightning.padding import pad_right
 from rmt_lightning.tokens import TokenBytes
 
 
-def corpus_batch(tokenizer, positions: int, context_tokens: int = 48, max_document_tokens: int = 512, seed: int = 0) -> dict:
+def corpus_batch(tokenizer, positions: int, context_tokens: int = 48, max_document_tokens: int = 512, seed: int = 0) -> PositionBatch:
     """One training batch of ``positions`` RL positions, one per document, ``context_tokens`` of context each."""
     token_bytes = TokenBytes(tokenizer)
     documents = []
@@ -42,17 +43,14 @@ def corpus_batch(tokenizer, positions: int, context_tokens: int = 48, max_docume
     ntp_mask[:, 0] = False
     for row, p in enumerate(where):
         ntp_mask[row, p] = False
-    return {
-        "contexts": contexts,
-        "continuations": continuations,
-        "documents": padded,
-        "document_attention_mask": attention,
-        "ntp_mask": ntp_mask,
-        "tiers": torch.full((positions,), 2, dtype=torch.long),
-        "entropies": torch.ones(positions),
-        "curriculum_probabilities": torch.tensor([0.0, 0.0, 1.0]),
-        "curriculum_progress": 0.0,
-    }
+    return PositionBatch(
+        position_documents=torch.arange(positions), positions=torch.tensor(where),
+        next_token_ids=torch.tensor([doc[p] for doc, p in zip(documents, where)]),
+        tiers=torch.full((positions,), 2, dtype=torch.long), entropies=torch.ones(positions),
+        contexts=contexts, continuations=continuations, documents=padded, document_attention_mask=attention,
+        ntp_mask=ntp_mask, document_indices=torch.arange(positions),
+        curriculum_probabilities=torch.tensor([0.0, 0.0, 1.0]), curriculum_progress=0.0,
+    )
 
 
 class StepTimer(L.Callback):
@@ -82,7 +80,7 @@ def make_module(**overrides) -> RMTModule:
     return RMTModule(**overrides)
 
 
-def run_steps(module: RMTModule, batch: dict, steps: int, callbacks=(), profiler=None) -> StepTimer:
+def run_steps(module: RMTModule, batch: PositionBatch, steps: int, callbacks=(), profiler=None) -> StepTimer:
     """Train ``module`` for ``steps`` optimizer steps on ``batch`` repeated; returns the per-step timer."""
     timer = StepTimer()
     loader = DataLoader([batch] * steps, batch_size=None, collate_fn=lambda item: item)

@@ -143,9 +143,9 @@ def main() -> None:
 
     tokenizer = load_tokenizer(args.model)
     batch = corpus_batch(tokenizer, args.prompts, args.context_tokens, seed=args.seed)
-    prompt_ids = [build_prompt_ids(tokenizer, tokenizer.decode(c), args.budget, DEFAULT_INSTRUCTION) for c in batch["contexts"]]
+    prompt_ids = [build_prompt_ids(tokenizer, tokenizer.decode(c), args.budget, DEFAULT_INSTRUCTION) for c in batch.contexts]
     prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
-    targets = [c[0] for c in batch["continuations"]]
+    targets = [c[0] for c in batch.continuations]
     retokenized = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompt_texts]
 
     results = {"ours": [], "trl": []}

@@ -19,6 +19,7 @@ from .callbacks.token_budget import TokenBudget
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
 from .checks import as_input_error, at_least, between
+from .data.batches import PositionBatch
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
 from .forward import completion_logprobs, head_positions
 from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration
@@ -73,10 +74,10 @@ def rl_step_metrics(trajectory: Trajectory, terms: dict[str, float], loss_ntp: f
     }
 
 
-def curriculum_metrics(batch: dict) -> dict[str, float]:
+def curriculum_metrics(batch: PositionBatch) -> dict[str, float]:
     """The tier mix scheduled for the batch, the mix drawn, and the curriculum's progress."""
-    probabilities, tiers = batch["curriculum_probabilities"].tolist(), batch["tiers"]
-    metrics = {"curriculum/progress": float(batch["curriculum_progress"])}
+    probabilities, tiers = batch.curriculum_probabilities.tolist(), batch.tiers
+    metrics = {"curriculum/progress": float(batch.curriculum_progress)}
     for t, name in enumerate(TIER_NAMES):
         metrics[f"curriculum/p_{name}"] = probabilities[t]
         metrics[f"curriculum/drawn_{name}"] = float((tiers == t).float().mean())
@@ -504,12 +505,12 @@ class RMTModule(L.LightningModule):
 
     # ---- the step ----------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: PositionBatch, batch_idx: int) -> None:
         """One optimizer step: format warm-up, NTP only, or RL (trajectory, GRPO + lambda NTP); then update."""
         hp = self.hparams
         budget, started = int(self.budget), time.perf_counter()
-        contexts, continuations = batch["contexts"], batch["continuations"]
-        documents, attention = batch["documents"], batch["document_attention_mask"]
+        contexts, continuations = batch.contexts, batch.continuations
+        documents, attention = batch.documents, batch.document_attention_mask
         in_warmup = self.global_step < hp.format_warmup_steps
         # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
         metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup)}
@@ -525,7 +526,7 @@ class RMTModule(L.LightningModule):
             generated = time.perf_counter()
             metrics["timing/generate"], started = generated - started, generated
             terms = self.rl_backward(trajectory)
-            loss_ntp = self.ntp_backward(documents, attention, batch["ntp_mask"], hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
+            loss_ntp = self.ntp_backward(documents, attention, batch.ntp_mask, hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
             loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
             metrics.update(rl_step_metrics(trajectory, terms, loss_ntp))
             self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
@@ -534,7 +535,7 @@ class RMTModule(L.LightningModule):
         self.update_or_skip(loss)
         metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
                         "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
-        self.last_sampled_entropies = batch["entropies"].detach().cpu()
+        self.last_sampled_entropies = batch.entropies.detach().cpu()
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
         self._show_in_progress_bar(shown, batch_size=len(contexts))
 
@@ -547,22 +548,22 @@ class RMTModule(L.LightningModule):
             self.trainer.progress_bar_metrics.pop(key, None)
         self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
 
-    def _keep_samples(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> None:
+    def _keep_samples(self, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor) -> None:
         """What the CompletionsTable callback shows of this step: a few completions and every reasoning length."""
         self.last_samples = self._sample_rows(batch, rollout, rewards)
         self.last_reasoning_lengths = torch.tensor(rollout.reasoning_lengths, dtype=torch.float32)
 
-    def _sample_rows(self, batch: dict, rollout: GroupRollout, rewards: Tensor) -> list[dict]:
+    def _sample_rows(self, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor) -> list[dict]:
         """A few rows for the completions table (the first completion of each position first)."""
-        group = len(rollout.texts) // len(batch["contexts"])
-        rows = [p * group for p in range(len(batch["contexts"]))][: self.hparams.log_samples]
+        group = len(rollout.texts) // len(batch.contexts)
+        rows = [p * group for p in range(len(batch.contexts))][: self.hparams.log_samples]
         predictions = rollout.predictions
         return [
             {
-                "tier": TIER_NAMES[int(batch["tiers"][r // group])],
-                "context": self.tokenizer.decode(batch["contexts"][r // group][-24:]),
+                "tier": TIER_NAMES[int(batch.tiers[r // group])],
+                "context": self.tokenizer.decode(batch.contexts[r // group][-24:]),
                 "completion": rollout.texts[r],
-                "target": batch["continuations"][r // group][0].decode("utf-8", errors="replace"),
+                "target": batch.continuations[r // group][0].decode("utf-8", errors="replace"),
                 "prediction": predictions[r],
                 "reward": float(rewards.flatten()[r]),
             }
@@ -584,20 +585,20 @@ class RMTModule(L.LightningModule):
             return schedules[0].final_budget
         return int(self.budget)
 
-    def _evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+    def _evaluate(self, batch: PositionBatch, batch_idx: int, stage: str) -> None:
         """Score one batch of held-out positions in NTP mode and, with ``val_reasoning``, in reasoning mode."""
         hp = self.hparams
         metrics = self.eval_metrics[stage]
         if batch_idx == 0:
             self.eval_samples, self.eval_reasoning_lengths = [], []
-        hits = argmax_hits(self.policy, batch["contexts"], batch["next_token_ids"], self.tokenizer.pad_token_id)
-        metrics.ntp.update(hits, batch["tiers"])
+        hits = argmax_hits(self.policy, batch.contexts, batch.next_token_ids, self.tokenizer.pad_token_id)
+        metrics.ntp.update(hits, batch.tiers)
         if not hp.val_reasoning:
             return
         budget = self.evaluation_budget()
-        rollout = self.rollout(self._prompts(batch["contexts"], budget), budget, hp.val_group_size, hp.val_temperature)
-        rewards, correct, _ = self.rewards(rollout, batch["continuations"], budget)
-        metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch["tiers"])
+        rollout = self.rollout(self._prompts(batch.contexts, budget), budget, hp.val_group_size, hp.val_temperature)
+        rewards, correct, _ = self.rewards(rollout, batch.continuations, budget)
+        metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch.tiers)
         self.eval_reasoning_lengths.extend(rollout.reasoning_lengths)
         if batch_idx == 0:
             self.eval_samples = self._sample_rows(batch, rollout, rewards)
@@ -627,11 +628,11 @@ class RMTModule(L.LightningModule):
         if folder is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             write_figures(folder, stage, self.last_evaluation)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: PositionBatch, batch_idx: int) -> None:
         """Next-token accuracy at held-out positions on the nested tiers H > 0.5, 1.0, 1.5, in both modes."""
         self._evaluate(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: PositionBatch, batch_idx: int) -> None:
         """As ``validation_step``, logged under ``test/``."""
         self._evaluate(batch, batch_idx, "test")
 

@@ -76,7 +76,7 @@ class Probe(L.Callback):
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
             "budget": int(pl_module.budget),
-            "draws": [[int(d), int(p)] for d, p in zip(batch["doc_ids"].tolist(), batch["positions"].tolist())],
+            "draws": [[int(d), int(p)] for d, p in zip(batch.position_documents.tolist(), batch.positions.tolist())],
         })
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -329,30 +329,30 @@ def test_datamodule_train_batch_contents(ready_dm, tokenizer, thresholds):
     batch = next(iter(dm.train_dataloader()))
     token_bytes = TokenBytes(tokenizer)
     pad = tokenizer.pad_token_id
-    assert len(batch["positions"]) == 8
-    assert (batch["positions"] > 6).any()  # some contexts are really left-truncated
-    for i, (d, p) in enumerate(zip(batch["doc_ids"].tolist(), batch["positions"].tolist())):
+    assert len(batch.positions) == 8
+    assert (batch.positions > 6).any()  # some contexts are really left-truncated
+    for i, (d, p) in enumerate(zip(batch.position_documents.tolist(), batch.positions.tolist())):
         doc = dm.documents[d]
         assert d in set(dm.train_candidates.doc.tolist()) and 1 <= p < len(doc)
-        assert batch["contexts"][i] == doc[max(0, p - 6) : p]
-        assert batch["continuations"][i] == token_bytes.many(doc[p : p + 3])
-        assert batch["next_token_ids"][i].item() == doc[p]
-        assert batch["entropies"][i].item() > thresholds[0]
-    assert torch.equal(batch["tiers"], assign_tiers(batch["entropies"], thresholds))
+        assert batch.contexts[i] == doc[max(0, p - 6) : p]
+        assert batch.continuations[i] == token_bytes.many(doc[p : p + 3])
+        assert batch.next_token_ids[i].item() == doc[p]
+        assert batch.entropies[i].item() > thresholds[0]
+    assert torch.equal(batch.tiers, assign_tiers(batch.entropies, thresholds))
 
-    rl_positions = set(zip(batch["doc_ids"].tolist(), batch["positions"].tolist()))
-    assert batch["document_ids"].tolist() == sorted({d for d, _ in rl_positions})
-    for row, d in enumerate(batch["document_ids"].tolist()):
+    rl_positions = set(zip(batch.position_documents.tolist(), batch.positions.tolist()))
+    assert batch.document_indices.tolist() == sorted({d for d, _ in rl_positions})
+    for row, d in enumerate(batch.document_indices.tolist()):
         doc = dm.documents[d]
-        expected_tokens = doc + [pad] * (batch["documents"].shape[1] - len(doc))
-        assert batch["documents"][row].tolist() == expected_tokens
-        assert batch["document_attention_mask"][row].tolist() == [1] * len(doc) + [0] * (len(expected_tokens) - len(doc))
+        expected_tokens = doc + [pad] * (batch.documents.shape[1] - len(doc))
+        assert batch.documents[row].tolist() == expected_tokens
+        assert batch.document_attention_mask[row].tolist() == [1] * len(doc) + [0] * (len(expected_tokens) - len(doc))
         expected_mask = [0 < p < len(doc) and (d, p) not in rl_positions for p in range(len(expected_tokens))]
-        assert batch["ntp_mask"][row].tolist() == expected_mask
+        assert batch.ntp_mask[row].tolist() == expected_mask
 
-    probabilities = batch["curriculum_probabilities"]
+    probabilities = batch.curriculum_probabilities
     torch.testing.assert_close(probabilities, torch.tensor([0.6, 0.3, 0.1]))
-    assert batch["curriculum_progress"] == 0.0 and batch["curriculum_batch"] == 0
+    assert batch.curriculum_progress == 0.0 and batch.curriculum_batch == 0
     assert dm.sampler.total_batches == 5  # no trainer: one epoch of batches_per_epoch
 
 
@@ -361,8 +361,8 @@ def test_datamodule_val_batches_come_from_val_documents(ready_dm):
     batches = list(ready_dm.val_dataloader())
     assert batches
     for batch in batches:
-        assert set(batch["doc_ids"].tolist()) <= val_docs
-        assert (batch["tiers"] >= 0).all()
+        assert set(batch.position_documents.tolist()) <= val_docs
+        assert (batch.tiers >= 0).all()
 
 
 def test_datamodule_reuses_cached_scores(make_dm, cache_dir, monkeypatch):
@@ -434,7 +434,7 @@ def test_datamodule_state_dict_carries_sampler(make_dm):
     resumed.load_state_dict(state)  # before setup: applied when the sampler exists
     resumed.setup("fit")
     assert resumed.sampler.state_dict() == state["sampler"]
-    assert torch.equal(next(iter(resumed.train_dataloader()))["positions"], next(loader)["positions"])
+    assert torch.equal(next(iter(resumed.train_dataloader())).positions, next(loader).positions)
 
     later = make_dm()
     later.setup("fit")

@@ -67,7 +67,7 @@ def _single_process_draws(workdir: Path, epochs: int) -> list[list[list[int]]]:
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         for batch in loader:
-            draws.append([[int(d), int(p)] for d, p in zip(batch["doc_ids"].tolist(), batch["positions"].tolist())])
+            draws.append([[int(d), int(p)] for d, p in zip(batch.position_documents.tolist(), batch.positions.tolist())])
     return draws
 
 

@@ -94,7 +94,7 @@ def test_ddp_checkpoint_resumes_in_one_process_with_the_same_schedule_draws_and_
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            draws[trainer.global_step] = sorted(zip(batch["doc_ids"].tolist(), batch["positions"].tolist()))
+            draws[trainer.global_step] = sorted(zip(batch.position_documents.tolist(), batch.positions.tolist()))
             budgets[trainer.global_step] = pl_module.budget
 
     cli.trainer.callbacks.append(Record())

@@ -90,7 +90,7 @@ def test_ntp_accuracy_equals_an_independent_argmax_loop_and_tiers_follow_entropy
     hits, splits = [], []
     with torch.no_grad():
         for batch in data.val_dataloader():
-            for d, p, tier in zip(batch["doc_ids"].tolist(), batch["positions"].tolist(), batch["tiers"].tolist()):
+            for d, p, tier in zip(batch.position_documents.tolist(), batch.positions.tolist(), batch.tiers.tolist()):
                 expected_tier = sum(entropy[(d, p)] > t for t in thresholds) - 1
                 assert tier == expected_tier, (d, p, entropy[(d, p)], thresholds)
                 context = documents[d][max(0, p - max_context) : p]
@@ -181,7 +181,7 @@ class ScriptedModule(RMTModule):
         group = group_size or self.hparams.group_size
         texts, lengths = [], []
         for i in range(len(prompts)):
-            target = self.batch["continuations"][i][0].decode("utf-8", errors="replace")
+            target = self.batch.continuations[i][0].decode("utf-8", errors="replace")
             right = f"<think>\nsome thought</think> \\boxed{{{target}}}"
             wrong = f"<think>\nsome thought</think> \\boxed{{{target}x}}"
             missing = "<think>\nstill thinking"

@@ -388,8 +388,8 @@ def test_empty_tiers_warn_and_the_mix_is_renormalised(tmp_path):
     batches = list(datamodule.train_dataloader())
     assert len(batches) == 3
     for batch in batches:
-        assert batch["curriculum_probabilities"].tolist() == [0.0, 0.0, 1.0]
-        assert batch["tiers"].tolist() == [2, 2, 2, 2]
+        assert batch.curriculum_probabilities.tolist() == [0.0, 0.0, 1.0]
+        assert batch.tiers.tolist() == [2, 2, 2, 2]
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, monkeypatch):

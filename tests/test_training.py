@@ -73,7 +73,7 @@ class _DrawRecorder(L.Callback):
         self.draws = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.draws.append((batch["curriculum_epoch"], batch["curriculum_batch"], batch["doc_ids"].tolist(), batch["positions"].tolist()))
+        self.draws.append((batch.curriculum_epoch, batch.curriculum_batch, batch.position_documents.tolist(), batch.positions.tolist()))
 
 
 def test_checkpoint_has_policy_but_not_reference_and_resumes_the_same_draws(tmp_path):

@@ -20,6 +20,7 @@ from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, parse_d
 from ..padding import pad_right
 from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
+from .batches import PositionBatch
 from .sampler import CurriculumBatchSampler
 from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy, window_plan
 
@@ -92,7 +93,7 @@ class PositionBatches(Dataset):
         self.max_context_tokens = max_context_tokens
         self.continuation_tokens = continuation_tokens
 
-    def __getitem__(self, draw) -> dict:
+    def __getitem__(self, draw) -> PositionBatch:
         ids, where = draw if isinstance(draw, tuple) else (draw, {})
         ids = torch.as_tensor(ids, dtype=torch.long)
         doc, pos = self.candidates.doc[ids], self.candidates.pos[ids]
@@ -108,20 +109,20 @@ class PositionBatches(Dataset):
         row_of = {d: row for row, d in enumerate(unique_docs)}
         for d, p in zip(doc.tolist(), pos.tolist()):
             ntp_mask[row_of[d], p] = False  # RL positions are trained by RL only
-        return {
-            "doc_ids": doc,
-            "positions": pos,
-            "next_token_ids": torch.tensor([self.documents[d][p] for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
-            "tiers": self.candidates.tier[ids],
-            "entropies": self.candidates.entropy[ids],
-            "contexts": contexts,
-            "continuations": continuations,
-            "documents": documents,
-            "document_attention_mask": attention,
-            "ntp_mask": ntp_mask,
-            "document_ids": torch.tensor(unique_docs, dtype=torch.long),
+        return PositionBatch(
+            position_documents=doc,
+            positions=pos,
+            next_token_ids=torch.tensor([self.documents[d][p] for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
+            tiers=self.candidates.tier[ids],
+            entropies=self.candidates.entropy[ids],
+            contexts=contexts,
+            continuations=continuations,
+            documents=documents,
+            document_attention_mask=attention,
+            ntp_mask=ntp_mask,
+            document_indices=torch.tensor(unique_docs, dtype=torch.long),
             **where,
-        }
+        )
 
     def __len__(self) -> int:
         return len(self.candidates.doc)
@@ -450,8 +451,8 @@ class RMTDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # The sampler runs one batch ahead of training; the resume point is the last batch trained on.
-        if isinstance(batch, dict) and "curriculum_batch" in batch:
-            self._consumed = {"epoch": batch["curriculum_epoch"], "batches_yielded": batch["curriculum_batch"] + 1}
+        if isinstance(batch, PositionBatch) and batch.curriculum_batch is not None:
+            self._consumed = {"epoch": batch.curriculum_epoch, "batches_yielded": batch.curriculum_batch + 1}
         return batch
 
     def state_dict(self) -> dict:
