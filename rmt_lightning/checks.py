@@ -14,11 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import BUILTIN_SMOLLM2, BUILTIN_TINY, resolve_model_source
+from .models import BUILTIN_SMOLLM2, BUILTIN_TINY, max_positions, model_config
 
 BUILTIN_MODELS = (BUILTIN_SMOLLM2, BUILTIN_TINY)
-
-_MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 class InputError(ValueError):
@@ -106,15 +104,6 @@ def _check_hub_model(repo_id: str, field: str) -> None:
         ) from None
 
 
-def max_positions(config) -> int | None:
-    """Longest sequence a model's config says it supports (None when the config does not say)."""
-    for field in _MAX_POSITION_FIELDS:
-        value = getattr(config, field, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_fits_model(lengths: dict[str, int], model: str, limit: int | None) -> None:
     """Every named length (``{"max_context_tokens": 256, ...}``) fits ``limit`` positions of ``model``."""
     if limit is None:
@@ -141,13 +130,6 @@ def check_writable_directory(path: str | os.PathLike, what: str) -> None:
             pass
     except OSError as error:
         raise InputError(f"{what} '{path}' is not writable ({error.strerror} in '{existing}'); choose another folder") from None
-
-
-def model_config(name_or_path: str, trust_remote_code: bool = False):
-    """The ``transformers`` config of a model source (reads config.json only, loads no weights)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(resolve_model_source(name_or_path), trust_remote_code=trust_remote_code)
 
 
 def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:

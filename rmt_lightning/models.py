@@ -162,3 +162,23 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype '{name}' is not supported; valid: {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+_MAX_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+"""Config fields that give the longest sequence a model supports, in the order they are read."""
+
+
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The ``transformers`` config of a model source (reads config.json only, loads no weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_source(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def max_positions(config) -> int | None:
+    """Longest sequence a model's config says it supports (None when the config does not say)."""
+    for field in _MAX_POSITION_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

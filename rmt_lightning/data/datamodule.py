@@ -14,9 +14,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..checks import InputError, as_input_error, at_least, check_fits_model, check_model_source, check_writable_directory, max_positions, model_config
+from ..checks import InputError, as_input_error, at_least, check_fits_model, check_model_source, check_writable_directory
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities
-from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, parse_dtype, resolve_model_source
+from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, max_positions, model_config, parse_dtype, resolve_model_source
 from ..padding import pad_right
 from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
