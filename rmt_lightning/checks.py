@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .models import BUILTIN_SMOLLM2, BUILTIN_TINY, max_positions, model_config
+from .models import BUILTIN_SMOLLM2, BUILTIN_TINY, max_positions, model_config, parse_dtype
 
 BUILTIN_MODELS = (BUILTIN_SMOLLM2, BUILTIN_TINY)
 
@@ -154,3 +154,46 @@ def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:
             "positions); valid: a sum within it: lower data.max_context_tokens, the budget (TokenBudget b0, model.budget) "
             "or model.max_response_length"
         )
+
+
+CORRECTNESS_RULES = ("exact", "prefix")
+"""Correctness rules of the reward: ``exact`` (RMT) and ``prefix`` (RPT)."""
+
+# RMTModule arguments and the least value each may take.
+_MODULE_MINIMUMS = {
+    "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "beta": 0.0, "temperature": 0.0, "clip_eps": 0.0, "ntp_weight": 0.0,
+    "budget": 1, "answer_allowance": 0, "max_response_length": 1, "lr_warmup_steps": 0, "format_warmup_steps": 0,
+    "rl_micro_batch_size": 1, "ntp_micro_batch_size": 1, "max_consecutive_skips": 1,
+}
+
+
+def check_module_arguments(hp) -> None:
+    """``RMTModule``'s arguments (its hyperparameters) in their valid ranges; the first that is not raises one
+    ValueError (InputError for a dtype) naming it and what is valid."""
+    if hp["correctness"] not in CORRECTNESS_RULES:
+        raise ValueError(f"correctness '{hp['correctness']}' is not a rule; valid: {list(CORRECTNESS_RULES)}")
+    if hp["group_size"] < 2:
+        raise ValueError(f"group_size={hp['group_size']}: GRPO needs G >= 2 completions per position")
+    if "{context}" not in hp["instruction"]:
+        raise ValueError("instruction must contain the '{context}' placeholder")
+    with as_input_error():
+        parse_dtype(hp["dtype"])
+    if hp["reference_dtype"] is not None:
+        with as_input_error("reference_dtype: "):
+            parse_dtype(hp["reference_dtype"])
+    for name, minimum in _MODULE_MINIMUMS.items():
+        at_least(name, hp[name], minimum)
+    between("length_reward_weight", hp["length_reward_weight"], 0.0, 1.0)
+    between("top_p", hp["top_p"], 1e-9, 1.0)
+    warmup_lr, lr = hp["format_warmup_lr"], hp["lr"]
+    if warmup_lr is not None and not (warmup_lr > 0 and lr > 0):
+        raise ValueError(
+            f"format_warmup_lr={warmup_lr} needs format_warmup_lr > 0 and lr > 0 (lr={lr}); leave it unset (None) to "
+            "warm up at lr"
+        )
+    if hp["val_budget"] is not None and hp["val_budget"] < 1:
+        raise ValueError(f"val_budget={hp['val_budget']} must be >= 1 (or None for the final budget)")
+    if hp["val_group_size"] < 1:
+        raise ValueError(f"val_group_size={hp['val_group_size']} must be >= 1")
+    if not hp["val_temperature"] >= 0:
+        raise ValueError(f"val_temperature={hp['val_temperature']} must be >= 0 (0: greedy)")

@@ -14,23 +14,21 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from .method import TIER_NAMES, completion_rewards, group_advantages, grpo_token_loss_terms, token_logprobs, zero_std_groups
+from .method import TIER_NAMES, completion_rewards, group_advantages, zero_std_groups
 from .callbacks.token_budget import TokenBudget
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
-from .checks import as_input_error, at_least, between
+from .checks import check_module_arguments
 from .data.batches import PositionBatch
 from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
-from .forward import completion_logprobs, head_positions
+from . import losses
 from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration
 from .rollout import GroupRollout, generate_group
 from .distributed import (
-    all_ranks, fsdp1_settings, gradients_finite, is_fsdp1, max_over_ranks, shard_model, world_size, wrap_fsdp1,
+    all_ranks, fsdp1_settings, gradients_finite, is_fsdp1, shard_model, world_size, wrap_fsdp1,
 )
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
-
-CORRECTNESS_RULES = ("exact", "prefix")
 
 PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})
 """What the progress bar shows: the loss of a format warm-up step, of an NTP-only step, or an RL step's reward and budget."""
@@ -194,40 +192,8 @@ class RMTModule(L.LightningModule):
         val_temperature: float = 0.0,
     ):
         super().__init__()
-        if correctness not in CORRECTNESS_RULES:
-            raise ValueError(f"correctness '{correctness}' is not a rule; valid: {list(CORRECTNESS_RULES)}")
-        if group_size < 2:
-            raise ValueError(f"group_size={group_size}: GRPO needs G >= 2 completions per position")
-        if "{context}" not in instruction:
-            raise ValueError("instruction must contain the '{context}' placeholder")
-        with as_input_error():
-            parse_dtype(dtype)
-        if reference_dtype is not None:
-            with as_input_error("reference_dtype: "):
-                parse_dtype(reference_dtype)
-        for name, value, minimum in (
-            ("lr", lr, 0.0), ("weight_decay", weight_decay, 0.0), ("grad_clip", grad_clip, 0.0), ("beta", beta, 0.0),
-            ("temperature", temperature, 0.0), ("clip_eps", clip_eps, 0.0),
-            ("ntp_weight", ntp_weight, 0.0), ("budget", budget, 1), ("answer_allowance", answer_allowance, 0),
-            ("max_response_length", max_response_length, 1), ("lr_warmup_steps", lr_warmup_steps, 0),
-            ("format_warmup_steps", format_warmup_steps, 0), ("rl_micro_batch_size", rl_micro_batch_size, 1),
-            ("ntp_micro_batch_size", ntp_micro_batch_size, 1), ("max_consecutive_skips", max_consecutive_skips, 1),
-        ):
-            at_least(name, value, minimum)
-        between("length_reward_weight", length_reward_weight, 0.0, 1.0)
-        between("top_p", top_p, 1e-9, 1.0)
-        if format_warmup_lr is not None and not (format_warmup_lr > 0 and lr > 0):
-            raise ValueError(
-                f"format_warmup_lr={format_warmup_lr} needs format_warmup_lr > 0 and lr > 0 (lr={lr}); "
-                "leave it unset (None) to warm up at lr"
-            )
-        if val_budget is not None and val_budget < 1:
-            raise ValueError(f"val_budget={val_budget} must be >= 1 (or None for the final budget)")
-        if val_group_size < 1:
-            raise ValueError(f"val_group_size={val_group_size} must be >= 1")
-        if not val_temperature >= 0:
-            raise ValueError(f"val_temperature={val_temperature} must be >= 0 (0: greedy)")
         self.save_hyperparameters()
+        check_module_arguments(self.hparams)
         self.automatic_optimization = False
         self.budget = budget
         """Current reasoning budget B; the TokenBudget callback updates it."""
@@ -378,102 +344,36 @@ class RMTModule(L.LightningModule):
         advantages = group_advantages(rewards, eps=self.hparams.advantage_eps).flatten()
         return Trajectory(prompts, rollout, rewards, correct, length, advantages)
 
-    # ---- losses ------------------------------------------------------------------------------------
-
-    def _completion_logprobs(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1,
-                             logprob_mask=None) -> Tensor:
-        # Gradient checkpointing turns the key/value cache off, so the shared-prompt path needs it off.
-        checkpointing = getattr(model, "is_activation_checkpointing", None)
-        if checkpointing is None:
-            checkpointing = getattr(model, "is_gradient_checkpointing", False)
-        return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                                   not checkpointing, logprob_mask=logprob_mask, all_agree=self._agreement())
+    # ---- losses (losses.py) -------------------------------------------------------------------------
 
     def rl_backward(self, trajectory: Trajectory) -> dict[str, float]:
         """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
-        hp = self.hparams
-        group, rollout = hp.group_size, trajectory.rollout
-        prompt_ids, prompt_mask = (t.to(self.device) for t in pad_left(trajectory.prompts, self.tokenizer.pad_token_id))
-        completion_ids = rollout.completion_ids.to(self.device)
-        completion_mask = rollout.completion_mask.long().to(self.device)
-        loss_mask = rollout.sampled_mask.to(self.device)
-        advantages = trajectory.advantages.to(self.device)
-        total_tokens = max(1, int(loss_mask.sum()))
-        sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
-        prompts_per_micro_batch = max(1, hp.rl_micro_batch_size // group)
-        for first in range(0, len(trajectory.prompts), prompts_per_micro_batch):
-            owners = slice(first, first + prompts_per_micro_batch)
-            rows = slice(first * group, (first + prompts_per_micro_batch) * group)
-            tokens = int(loss_mask[rows].sum())
-            # Every rank has as many micro-batches; under DDP/FSDP each must run its passes even when empty.
-            if tokens == 0 and world_size(self._trainer) == 1:
-                continue
-            args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group)
-            # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
-            logprobs = self._completion_logprobs(self.policy, *args, logprob_mask=loss_mask[rows])
-            reference = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    reference = self._completion_logprobs(self._reference_model(), *args, logprob_mask=loss_mask[rows])
-            terms = grpo_token_loss_terms(
-                logprobs, logprobs.detach(), advantages[rows], loss_mask[rows], clip_eps=hp.clip_eps,
-                ref_logprobs=reference, beta=hp.beta,
-            )
-            share = tokens / total_tokens
-            self.manual_backward(terms.loss * share)
-            sums["loss_rl"] += float(terms.loss.detach()) * share
-            sums["kl"] += float(terms.kl) * share
-            sums["ppo_clip_fraction"] += float(terms.clipped_fraction) * share
-        return sums
+        hp, rollout = self.hparams, trajectory.rollout
+        prompt_ids, prompt_mask = pad_left(trajectory.prompts, self.tokenizer.pad_token_id)
+        tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask,
+                   trajectory.advantages)
+        return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward,
+                                  *(t.to(self.device) for t in tensors), group_size=hp.group_size,
+                                  micro_batch_size=hp.rl_micro_batch_size, clip_eps=hp.clip_eps, beta=hp.beta)
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
         """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
-        hp = self.hparams
-        targets = ntp_mask[:, 1:]
-        total = max(1, int(targets.sum()))
-        nll = 0.0
-        size = hp.ntp_micro_batch_size
-        micro_batches = math.ceil(documents.shape[0] / size)
-        # Ranks hold different numbers of documents, but under DDP/FSDP every rank must run as many
-        # forward/backward passes: a rank that runs out repeats its first rows at weight 0.
-        for index in range(max_over_ranks(self._trainer, micro_batches)):
-            rows = slice(index * size, (index + 1) * size) if index < micro_batches else slice(0, size)
-            count = int(targets[rows].sum()) if index < micro_batches else 0
-            if count == 0 and world_size(self._trainer) == 1:
-                continue
-            # The head projects only the positions that predict a target (not padding, not RL positions), so
-            # no [N, T, V] logits tensor is built. A rank with nothing to add runs one position at weight 0.
-            select = torch.zeros_like(ntp_mask[rows])
-            if count:
-                select[:, :-1] = targets[rows]
-            else:
-                select[0, 0] = True
-            with head_positions(self.policy, select) as pick:
-                logits = pick(self.policy(input_ids=documents[rows], attention_mask=attention[rows]).logits)
-            logprobs = token_logprobs(logits, documents[rows][:, 1:][select[:, :-1]] if count else documents[rows][:1, 1])
-            loss = -logprobs.sum() / max(1, count)
-            self.manual_backward(loss * (count / total) * weight)
-            nll += float(loss.detach()) * count / total
-        return nll
+        return losses.ntp_backward(self.policy, self._trainer, self.manual_backward, documents, attention, ntp_mask,
+                                   weight, self.hparams.ntp_micro_batch_size)
 
     def format_warmup_backward(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> float:
         """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only)."""
         hp = self.hparams
-        prompts = self._prompts(contexts, budget)
         responses = []
         for context, continuation in zip(contexts, continuations):
             target = continuation[0].decode("utf-8", errors="replace")
             thought = hp.format_warmup_thought.replace("{context_tail}", self.tokenizer.decode(context[-budget:]))
             thought = thought.replace("{next_token}", target)
             responses.append(self.tokenizer(demonstration(thought, target), add_special_tokens=False)["input_ids"])
-        prompt_ids, prompt_mask = pad_left(prompts, self.tokenizer.pad_token_id)
-        response_ids, response_mask = pad_right(responses, self.tokenizer.pad_token_id)
-        args = [t.to(self.device) for t in (prompt_ids, prompt_mask, response_ids, response_mask)]
-        logprobs = self._completion_logprobs(self.policy, *args)
-        mask = args[3].float()
-        loss = -(logprobs * mask).sum() / mask.sum()
-        self.manual_backward(loss)
-        return float(loss.detach())
+        pad = self.tokenizer.pad_token_id
+        tensors = (*pad_left(self._prompts(contexts, budget), pad), *pad_right(responses, pad))
+        return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward,
+                                              *(t.to(self.device) for t in tensors))
 
     def update_or_skip(self, loss: float) -> None:
         """Clip the gradients and step the optimizer and the LR schedule, or, when the loss or a gradient is not

@@ -1,0 +1,106 @@
+"""The losses of a training step, each backpropagated micro-batch by micro-batch as it is computed (so only one
+micro-batch's activations are alive at a time): GRPO on a trajectory's sampled tokens, next-token prediction on
+the documents, and the format warm-up's demonstrations.
+
+``backward`` is Lightning's ``manual_backward``. ``trainer`` tells how many processes run: under DDP and FSDP every
+rank must run as many forward/backward passes as the others (each is a collective), so a rank with nothing to
+add runs its passes at weight 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .distributed import all_ranks, max_over_ranks, world_size
+from .forward import completion_logprobs, head_positions
+from .method import grpo_token_loss_terms, token_logprobs
+
+
+def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                   completion_mask: Tensor, group_size: int = 1, logprob_mask: Tensor | None = None) -> Tensor:
+    """``forward.completion_logprobs`` of ``model``, sharing each prompt's keys and values with its group unless
+    activation checkpointing (which turns the key/value cache off) is on."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    # Under FSDP the processes must agree on running the shared prompt prefix as a pass of its own.
+    agree = (lambda flag: all_ranks(trainer, flag)) if world_size(trainer) > 1 else None
+    return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
+                               not checkpointing, logprob_mask=logprob_mask, all_agree=agree)
+
+
+def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
+                completion_ids: Tensor, completion_mask: Tensor, sampled_mask: Tensor, advantages: Tensor, *,
+                group_size: int, micro_batch_size: int, clip_eps: float, beta: float) -> dict[str, float]:
+    """GRPO loss (``method.grpo_token_loss_terms``) over the policy-sampled tokens of ``P`` prompts with ``G``
+    completions each, ``micro_batch_size`` completions per pass; the loss of each pass is weighted by its share of
+    the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
+    ``ppo_clip_fraction``."""
+    total_tokens = max(1, int(sampled_mask.sum()))
+    sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
+    prompts_per_pass = max(1, micro_batch_size // group_size)
+    for first in range(0, prompt_ids.shape[0], prompts_per_pass):
+        owners = slice(first, first + prompts_per_pass)
+        rows = slice(first * group_size, (first + prompts_per_pass) * group_size)
+        tokens = int(sampled_mask[rows].sum())
+        if tokens == 0 and world_size(trainer) == 1:
+            continue
+        args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group_size)
+        # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
+        logprobs = model_logprobs(policy, trainer, *args, logprob_mask=sampled_mask[rows])
+        reference_logprobs = None
+        if reference is not None:
+            with torch.no_grad():
+                reference_logprobs = model_logprobs(reference, trainer, *args, logprob_mask=sampled_mask[rows])
+        terms = grpo_token_loss_terms(logprobs, logprobs.detach(), advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
+                                      ref_logprobs=reference_logprobs, beta=beta)
+        share = tokens / total_tokens
+        backward(terms.loss * share)
+        sums["loss_rl"] += float(terms.loss.detach()) * share
+        sums["kl"] += float(terms.kl) * share
+        sums["ppo_clip_fraction"] += float(terms.clipped_fraction) * share
+    return sums
+
+
+def ntp_backward(policy, trainer, backward: Callable[[Tensor], None], documents: Tensor, attention: Tensor,
+                 ntp_mask: Tensor, weight: float, micro_batch_size: int) -> float:
+    """Teacher-forced NLL over the ``ntp_mask`` positions of the documents, ``micro_batch_size`` documents per pass,
+    backpropagated times ``weight``; returns the NLL."""
+    targets = ntp_mask[:, 1:]
+    total = max(1, int(targets.sum()))
+    nll = 0.0
+    passes = math.ceil(documents.shape[0] / micro_batch_size)
+    # Ranks hold different numbers of documents: a rank that runs out repeats its first rows at weight 0.
+    for index in range(max_over_ranks(trainer, passes)):
+        rows = slice(index * micro_batch_size, (index + 1) * micro_batch_size) if index < passes else slice(0, micro_batch_size)
+        count = int(targets[rows].sum()) if index < passes else 0
+        if count == 0 and world_size(trainer) == 1:
+            continue
+        # The head projects only the positions that predict a target (not padding, not RL positions), so
+        # no [N, T, V] logits tensor is built. A rank with nothing to add runs one position at weight 0.
+        select = torch.zeros_like(ntp_mask[rows])
+        if count:
+            select[:, :-1] = targets[rows]
+        else:
+            select[0, 0] = True
+        with head_positions(policy, select) as pick:
+            logits = pick(policy(input_ids=documents[rows], attention_mask=attention[rows]).logits)
+        logprobs = token_logprobs(logits, documents[rows][:, 1:][select[:, :-1]] if count else documents[rows][:1, 1])
+        loss = -logprobs.sum() / max(1, count)
+        backward(loss * (count / total) * weight)
+        nll += float(loss.detach()) * count / total
+    return nll
+
+
+def demonstrations_backward(policy, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
+                            response_ids: Tensor, response_mask: Tensor) -> float:
+    """NLL of the response tokens of demonstrations after their prompts, backpropagated; returns it."""
+    logprobs = model_logprobs(policy, trainer, prompt_ids, prompt_mask, response_ids, response_mask)
+    mask = response_mask.float()
+    loss = -(logprobs * mask).sum() / mask.sum()
+    backward(loss)
+    return float(loss.detach())
