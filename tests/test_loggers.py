@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from rmt_lightning import CompletionsTable, RMTDataModule, RMTModule
 from rmt_lightning.callbacks.writers import COLUMNS, HISTOGRAM_BINS
 from rmt_lightning.models import BUILTIN_TINY
+from test_evaluation import _events as tensorboard_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,14 +63,6 @@ def _check_histograms(counts: dict[tuple[str, int], int]) -> None:
 # ---- TensorBoard and CSV ------------------------------------------------------------------------------------
 
 
-def _tensorboard_events(folder):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    events.Reload()
-    return events
-
-
 def test_tensorboard_and_csv_at_once_each_get_completions_histograms_and_scalars(tmp_path):
     tensorboard = TensorBoardLogger(str(tmp_path / "tb"), name="run")
     csv_logger = CSVLogger(str(tmp_path / "csv"), name="run")
@@ -90,7 +83,7 @@ def test_tensorboard_and_csv_at_once_each_get_completions_histograms_and_scalars
         assert h["count"] == sum(h["counts"]) and len(h["counts"]) == HISTOGRAM_BINS == len(h["edges"]) - 1
         assert h["edges"][0] <= h["min"] <= h["mean"] <= h["max"] <= h["edges"][-1]
 
-    events = _tensorboard_events(tensorboard.log_dir)
+    events = tensorboard_events(tensorboard.log_dir)
     assert "train/reward" in events.Tags()["scalars"] and "val/acc_avg" in events.Tags()["scalars"]
     _check_histograms({(tag, e.step): int(e.histogram_value.num) for tag in events.Tags()["histograms"]
                        for e in events.Histograms(tag)})
@@ -292,5 +285,5 @@ def test_two_processes_gather_every_rank_to_rank_0_in_each_logger(tmp_path):
         ("curriculum/sampled_entropy", 1): 4, ("curriculum/sampled_entropy", 2): 4,
         ("train/reasoning_length_hist", 1): 16, ("train/reasoning_length_hist", 2): 16,
         ("val/reasoning_length_hist", 2): 8}
-    events = _tensorboard_events(tmp_path / "logs" / "TensorBoard" / "version_0")
+    events = tensorboard_events(tmp_path / "logs" / "TensorBoard" / "version_0")
     assert [int(e.histogram_value.num) for e in events.Histograms("train/reasoning_length_hist")] == [16, 16]
