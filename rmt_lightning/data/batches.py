@@ -1,10 +1,18 @@
-"""The batch the datamodule makes and the module, the evaluation and the callbacks read."""
+"""From scored positions to batches: the table of candidate positions, the batch type the module, the evaluation
+and the callbacks read, and the dataset and sampler wrapper that make one batch per draw of the curriculum."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from ..method import TIER_NAMES, assign_tiers
+from ..padding import pad_right
+from ..tokens import TokenBytes
+from .sampler import CurriculumBatchSampler
 
 
 @dataclass
@@ -42,3 +50,106 @@ class PositionBatch:
     """Epoch of the sampler that drew the batch (training batches only)."""
     curriculum_batch: int | None = None
     """Index of the batch within that epoch (training batches only)."""
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Flat table of scored positions: document index, position, entropy and tier (-1: not an RL candidate)."""
+
+    doc: Tensor
+    pos: Tensor
+    entropy: Tensor
+    tier: Tensor
+
+    @classmethod
+    def from_scores(cls, scores: list[Tensor], doc_indices: list[int], thresholds) -> "Candidates":
+        docs, positions, entropies = [], [], []
+        for d in doc_indices:
+            entropy = scores[d]
+            docs.append(torch.full((len(entropy),), d, dtype=torch.long))
+            positions.append(torch.arange(len(entropy)))
+            entropies.append(entropy)
+        entropy = torch.cat(entropies) if entropies else torch.zeros(0)
+        return cls(
+            doc=torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long),
+            pos=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
+            entropy=entropy,
+            tier=assign_tiers(entropy, thresholds),
+        )
+
+    def tier_members(self) -> list[Tensor]:
+        """Candidate indices of each tier (easy, medium, hard)."""
+        return [torch.nonzero(self.tier == t).flatten() for t in range(len(TIER_NAMES))]
+
+
+class DrawsWithProgress(Sampler):
+    """Pairs each sampled batch with where it was drawn: progress, tier probabilities, epoch and batch index.
+
+    The values travel inside the batch because Lightning fetches one batch ahead: the sampler's
+    attributes already describe the next batch when the module sees this one.
+    """
+
+    def __init__(self, sampler: CurriculumBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        for ids in self.sampler:
+            sampler = self.sampler
+            yield list(ids), {
+                "curriculum_progress": float(sampler.last_progress),
+                "curriculum_probabilities": torch.tensor(sampler.last_probabilities, dtype=torch.float32),
+                "curriculum_epoch": sampler.epoch,
+                "curriculum_batch": sampler.state_dict()["batches_yielded"] - 1,
+            }
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+class PositionBatches(Dataset):
+    """Turns a list of candidate indices into one batch: contexts and continuations for RL, documents for NTP."""
+
+    def __init__(self, documents, candidates: Candidates, token_bytes: TokenBytes, pad_token_id: int, max_context_tokens: int, continuation_tokens: int):
+        self.documents = documents
+        self.candidates = candidates
+        self.token_bytes = token_bytes
+        self.pad_token_id = pad_token_id
+        self.max_context_tokens = max_context_tokens
+        self.continuation_tokens = continuation_tokens
+
+    def __getitem__(self, draw) -> PositionBatch:
+        ids, where = draw if isinstance(draw, tuple) else (draw, {})
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        doc, pos = self.candidates.doc[ids], self.candidates.pos[ids]
+        contexts, continuations = [], []
+        for d, p in zip(doc.tolist(), pos.tolist()):
+            tokens = self.documents[d]
+            contexts.append(tokens[max(0, p - self.max_context_tokens) : p])
+            continuations.append(self.token_bytes.many(tokens[p : p + self.continuation_tokens]))
+        unique_docs = sorted(set(doc.tolist()))
+        documents, attention = pad_right([self.documents[d] for d in unique_docs], self.pad_token_id)
+        ntp_mask = attention.bool()
+        ntp_mask[:, 0] = False  # token 0 has no context to be predicted from
+        row_of = {d: row for row, d in enumerate(unique_docs)}
+        for d, p in zip(doc.tolist(), pos.tolist()):
+            ntp_mask[row_of[d], p] = False  # RL positions are trained by RL only
+        return PositionBatch(
+            position_documents=doc,
+            positions=pos,
+            next_token_ids=torch.tensor([self.documents[d][p] for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
+            tiers=self.candidates.tier[ids],
+            entropies=self.candidates.entropy[ids],
+            contexts=contexts,
+            continuations=continuations,
+            documents=documents,
+            document_attention_mask=attention,
+            ntp_mask=ntp_mask,
+            document_indices=torch.tensor(unique_docs, dtype=torch.long),
+            **where,
+        )
+
+    def __len__(self) -> int:
+        return len(self.candidates.doc)

@@ -1,10 +1,10 @@
-"""RMTDataModule: corpus -> tokens -> proxy entropy (cached) -> tiers -> curriculum batches of RL positions."""
+"""RMTDataModule: corpus -> tokens -> proxy entropy (cached) -> tiers -> curriculum batches of RL positions
+(the batches themselves: batches.py)."""
 
 from __future__ import annotations
 
 import gc
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -12,120 +12,16 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from ..checks import InputError, as_input_error, at_least, check_fits_model, check_model_source, check_writable_directory
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities
 from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, max_positions, model_config, parse_dtype, resolve_model_source
-from ..padding import pad_right
 from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
-from .batches import PositionBatch
+from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
 from .sampler import CurriculumBatchSampler
 from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy, window_plan
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Flat table of scored positions: document index, position, entropy and tier (-1: not an RL candidate)."""
-
-    doc: Tensor
-    pos: Tensor
-    entropy: Tensor
-    tier: Tensor
-
-    @classmethod
-    def from_scores(cls, scores: list[Tensor], doc_indices: list[int], thresholds) -> "Candidates":
-        docs, positions, entropies = [], [], []
-        for d in doc_indices:
-            entropy = scores[d]
-            docs.append(torch.full((len(entropy),), d, dtype=torch.long))
-            positions.append(torch.arange(len(entropy)))
-            entropies.append(entropy)
-        entropy = torch.cat(entropies) if entropies else torch.zeros(0)
-        return cls(
-            doc=torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long),
-            pos=torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long),
-            entropy=entropy,
-            tier=assign_tiers(entropy, thresholds),
-        )
-
-    def tier_members(self) -> list[Tensor]:
-        """Candidate indices of each tier (easy, medium, hard)."""
-        return [torch.nonzero(self.tier == t).flatten() for t in range(len(TIER_NAMES))]
-
-
-class _DrawsWithProgress(Sampler):
-    """Pairs each sampled batch with where it was drawn: progress, tier probabilities, epoch and batch index.
-
-    The values travel inside the batch because Lightning fetches one batch ahead: the sampler's
-    attributes already describe the next batch when the module sees this one.
-    """
-
-    def __init__(self, sampler: CurriculumBatchSampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        for ids in self.sampler:
-            sampler = self.sampler
-            yield list(ids), {
-                "curriculum_progress": float(sampler.last_progress),
-                "curriculum_probabilities": torch.tensor(sampler.last_probabilities, dtype=torch.float32),
-                "curriculum_epoch": sampler.epoch,
-                "curriculum_batch": sampler.state_dict()["batches_yielded"] - 1,
-            }
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-
-class PositionBatches(Dataset):
-    """Turns a list of candidate indices into one batch: contexts and continuations for RL, documents for NTP."""
-
-    def __init__(self, documents, candidates: Candidates, token_bytes: TokenBytes, pad_token_id: int, max_context_tokens: int, continuation_tokens: int):
-        self.documents = documents
-        self.candidates = candidates
-        self.token_bytes = token_bytes
-        self.pad_token_id = pad_token_id
-        self.max_context_tokens = max_context_tokens
-        self.continuation_tokens = continuation_tokens
-
-    def __getitem__(self, draw) -> PositionBatch:
-        ids, where = draw if isinstance(draw, tuple) else (draw, {})
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        doc, pos = self.candidates.doc[ids], self.candidates.pos[ids]
-        contexts, continuations = [], []
-        for d, p in zip(doc.tolist(), pos.tolist()):
-            tokens = self.documents[d]
-            contexts.append(tokens[max(0, p - self.max_context_tokens) : p])
-            continuations.append(self.token_bytes.many(tokens[p : p + self.continuation_tokens]))
-        unique_docs = sorted(set(doc.tolist()))
-        documents, attention = pad_right([self.documents[d] for d in unique_docs], self.pad_token_id)
-        ntp_mask = attention.bool()
-        ntp_mask[:, 0] = False  # token 0 has no context to be predicted from
-        row_of = {d: row for row, d in enumerate(unique_docs)}
-        for d, p in zip(doc.tolist(), pos.tolist()):
-            ntp_mask[row_of[d], p] = False  # RL positions are trained by RL only
-        return PositionBatch(
-            position_documents=doc,
-            positions=pos,
-            next_token_ids=torch.tensor([self.documents[d][p] for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
-            tiers=self.candidates.tier[ids],
-            entropies=self.candidates.entropy[ids],
-            contexts=contexts,
-            continuations=continuations,
-            documents=documents,
-            document_attention_mask=attention,
-            ntp_mask=ntp_mask,
-            document_indices=torch.tensor(unique_docs, dtype=torch.long),
-            **where,
-        )
-
-    def __len__(self) -> int:
-        return len(self.candidates.doc)
 
 
 class RMTDataModule(L.LightningDataModule):
@@ -422,7 +318,7 @@ class RMTDataModule(L.LightningDataModule):
         self.sampler.total_batches = self._total_batches()
         # Its own generator: creating the iterator would otherwise draw from the global one, which a resumed
         # run restores from the checkpoint and must find untouched.
-        return DataLoader(self._batches(self.train_candidates), sampler=_DrawsWithProgress(self.sampler), batch_size=None,
+        return DataLoader(self._batches(self.train_candidates), sampler=DrawsWithProgress(self.sampler), batch_size=None,
                           generator=self._loader_generator())
 
     def eval_positions(self) -> Tensor:
