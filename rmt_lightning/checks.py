@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .method.rewards import CORRECTNESS_RULES
 from .models import BUILTIN_SMOLLM2, BUILTIN_TINY, max_positions, model_config, parse_dtype
 
 BUILTIN_MODELS = (BUILTIN_SMOLLM2, BUILTIN_TINY)
@@ -155,9 +156,6 @@ def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:
             "or model.max_response_length"
         )
 
-
-CORRECTNESS_RULES = ("exact", "prefix")
-"""Correctness rules of the reward: ``exact`` (RMT) and ``prefix`` (RPT)."""
 
 # RMTModule arguments and the least value each may take.
 _MODULE_MINIMUMS = {

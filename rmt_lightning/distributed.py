@@ -110,6 +110,13 @@ def all_ranks(trainer, flag: bool) -> bool:
     return bool(trainer.strategy.reduce(value, reduce_op="min") > 0)
 
 
+def agreement(trainer):
+    """``all_ranks`` for ``trainer``'s processes when there are several (every forward is a collective under FSDP,
+    so they must all take the same path), else None: what ``prefill``, ``completion_logprobs`` and
+    ``generate_group`` take as ``all_agree`` / ``all_finished``."""
+    return (lambda flag: all_ranks(trainer, flag)) if world_size(trainer) > 1 else None
+
+
 def max_over_ranks(trainer, count: int) -> int:
     """The largest ``count`` of any rank, so that every rank runs as many forward/backward passes."""
     if world_size(trainer) == 1:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .distributed import all_ranks, max_over_ranks, world_size
+from .distributed import agreement, max_over_ranks, world_size
 from .forward import completion_logprobs, head_positions
 from .method import grpo_token_loss_terms, token_logprobs
 
@@ -28,9 +28,8 @@ def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, comp
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     # Under FSDP the processes must agree on running the shared prompt prefix as a pass of its own.
-    agree = (lambda flag: all_ranks(trainer, flag)) if world_size(trainer) > 1 else None
     return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                               not checkpointing, logprob_mask=logprob_mask, all_agree=agree)
+                               not checkpointing, logprob_mask=logprob_mask, all_agree=agreement(trainer))
 
 
 def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,

@@ -25,7 +25,7 @@ from . import losses
 from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration
 from .rollout import GroupRollout, generate_group
 from .distributed import (
-    all_ranks, fsdp1_settings, gradients_finite, is_fsdp1, shard_model, world_size, wrap_fsdp1,
+    agreement, all_ranks, fsdp1_settings, gradients_finite, is_fsdp1, shard_model, wrap_fsdp1,
 )
 from .padding import pad_left, pad_right
 from .tokens import TokenBytes
@@ -297,14 +297,6 @@ class RMTModule(L.LightningModule):
 
     # ---- rollout and rewards -----------------------------------------------------------------------
 
-    def _all_ranks(self, flag: bool) -> bool:
-        return all_ranks(self._trainer, flag)
-
-    def _agreement(self):
-        """``all_ranks`` when several processes must take the same path (every forward is a collective under
-        FSDP), else None."""
-        return self._all_ranks if world_size(self._trainer) > 1 else None
-
     def _prompts(self, contexts: list[list[int]], budget: int) -> list[list[int]]:
         hp = self.hparams
         return [
@@ -327,7 +319,7 @@ class RMTModule(L.LightningModule):
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
-            all_finished=self._agreement(),
+            all_finished=agreement(self._trainer),
         )
 
     def rewards(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -381,7 +373,7 @@ class RMTModule(L.LightningModule):
         hp = self.hparams
         optimizer = self.optimizers()
         # One rank's non-finite loss reaches every rank through the gradient all-reduce: all skip together.
-        if not self._all_ranks(math.isfinite(loss) and gradients_finite(self.policy)):
+        if not all_ranks(self._trainer, math.isfinite(loss) and gradients_finite(self.policy)):
             # A non-finite loss or gradient would poison the weights and the optimizer moments.
             optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1

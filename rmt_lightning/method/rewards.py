@@ -10,9 +10,13 @@ from torch import Tensor
 from .budget import length_reward
 
 __all__ = [
-    "extract_prediction", "exact_match", "prefix_match", "total_reward", "completion_rewards", "THINK_OPEN", "THINK_CLOSE",
-    "BOXED",
+    "extract_prediction", "exact_match", "prefix_match", "total_reward", "completion_rewards", "CORRECTNESS_RULES",
+    "THINK_OPEN", "THINK_CLOSE", "BOXED",
 ]
+
+CORRECTNESS_RULES = ("exact", "prefix")
+"""Correctness rules of the reward: ``exact`` (RMT: the next token) and ``prefix`` (RPT: whole tokens of the
+continuation)."""
 
 # The answer format the reward reads: ``<think>thought</think> \boxed{prediction}``.
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -123,8 +127,8 @@ def completion_rewards(
     ``length_reward(reasoning length, budget, r_max)``; ``total`` is ``total_reward(correct, length, w,
     length_only_when_correct)``.
     """
-    if correctness not in ("exact", "prefix"):
-        raise ValueError(f"correctness '{correctness}' is not a rule; valid: ['exact', 'prefix']")
+    if correctness not in CORRECTNESS_RULES:
+        raise ValueError(f"correctness '{correctness}' is not a rule; valid: {list(CORRECTNESS_RULES)}")
     positions = len(continuations)
     if positions == 0 or len(predictions) % positions or len(predictions) != len(reasoning_lengths):
         raise ValueError(
