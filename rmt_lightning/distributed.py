@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 
@@ -60,6 +61,22 @@ def wrap_fsdp1(model: nn.Module, device: torch.device, **fsdp_kwargs) -> nn.Modu
 
     fsdp_kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(decoder_layer_classes(model)))
     return FullyShardedDataParallel(model, device_id=device, **fsdp_kwargs)
+
+
+def shard_models(strategy, device_mesh, policy: nn.Module, reference: nn.Module | None):
+    """The policy and the frozen reference (or None) as the strategy trains them: under FSDP1 (Lightning's
+    ``FSDPStrategy``) each model its own root unit with its decoder layers as units inside it; with a device mesh
+    (``ModelParallelStrategy``, FSDP2) each decoder layer sharded, then the rest; otherwise unchanged."""
+    if isinstance(strategy, FSDPStrategy):
+        settings = fsdp1_settings(strategy)
+        policy = wrap_fsdp1(policy, strategy.root_device, **settings)
+        if reference is not None:
+            reference = wrap_fsdp1(reference, strategy.root_device, **settings)
+    elif device_mesh is not None:
+        shard_model(policy, device_mesh)
+        if reference is not None:
+            shard_model(reference, device_mesh)
+    return policy, reference
 
 
 def is_fsdp1(model: nn.Module) -> bool:

@@ -16,10 +16,12 @@ import os
 from collections.abc import Sequence
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
 from .atomic import staged_file
+from .callbacks.token_budget import TokenBudget
 from .method import TIER_NAMES, nested_tier_masks
 from .padding import pad_left
 from .forward import positions_from_mask
@@ -122,3 +124,30 @@ def write_figures(folder: str, stage: str, record: dict) -> str:
     with open(os.path.join(folder, f"{stage}_metrics.jsonl"), "a") as handle:
         handle.write(json.dumps(record, sort_keys=True) + "\n")
     return latest
+
+
+def evaluation_budget(trainer, current_budget: int, val_budget: int | None) -> int:
+    """Budget of reasoning-mode evaluation: during ``fit`` the current one; outside it ``val_budget``, else the
+    TokenBudget callback's final budget (progress 1), else the fixed budget."""
+    if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+        return current_budget
+    if val_budget is not None:
+        return int(val_budget)
+    schedules = [c for c in trainer.callbacks if isinstance(c, TokenBudget)] if trainer is not None else []
+    return schedules[0].final_budget if schedules else current_budget
+
+
+def evaluation_record(stage: str, global_step: int, epoch: int, positions: int, budget: int | None, headline: str,
+                      figures: dict[str, Tensor]) -> dict:
+    """The figures of one evaluation as written to ``<log_dir>/<stage>_metrics.json``; ``headline`` is the
+    accuracy the model is scored by (``acc_avg``: reasoning mode, else ``ntp_acc_avg``: the argmax)."""
+    return {
+        "stage": stage,
+        "global_step": int(global_step),
+        "epoch": int(epoch),
+        "positions": positions,
+        "budget": budget,
+        "scored_by": "reasoning" if headline == "acc_avg" else "argmax",
+        # NaN (a split without positions) is not JSON: write null.
+        **{name: (float(v) if torch.isfinite(v) else None) for name, v in figures.items()},
+    }

@@ -157,6 +157,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 """The weight precisions a model can be loaded in, by name."""
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant, so it works under FSDP too)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` to a torch dtype, with one clear error otherwise."""
     if name not in DTYPES:

@@ -10,28 +10,21 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from .method import TIER_NAMES, completion_rewards, group_advantages, zero_std_groups
-from .callbacks.token_budget import TokenBudget
-from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, write_figures
+from .method import completion_rewards, group_advantages
+from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, evaluation_budget, evaluation_record, write_figures
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
 from .checks import check_module_arguments
 from .data.batches import PositionBatch
-from .models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer, parse_dtype
+from .models import BUILTIN_SMOLLM2, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
 from . import losses
-from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration
+from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
 from .rollout import GroupRollout, generate_group
-from .distributed import (
-    agreement, all_ranks, fsdp1_settings, gradients_finite, is_fsdp1, shard_model, wrap_fsdp1,
-)
+from .distributed import agreement, all_ranks, gradients_finite, is_fsdp1, shard_models
 from .padding import pad_left, pad_right
+from .metrics import completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
 from .tokens import TokenBytes
-
-PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})
-"""What the progress bar shows: the loss of a format warm-up step, of an NTP-only step, or an RL step's reward and budget."""
 
 
 @dataclass
@@ -52,34 +45,12 @@ class Trajectory:
     """``[P * G]`` group-normalised advantages."""
 
 
-def rl_step_metrics(trajectory: Trajectory, terms: dict[str, float], loss_ntp: float) -> dict[str, float]:
-    """The figures of an RL step: its loss terms, rewards, lengths and the canaries (clipped, forced, zero-std)."""
-    rollout, rewards = trajectory.rollout, trajectory.rewards
-    return {
-        "train/loss_rl": terms["loss_rl"],
-        "train/loss_ntp": loss_ntp,
-        "train/kl": terms["kl"],
-        "train/ppo_clip_fraction": terms["ppo_clip_fraction"],
-        "train/reward": float(rewards.mean()),
-        "train/reward_correct": float(trajectory.correct.mean()),
-        "train/reward_length": float(trajectory.length.mean()),
-        "train/reasoning_length": float(np.mean(rollout.reasoning_lengths)),
-        "train/completion_length": float(rollout.completion_mask.sum(1).float().mean()),
-        "train/frac_reward_zero_std": float(zero_std_groups(rewards).float().mean()),
-        "train/clipped_ratio": float(np.mean(rollout.clipped)),
-        "train/forced_ratio": float(np.mean(rollout.forced)),
-        "train/answer_rate": float(np.mean([p is not None for p in rollout.predictions])),
-    }
-
-
-def curriculum_metrics(batch: PositionBatch) -> dict[str, float]:
-    """The tier mix scheduled for the batch, the mix drawn, and the curriculum's progress."""
-    probabilities, tiers = batch.curriculum_probabilities.tolist(), batch.tiers
-    metrics = {"curriculum/progress": float(batch.curriculum_progress)}
-    for t, name in enumerate(TIER_NAMES):
-        metrics[f"curriculum/p_{name}"] = probabilities[t]
-        metrics[f"curriculum/drawn_{name}"] = float((tiers == t).float().mean())
-    return metrics
+def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_factor: float) -> float:
+    """Learning rate at optimizer step ``step`` as a multiple of ``lr``: ``format_factor`` during the format
+    warm-up, then a linear warm-up over ``lr_warmup_steps`` (0: none) to a constant 1."""
+    if step < format_warmup_steps:
+        return format_factor
+    return min(1.0, (step - format_warmup_steps + 1) / max(1, lr_warmup_steps))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -224,30 +195,16 @@ class RMTModule(L.LightningModule):
         self.policy = load_causal_lm(hp.model_name_or_path, dtype=parse_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code)
         self.policy.train()  # from_pretrained returns eval mode; dropout, where a model has it, belongs to training
         if hp.gradient_checkpointing:
-            if hasattr(self.policy, "activation_checkpointing_enable"):
-                self.policy.activation_checkpointing_enable()
-            else:
-                self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hp.beta > 0 and hp.rl:
-            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-            if hp.reference_dtype is not None:
-                reference.to(parse_dtype(hp.reference_dtype))
-            # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints,
-            # strict loading of sharded checkpoints), out of the DDP wrapper and out of Lightning's precision
-            # and device handling. It follows the policy's device when it is used.
-            object.__setattr__(self, "reference", reference)
+            enable_gradient_checkpointing(self.policy)
+        reference = copy.deepcopy(self.policy).eval().requires_grad_(False) if hp.beta > 0 and hp.rl else None
+        if reference is not None and hp.reference_dtype is not None:
+            reference.to(parse_dtype(hp.reference_dtype))
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy):
-            # FSDP1: each model is its own root unit, its decoder layers units inside it.
-            settings = fsdp1_settings(strategy)
-            self.policy = wrap_fsdp1(self.policy, strategy.root_device, **settings)
-            if self.reference is not None:
-                object.__setattr__(self, "reference", wrap_fsdp1(self.reference, strategy.root_device, **settings))
-        elif self.device_mesh is not None:
-            # ModelParallelStrategy (FSDP2): shard each decoder layer, then the rest, for both models.
-            shard_model(self.policy, self.device_mesh)
-            if self.reference is not None:
-                shard_model(self.reference, self.device_mesh)
+        self.policy, reference = shard_models(strategy, self.device_mesh, self.policy, reference)
+        # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints, strict
+        # loading of sharded checkpoints), out of the DDP wrapper and out of Lightning's precision and device
+        # handling. It follows the policy's device when it is used.
+        object.__setattr__(self, "reference", reference)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -258,13 +215,10 @@ class RMTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = max(1, hp.lr_warmup_steps)
         format_factor = 1.0 if hp.format_warmup_lr is None else hp.format_warmup_lr / hp.lr
-
+        # A plain function, not an object: LambdaLR's state dict then holds no schedule state (as in checkpoints so far).
         def factor(step: int) -> float:
-            if step < hp.format_warmup_steps:
-                return format_factor
-            return min(1.0, (step - hp.format_warmup_steps + 1) / warmup)
+            return lr_factor(step, hp.format_warmup_steps, hp.lr_warmup_steps, format_factor)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -356,12 +310,7 @@ class RMTModule(L.LightningModule):
     def format_warmup_backward(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> float:
         """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only)."""
         hp = self.hparams
-        responses = []
-        for context, continuation in zip(contexts, continuations):
-            target = continuation[0].decode("utf-8", errors="replace")
-            thought = hp.format_warmup_thought.replace("{context_tail}", self.tokenizer.decode(context[-budget:]))
-            thought = thought.replace("{next_token}", target)
-            responses.append(self.tokenizer(demonstration(thought, target), add_special_tokens=False)["input_ids"])
+        responses = demonstration_ids(self.tokenizer, contexts, continuations, hp.format_warmup_thought, budget)
         pad = self.tokenizer.pad_token_id
         tensors = (*pad_left(self._prompts(contexts, budget), pad), *pad_right(responses, pad))
         return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward,
@@ -420,7 +369,7 @@ class RMTModule(L.LightningModule):
             terms = self.rl_backward(trajectory)
             loss_ntp = self.ntp_backward(documents, attention, batch.ntp_mask, hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
             loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
-            metrics.update(rl_step_metrics(trajectory, terms, loss_ntp))
+            metrics.update(rl_step_metrics(trajectory.rollout, trajectory.rewards, trajectory.correct, trajectory.length, terms, loss_ntp))
             self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
             shown = {"reward": metrics["train/reward"], "budget": float(budget)}
         metrics["timing/update"] = time.perf_counter() - started
@@ -429,53 +378,18 @@ class RMTModule(L.LightningModule):
                         "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
         self.last_sampled_entropies = batch.entropies.detach().cpu()
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
-        self._show_in_progress_bar(shown, batch_size=len(contexts))
-
-    def _show_in_progress_bar(self, shown: dict[str, float], batch_size: int) -> None:
-        """Show what this step trained on the progress bar, and nothing left from a step of another kind."""
-        # Lightning keeps showing a key after the last step that logged it (and the warm-up is over once RL starts),
-        # so keys of the other kinds of step are dropped from its step results and its progress-bar dict.
-        for key in PROGRESS_BAR_KEYS - shown.keys():
-            self.trainer._results.pop(f"training_step.{key}", None)
-            self.trainer.progress_bar_metrics.pop(key, None)
-        self.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
+        show_in_progress_bar(self, shown, batch_size=len(contexts))
 
     def _keep_samples(self, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor) -> None:
         """What the CompletionsTable callback shows of this step: a few completions and every reasoning length."""
-        self.last_samples = self._sample_rows(batch, rollout, rewards)
+        self.last_samples = completion_samples(self.tokenizer, batch, rollout, rewards, self.hparams.log_samples)
         self.last_reasoning_lengths = torch.tensor(rollout.reasoning_lengths, dtype=torch.float32)
-
-    def _sample_rows(self, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor) -> list[dict]:
-        """A few rows for the completions table (the first completion of each position first)."""
-        group = len(rollout.texts) // len(batch.contexts)
-        rows = [p * group for p in range(len(batch.contexts))][: self.hparams.log_samples]
-        predictions = rollout.predictions
-        return [
-            {
-                "tier": TIER_NAMES[int(batch.tiers[r // group])],
-                "context": self.tokenizer.decode(batch.contexts[r // group][-24:]),
-                "completion": rollout.texts[r],
-                "target": batch.continuations[r // group][0].decode("utf-8", errors="replace"),
-                "prediction": predictions[r],
-                "reward": float(rewards.flatten()[r]),
-            }
-            for r in rows
-        ]
 
     # ---- validation and test -----------------------------------------------------------------------
 
     def evaluation_budget(self) -> int:
-        """Budget of reasoning-mode evaluation: during ``fit`` the current one; outside it ``val_budget``, else
-        the TokenBudget callback's final budget (progress 1), else the fixed ``budget``."""
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            return int(self.budget)
-        if self.hparams.val_budget is not None:
-            return int(self.hparams.val_budget)
-        schedules = [c for c in trainer.callbacks if isinstance(c, TokenBudget)] if trainer is not None else []
-        if schedules:
-            return schedules[0].final_budget
-        return int(self.budget)
+        """Budget of reasoning-mode evaluation (``evaluation.evaluation_budget``)."""
+        return evaluation_budget(self._trainer, int(self.budget), self.hparams.val_budget)
 
     def _evaluate(self, batch: PositionBatch, batch_idx: int, stage: str) -> None:
         """Score one batch of held-out positions in NTP mode and, with ``val_reasoning``, in reasoning mode."""
@@ -493,7 +407,7 @@ class RMTModule(L.LightningModule):
         metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch.tiers)
         self.eval_reasoning_lengths.extend(rollout.reasoning_lengths)
         if batch_idx == 0:
-            self.eval_samples = self._sample_rows(batch, rollout, rewards)
+            self.eval_samples = completion_samples(self.tokenizer, batch, rollout, rewards, self.hparams.log_samples)
 
     def _log_evaluation(self, stage: str) -> None:
         """Log the stage's figures (reduced across ranks) and write them as JSON next to the TensorBoard run."""
@@ -506,16 +420,9 @@ class RMTModule(L.LightningModule):
         headline = "acc_avg" if hp.val_reasoning and hp.rl else "ntp_acc_avg"
         # The TensorBoard logger shows hp_metric next to the hparams: the accuracy the paper scores this model by.
         self.log("hp_metric", figures[f"{stage}/{headline}"], sync_dist=False)
-        self.last_evaluation = {
-            "stage": stage,
-            "global_step": int(self.global_step),
-            "epoch": int(self.current_epoch),
-            "positions": positions,
-            "budget": self.evaluation_budget() if hp.val_reasoning else None,
-            "scored_by": "reasoning" if headline == "acc_avg" else "argmax",
-            # NaN (a split without positions) is not JSON: write null.
-            **{name: (float(v) if torch.isfinite(v) else None) for name, v in figures.items()},
-        }
+        budget = self.evaluation_budget() if hp.val_reasoning else None
+        self.last_evaluation = evaluation_record(stage, self.global_step, self.current_epoch, positions, budget,
+                                                 headline, figures)
         folder = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
         if folder is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             write_figures(folder, stage, self.last_evaluation)

@@ -47,3 +47,17 @@ def build_prompt_ids(tokenizer, context: str, budget: int, instruction: str = DE
 def demonstration(thought: str, answer: str) -> str:
     """A response in the answer format, after the response prefix: ``thought</think> \\boxed{answer}``."""
     return f"{thought}{ANSWER_SCAFFOLD}{answer}}}"
+
+
+def demonstration_ids(tokenizer, contexts: list[list[int]], continuations: list[list[bytes]], thought_template: str,
+                      budget: int) -> list[list[int]]:
+    """Token ids of the format demonstration after each context: ``thought</think> \\boxed{next token}``, where
+    ``{context_tail}`` in ``thought_template`` stands for the context's last ``budget`` tokens and ``{next_token}``
+    for the true next token (the first of its continuation)."""
+    responses = []
+    for context, continuation in zip(contexts, continuations):
+        target = continuation[0].decode("utf-8", errors="replace")
+        thought = thought_template.replace("{context_tail}", tokenizer.decode(context[-budget:]))
+        thought = thought.replace("{next_token}", target)
+        responses.append(tokenizer(demonstration(thought, target), add_special_tokens=False)["input_ids"])
+    return responses
