@@ -46,6 +46,9 @@ class GroupRollout:
     """Stopped by the token cap before the answer was closed or the model ended."""
     forced: list[bool]
     """Budget forcing wrote ``</think> \\boxed{`` for this row."""
+    logprobs: Tensor | None = None
+    """``[N, C]`` log-prob of each sampled token under the policy's untempered distribution when it was sampled
+    (0 elsewhere); recorded with ``record_logprobs``, as the ``pi_old`` of updates that reuse the rollout."""
 
     @cached_property
     def predictions(self) -> list[str | None]:
@@ -121,6 +124,8 @@ class _Row:
 
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    """The policy's log-prob of each token it sampled (0.0 for written tokens)."""
     raw: bytearray = field(default_factory=bytearray)
     char_ends: list[int] = field(default_factory=list)
     """Length of the decoded text after each token (for the reasoning length)."""
@@ -139,9 +144,9 @@ class _Row:
     def _force(self, scaffold: tuple[int, ...]) -> None:
         self.queued, self.forced = list(scaffold), True
 
-    def advance(self, draw: int, rules: _Rules) -> int:
-        """Take the step's token (the policy's ``draw``, or the next scaffold token budget forcing writes) and
-        move the row on; returns the token, which the model reads next."""
+    def advance(self, draw: int, rules: _Rules, logprob: float = 0.0) -> int:
+        """Take the step's token (the policy's ``draw``, whose log-prob is ``logprob``, or the next scaffold token
+        budget forcing writes) and move the row on; returns the token, which the model reads next."""
         token, by_policy = draw, True
         if self.queued:
             token, by_policy = self.queued.pop(0), False
@@ -151,6 +156,7 @@ class _Row:
             token, by_policy = self.queued.pop(0), False
         self.tokens.append(token)
         self.sampled.append(by_policy)
+        self.logprobs.append(logprob if by_policy else 0.0)
         self.raw += rules.token_bytes(token)
         text = self.raw.decode("utf-8", errors="ignore")
         self.char_ends.append(len(text))
@@ -179,13 +185,18 @@ class _Row:
             self.phase, self.clipped = _DONE, True
 
 
-def _to_rollout(rows: list[_Row], pad_id: int, response_prefix: str) -> GroupRollout:
+def _to_rollout(rows: list[_Row], pad_id: int, response_prefix: str, with_logprobs: bool) -> GroupRollout:
     completion_ids, completion_mask = pad_right([row.tokens for row in rows], pad_id, min_width=1)
     sampled_mask = pad_right([[int(flag) for flag in row.sampled] for row in rows], 0, min_width=1)[0].bool()
     texts = [response_prefix + bytes(row.raw).decode("utf-8", errors="replace") for row in rows]
     lengths = [_reasoning_length(row.char_ends, bytes(row.raw).decode("utf-8", errors="ignore"), response_prefix) for row in rows]
+    logprobs = None
+    if with_logprobs:
+        logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for i, row in enumerate(rows):
+            logprobs[i, : len(row.logprobs)] = torch.tensor(row.logprobs, dtype=torch.float32)
     return GroupRollout(completion_ids, completion_mask.bool(), sampled_mask, texts, lengths,
-                        [row.clipped for row in rows], [row.forced for row in rows])
+                        [row.clipped for row in rows], [row.forced for row in rows], logprobs)
 
 
 @torch.no_grad()
@@ -206,6 +217,7 @@ def generate_group(
     all_finished: Callable[[bool], bool] | None = None,
     compact_finished: bool = True,
     share_prefix: bool = True,
+    record_logprobs: bool = False,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
@@ -218,6 +230,9 @@ def generate_group(
     rollout, so decoding writes in place. With ``compact_finished``, rows that are done
     are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
     costing compute; the samples are the same either way (see ``_sample``).
+
+    With ``record_logprobs`` the rollout keeps the log-prob of every sampled token under the untempered
+    distribution (``GroupRollout.logprobs``): the old policy of updates that reuse the rollout.
 
     ``all_finished(local_done) -> bool``, when given, decides when to stop from every process's state: under
     FSDP each decoding step is a collective, so a process whose rows are done keeps stepping (on one row of
@@ -254,10 +269,13 @@ def generate_group(
             step = {r: pad_id for r in active}
             if steps < cap:
                 steps += 1
-                draws = _sample(logits, temperature, top_p, generator, len(rows), active_index).tolist()
-                for b, r in enumerate(active):
+                drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
+                logprobs = [0.0] * len(active)
+                if record_logprobs:
+                    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1).tolist()
+                for b, (r, draw) in enumerate(zip(active, drawn.tolist())):
                     if not rows[r].done:
-                        step[r] = rows[r].advance(draws[b], rules)
+                        step[r] = rows[r].advance(draw, rules, logprobs[b])
             if steps >= cap:
                 for r in active:
                     rows[r].stop_at_the_cap()
@@ -282,4 +300,4 @@ def generate_group(
             next_position = next_position + 1
     finally:
         model.train(was_training)
-    return _to_rollout(rows, pad_id, response_prefix)
+    return _to_rollout(rows, pad_id, response_prefix, record_logprobs)

@@ -689,3 +689,27 @@ def test_shared_prefix_prefill_matches_plain_prefill(model, tokenizer):
     runs = [generate_group(model, tokenizer, prompts, 2, think_cap=12, answer_allowance=0, temperature=1.0,
                            share_prefix=share, generator=torch.Generator().manual_seed(9)) for share in (True, False)]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids) and runs[0].texts == runs[1].texts
+
+
+def test_recorded_logprobs_are_the_policys_at_sampling_time(model, tokenizer):
+    """``record_logprobs`` keeps ``log pi(token)`` of each sampled token under the untempered distribution (the
+    ``pi_old`` of updates that reuse the rollout): equal to a teacher-forced forward over prompt + completion,
+    0 on tokens budget forcing wrote and on padding; and recording changes no sample."""
+    prompts = _prompts(tokenizer, ["2 + 2 = 4", "a longer context here: 7 * 6 = 42"])
+    G = 3
+    kwargs = dict(think_cap=3, answer_allowance=2, temperature=0.8, budget_forcing=True)
+    recorded = generate_group(model, tokenizer, prompts, G, generator=torch.Generator().manual_seed(2),
+                              record_logprobs=True, **kwargs)
+    plain = generate_group(model, tokenizer, prompts, G, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert plain.logprobs is None and torch.equal(recorded.completion_ids, plain.completion_ids)
+    assert any(recorded.forced), "the case must have written tokens"
+    prompt_ids, prompt_mask = (torch.tensor(t) for t in zip(*[(
+        [tokenizer.pad_token_id] * (max(map(len, prompts)) - len(p)) + p,
+        [0] * (max(map(len, prompts)) - len(p)) + [1] * len(p)) for p in prompts]))
+    with torch.no_grad():
+        forward = completion_logprobs(model, prompt_ids, prompt_mask, recorded.completion_ids,
+                                      recorded.completion_mask.long(), group_size=G)
+    sampled = recorded.sampled_mask
+    assert torch.allclose(recorded.logprobs[sampled], forward[sampled], atol=1e-5)
+    assert (recorded.logprobs[~sampled] == 0).all()
+    assert (recorded.logprobs[sampled] < 0).all()
