@@ -5,12 +5,14 @@ skip left padding, and an output head that projects only the positions a loss re
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .attention import report_fallback, shared_prompt_attention, shared_prompt_unsupported
+from .kv_cache import SharedPromptCache
 from .method import token_logprobs
 from .padding import pad_left
 
@@ -94,13 +96,15 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True,
                         logprob_mask: Tensor | None = None, share_prefix: bool = True,
-                        all_agree: Callable[[bool], bool] | None = None) -> Tensor:
+                        all_agree: Callable[[bool], bool] | None = None, share_prompt_attention: bool = True) -> Tensor:
     """Log-probs ``[N, C]`` of each completion token given its prompt and the completion before it.
 
     Prompts are ``[P, Lp]`` (left-padded), completions ``[P * group_size, C]`` (right-padded), row ``i``
     belonging to prompt ``i // group_size``. With ``share_prompt`` each prompt runs through the model
-    once and its key/value cache, still attached to the graph, is repeated for its group, so the
-    gradient through the shared prompt is computed once instead of G times; with ``share_prefix`` too, the
+    once and the completions attend to its keys and values, still attached to the graph: stored once for the
+    group with ``share_prompt_attention`` (``attention.two_part_attention``, for models with plain full
+    attention; others fall back with one logged line), else repeated for the group's rows. Either way the
+    gradient through the shared prompt is computed once instead of G times. With ``share_prefix`` too, the
     prefix all prompts share is computed once for all of them (``prefill``; ``all_agree`` as there).
 
     Only the positions of ``logprob_mask`` (default: ``completion_mask``) get a log-prob, the others are 0:
@@ -126,15 +130,25 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     first = token_logprobs(start.last_logits.repeat_interleave(group_size, 0), completion_ids[:, 0])
     parts = [torch.where(keep[:, 0], first, torch.zeros_like(first)).unsqueeze(1)]
     if completion_ids.shape[1] > 1:
-        cache = start.cache
-        cache.batch_repeat_interleave(group_size)
         cached = start.attention.repeat_interleave(group_size, 0)
         attention = torch.cat([cached, completion_mask], dim=1)[:, :-1]
         positions = positions_from_mask(attention)[:, cached.shape[1]:]
+        reason = shared_prompt_unsupported(model, start.cache) if share_prompt_attention else "share_prompt_attention=False"
+        if reason is None:
+            # The prompt's keys and values stay [P, ...] in the graph: their gradient is summed over the group
+            # inside attention instead of through G copies.
+            cache = SharedPromptCache(start.cache, start.attention, group_size, capacity=0)
+            attending, inputs = shared_prompt_attention(model), {"shared_prompt": cache}
+        else:
+            if share_prompt_attention:
+                report_fallback(reason)
+            cache = start.cache
+            cache.batch_repeat_interleave(group_size)
+            attending, inputs = nullcontext(), {"attention_mask": attention}
         rest_keep = keep[:, 1:]
-        with head_positions(model, rest_keep) as pick:
-            logits = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
-                           cache=cache, use_cache=True).logits
+        with attending, head_positions(model, rest_keep) as pick:
+            logits = model(input_ids=completion_ids[:, :-1], position_ids=positions, cache=cache, use_cache=True,
+                           **inputs).logits
             rest = out_logprobs[:, 1:].masked_scatter(rest_keep, token_logprobs(pick(logits), completion_ids[:, 1:][rest_keep]))
         parts.append(rest)
     return torch.cat(parts, dim=1)

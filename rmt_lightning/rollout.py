@@ -12,14 +12,16 @@ policy-gradient mask.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
+from .attention import report_fallback, shared_prompt_attention, shared_prompt_unsupported
 from .forward import prefill
-from .kv_cache import expand_cache
+from .kv_cache import SharedPromptCache, expand_cache
 from .method import extract_prediction
 from .padding import pad_right
 from .prompts import ANSWER_SCAFFOLD, BOX_SCAFFOLD, BOXED, RESPONSE_PREFIX, THINK_CLOSE, THINK_OPEN
@@ -217,6 +219,7 @@ def generate_group(
     all_finished: Callable[[bool], bool] | None = None,
     compact_finished: bool = True,
     share_prefix: bool = True,
+    share_prompt: bool = True,
     record_logprobs: bool = False,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
@@ -254,50 +257,60 @@ def generate_group(
         # all_finished is an AND over processes: it also makes them agree on the prefill's path.
         start = prefill(model, prompts, pad_id, device, share_prefix=share_prefix, all_agree=all_finished)
         prompt_width = start.attention.shape[1]
-        cache = expand_cache(start.cache, group_size, cap)
+        reason = shared_prompt_unsupported(model, start.cache) if share_prompt else "share_prompt=False"
+        if reason is None:
+            cache = SharedPromptCache(start.cache, start.attention, group_size, cap)
+            # The prompt's mask lives in the cache; the rows' own tokens need none (each query is the newest).
+            extra, attention, attending = {"shared_prompt": cache}, None, shared_prompt_attention(model)
+        else:
+            if share_prompt:
+                report_fallback(reason)
+            cache = expand_cache(start.cache, group_size, cap)
+            # The attention mask of the whole rollout, filled as it goes; each step passes its filled part.
+            attention = torch.ones((len(rows), prompt_width + cap), dtype=start.attention.dtype, device=device)
+            attention[:, :prompt_width] = start.attention.repeat_interleave(group_size, dim=0)
+            extra, attending = {}, nullcontext()
         logits = start.last_logits.repeat_interleave(group_size, dim=0)
-        # The attention mask of the whole rollout, filled as it goes; each step passes its filled part.
-        attention = torch.ones((len(rows), prompt_width + cap), dtype=start.attention.dtype, device=device)
-        attention[:, :prompt_width] = start.attention.repeat_interleave(group_size, dim=0)
         next_position = start.positions.repeat_interleave(group_size) + 1
         # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
         active = list(range(len(rows)))
         active_index = torch.arange(len(rows), device=device)
         steps = 0
-        while True:
-            # Past its own cap a process only steps along (padding) while another one is still generating.
-            step = {r: pad_id for r in active}
-            if steps < cap:
-                steps += 1
-                drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
-                logprobs = [0.0] * len(active)
-                if record_logprobs:
-                    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1).tolist()
-                for b, (r, draw) in enumerate(zip(active, drawn.tolist())):
-                    if not rows[r].done:
-                        step[r] = rows[r].advance(draw, rules, logprobs[b])
-            if steps >= cap:
-                for r in active:
-                    rows[r].stop_at_the_cap()
-            finished = all(rows[r].done for r in active)
-            if all_finished(finished) if all_finished is not None else finished:
-                break
-            done_rows = sum(rows[r].done for r in active)
-            if compact_finished and done_rows and 4 * done_rows >= len(active):
-                # A process whose rows are all done keeps one row to step along with the others.
-                keep = [b for b, r in enumerate(active) if not rows[r].done] or [0]
-                if len(keep) < len(active):
-                    keep_index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(keep_index)
-                    attention = attention.index_select(0, keep_index)
-                    next_position = next_position.index_select(0, keep_index)
-                    active = [active[b] for b in keep]
-                    active_index = active_index.index_select(0, keep_index)
-            tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
-            out = model(input_ids=tokens, attention_mask=attention[:, : prompt_width + steps],
-                        position_ids=next_position.unsqueeze(1), cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
-            next_position = next_position + 1
+        with attending:
+            while True:
+                # Past its own cap a process only steps along (padding) while another one is still generating.
+                step = {r: pad_id for r in active}
+                if steps < cap:
+                    steps += 1
+                    drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
+                    logprobs = [0.0] * len(active)
+                    if record_logprobs:
+                        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1).tolist()
+                    for b, (r, draw) in enumerate(zip(active, drawn.tolist())):
+                        if not rows[r].done:
+                            step[r] = rows[r].advance(draw, rules, logprobs[b])
+                if steps >= cap:
+                    for r in active:
+                        rows[r].stop_at_the_cap()
+                finished = all(rows[r].done for r in active)
+                if all_finished(finished) if all_finished is not None else finished:
+                    break
+                done_rows = sum(rows[r].done for r in active)
+                if compact_finished and done_rows and 4 * done_rows >= len(active):
+                    # A process whose rows are all done keeps one row to step along with the others.
+                    keep = [b for b, r in enumerate(active) if not rows[r].done] or [0]
+                    if len(keep) < len(active):
+                        keep_index = torch.tensor(keep, device=device)
+                        cache.batch_select_indices(keep_index)
+                        attention = attention.index_select(0, keep_index) if attention is not None else None
+                        next_position = next_position.index_select(0, keep_index)
+                        active = [active[b] for b in keep]
+                        active_index = active_index.index_select(0, keep_index)
+                tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
+                out = model(input_ids=tokens, attention_mask=attention[:, : prompt_width + steps] if attention is not None else None,
+                            position_ids=next_position.unsqueeze(1), cache=cache, use_cache=True, **extra)
+                cache, logits = out.cache, out.logits[:, -1]
+                next_position = next_position + 1
     finally:
         model.train(was_training)
     return _to_rollout(rows, pad_id, response_prefix, record_logprobs)

@@ -1,0 +1,194 @@
+"""Shared-prompt attention: the ``G`` completions of a group read their prompt's keys and values, stored once.
+
+RMT's rollouts have long document contexts and short completions, ``G`` per context. Copying each prompt's
+cache to its ``G`` rows makes every decoding step read ``G`` copies of the same keys and values. Here attention
+runs in two parts and merges them exactly, as flash-decoding merges the blocks of a split key sequence:
+
+- the prompt part: each prompt's rows, gathered into one batch, against the prompt's keys and values
+  ``[P, kv_heads, prompt length, dim]`` (masking the prompt's left padding);
+- the own part: each row against its own completion's keys and values ``[rows, kv_heads, length, dim]``
+  (causal when several tokens are queried at once, as in the loss forward);
+- the merge: ``out = out_p * exp(lse_p - lse) + out_c * exp(lse_c - lse)`` with ``lse = logaddexp(lse_p, lse_c)``,
+  where ``lse`` is each part's log-sum-exp of its scores: the softmax over the union of both key sets.
+
+The function plugs into transformers' attention interface under ``SHARED_PROMPT_ATTENTION``; a model uses it
+inside ``shared_prompt_attention(model)`` when its forward receives ``cache=`` a ``SharedPromptCache`` and
+``shared_prompt=`` the same object. Models whose attention is not plain full attention over the cache (sliding
+windows, linear attention, soft-capping, attention outside the interface) are reported by
+``shared_prompt_unsupported``, and the callers keep the copied-cache path for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from .kv_cache import SharedPromptCache
+
+SHARED_PROMPT_ATTENTION = "rmt_shared_prompt"
+"""Name of the two-part attention in transformers' attention interface."""
+
+log = logging.getLogger(__name__)
+_reported: set[str] = set()
+
+
+def _wide(tensor: Tensor) -> Tensor:
+    """Half-precision tensors in float32 (softmax statistics and their gradients); wider ones as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _scores(query: Tensor, keys: Tensor, visible: Tensor | None, scaling: float) -> Tensor:
+    scores = _wide(torch.matmul(query, keys.transpose(-1, -2))) * scaling
+    return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
+
+
+class _Attention(torch.autograd.Function):
+    """``attend`` without dropout, saving only the inputs, the output and the log-sum-exp for backward.
+
+    Autograd through the plain formula would keep the scores and probabilities ``[B, kv_heads, R, L]`` of
+    every layer until backward; here backward recomputes them one layer at a time (as flash attention does),
+    so the loss forward keeps less than the plain path, which keeps the prompt's keys and values repeated for
+    every row. With ``P = softmax(S)``, ``O = P V`` and upstream ``dO``, ``dlse``:
+    ``dS = P * (dO V^T - rowsum(dO * O)) + P * dlse``, ``dQ = dS K s``, ``dK = dS^T Q s``, ``dV = P^T dO``.
+    """
+
+    @staticmethod
+    def forward(ctx, query, keys, values, visible, scaling):
+        scores = _scores(query, keys, visible, scaling)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        out = torch.matmul(torch.exp(scores - lse).to(values.dtype), values)
+        ctx.save_for_backward(query, keys, values, visible, out, lse)
+        ctx.scaling = scaling
+        return out, lse.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        query, keys, values, visible, out, lse = ctx.saved_tensors
+        probs = torch.exp(_scores(query, keys, visible, ctx.scaling) - lse)
+        d_out = torch.zeros_like(_wide(out)) if d_out is None else _wide(d_out)
+        d_values = torch.matmul(probs.transpose(-1, -2), d_out).to(values.dtype)
+        d_scores = probs * (torch.matmul(d_out, _wide(values).transpose(-1, -2)) - (d_out * _wide(out)).sum(-1, keepdim=True))
+        if d_lse is not None:
+            d_scores = d_scores + probs * d_lse.unsqueeze(-1)
+        d_scores = d_scores * ctx.scaling
+        d_query = torch.matmul(d_scores, _wide(keys)).to(query.dtype)
+        d_keys = torch.matmul(d_scores.transpose(-1, -2), _wide(query)).to(keys.dtype)
+        return d_query, d_keys, d_values, None, None
+
+
+def attend(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None, scaling: float,
+           dropout: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Softmax attention of ``query [B, kv_heads, R, dim]`` over ``keys``/``values [B, kv_heads, L, dim]``, where
+    ``visible`` (bool, broadcast to ``[B, kv_heads, R, L]``; None: all) masks keys out. Returns the output
+    ``[B, kv_heads, R, dim]`` (in the values' dtype) and the scores' log-sum-exp ``[B, kv_heads, R]`` (float32 for half-precision inputs).
+    ``dropout`` (training only) drops attention probabilities as the models' own attention does."""
+    if dropout == 0:
+        return _Attention.apply(query, keys, values, visible, scaling)
+    scores = _scores(query, keys, visible, scaling)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.nn.functional.dropout(torch.exp(scores - lse), p=dropout)
+    return torch.matmul(probs.to(values.dtype), values), lse.squeeze(-1)
+
+
+def merge_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Attention over the union of two disjoint key sets from each set's output and log-sum-exp (in float32 for
+    half-precision outputs)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return _wide(out_a) * torch.exp(lse_a - lse).unsqueeze(-1) + _wide(out_b) * torch.exp(lse_b - lse).unsqueeze(-1)
+
+
+def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float | None = None,
+                       dropout: float = 0.0, shared_prompt: SharedPromptCache | None = None, **kwargs):
+    """The attention-interface function: ``query [rows, heads, q, dim]`` against the prompt part held by
+    ``shared_prompt`` and the own part ``key``/``value [rows, kv_heads, t, dim]`` that the cache's update returned.
+    ``attention_mask`` is ignored: the prompt's padding mask is the cache's, the own part is causal."""
+    if shared_prompt is None:
+        raise ValueError(f"attention '{SHARED_PROMPT_ATTENTION}' needs shared_prompt=<SharedPromptCache> in the forward")
+    layer = shared_prompt.layers[module.layer_idx]
+    rows, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads  # query heads per key/value head (grouped-query attention)
+    scaling = dim**-0.5 if scaling is None else scaling
+    prompts = shared_prompt.prompt_mask.shape[0]
+    slots = shared_prompt.rows_per_prompt
+
+    # Prompt part: the rows of each prompt side by side, so its keys and values are read once for all of them.
+    if shared_prompt.slot_index is None:
+        gathered = query
+    else:
+        gathered = query.new_zeros((prompts * slots, heads, q, dim)).index_copy_(0, shared_prompt.slot_index, query)
+    gathered = gathered.view(prompts, slots, kv_heads, group, q, dim).transpose(1, 2)
+    out_p, lse_p = attend(gathered.reshape(prompts, kv_heads, slots * group * q, dim), layer.prompt_keys,
+                          layer.prompt_values, shared_prompt.prompt_mask[:, None, None, :], scaling, dropout)
+    out_p = out_p.view(prompts, kv_heads, slots, group, q, dim).transpose(1, 2).reshape(prompts * slots, heads, q, dim)
+    lse_p = lse_p.view(prompts, kv_heads, slots, group, q).transpose(1, 2).reshape(prompts * slots, heads, q)
+    if shared_prompt.slot_index is not None:
+        out_p, lse_p = out_p.index_select(0, shared_prompt.slot_index), lse_p.index_select(0, shared_prompt.slot_index)
+
+    # Own part: the row's completion so far; the queried tokens are its last q.
+    length = key.shape[2]
+    causal = None
+    if q > 1:
+        causal = torch.arange(length, device=query.device) <= torch.arange(length - q, length, device=query.device)[:, None]
+        causal = causal.repeat(group, 1)
+    out_c, lse_c = attend(query.reshape(rows, kv_heads, group * q, dim), key, value, causal, scaling, dropout)
+    out_c, lse_c = out_c.view(rows, heads, q, dim), lse_c.view(rows, heads, q)
+
+    out = merge_parts(out_p, lse_p, out_c, lse_c)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SHARED_PROMPT_ATTENTION, two_part_attention)
+
+
+def pretrained_model(model) -> PreTrainedModel | None:
+    """The Hugging Face model inside ``model`` (itself, or the first one among its modules: wrappers such as FSDP)."""
+    return next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
+
+
+def shared_prompt_unsupported(model, cache) -> str | None:
+    """Why ``model`` cannot attend with shared-prompt attention over ``cache`` (its prompts' cache); None if it can."""
+    inner = pretrained_model(model)
+    if inner is None:
+        return f"{type(model).__name__} holds no Hugging Face model"
+    model, config = inner, inner.config
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not route its attention through transformers' attention interface"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"{type(model).__name__} uses sliding-window attention (sliding_window={config.sliding_window})"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"{type(model).__name__} has layers of kinds {sorted(kinds)}, not only full attention"
+    for option in ("attn_logit_softcapping", "attention_chunk_size"):
+        if getattr(config, option, None):
+            return f"{type(model).__name__} sets {option}={getattr(config, option)}"
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4 for layer in layers):
+        return f"its cache ({type(cache).__name__}) is not plain key/value layers"
+    return None
+
+
+def report_fallback(reason: str) -> None:
+    """One log line per reason: which path the rollouts and the loss take instead, and why."""
+    if reason not in _reported:
+        _reported.add(reason)
+        log.warning("shared-prompt attention is off: %s; each row reads its own copy of the prompt's keys and values", reason)
+
+
+@contextmanager
+def shared_prompt_attention(model) -> Iterator[None]:
+    """Within the block, the attention layers of ``model`` (or of the Hugging Face model it wraps) call
+    ``two_part_attention``."""
+    config = pretrained_model(model).config
+    previous = config._attn_implementation
+    config._attn_implementation = SHARED_PROMPT_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
