@@ -1,7 +1,8 @@
 """Budget-capped group generation for RMT rollouts.
 
-``generate_group`` prefills each prompt once (``forward.prefill``), copies its key/value cache to the group's
-``G`` rows (``kv_cache.expand_cache``), and decodes token by token: sample a token per row, advance each row's
+``generate_group`` prefills each prompt once (``forward.prefill``), keeps its keys and values once for the group's
+``G`` rows (``kv_cache.SharedPromptCache``, read by ``attention.two_part_attention``; copied to each row by
+``kv_cache.expand_cache`` for attention kinds that path does not cover), and decodes token by token: sample a token per row, advance each row's
 state by it (``_Row.advance``), drop finished rows, run the model one step. A row goes through thinking, then
 answering, then done. With budget forcing, a row whose thinking reaches its cap (or that closes ``</think>`` or
 ends without an answer) gets the answer scaffold ``</think> \\boxed{`` written for it, token by token, so the
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .attention import report_fallback, shared_prompt_attention, shared_prompt_unsupported
-from .forward import prefill
+from .forward import Prefill, prefill
 from .kv_cache import SharedPromptCache, expand_cache
 from .method import extract_prediction
 from .padding import pad_right
@@ -187,6 +188,47 @@ class _Row:
             self.phase, self.clipped = _DONE, True
 
 
+def _logprobs_of(logits: Tensor, tokens: Tensor) -> list[float]:
+    """The untempered log-prob of each row's token."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+
+
+class _RolloutCache:
+    """The rollout's key/value cache and what each decoding step passes the model with it.
+
+    With shared-prompt attention (models with plain full attention) the prompts' keys and values are stored once
+    per prompt and their padding mask lives in the cache; otherwise they are copied to each prompt's rows and each
+    step passes the filled part of the rollout's attention mask.
+    """
+
+    def __init__(self, model, start: Prefill, group_size: int, capacity: int, share_prompt: bool):
+        reason = shared_prompt_unsupported(model, start.cache) if share_prompt else "share_prompt=False"
+        self.prompt_width = start.attention.shape[1]
+        if reason is None:
+            self.cache = SharedPromptCache(start.cache, start.attention, group_size, capacity)
+            self.mask, self.attending = None, shared_prompt_attention(model)
+            return
+        if share_prompt:
+            report_fallback(reason)
+        self.cache = expand_cache(start.cache, group_size, capacity)
+        rows = start.attention.shape[0] * group_size
+        self.mask = torch.ones((rows, self.prompt_width + capacity), dtype=start.attention.dtype, device=start.attention.device)
+        self.mask[:, : self.prompt_width] = start.attention.repeat_interleave(group_size, dim=0)
+        self.attending = nullcontext()
+
+    def select(self, keep: Tensor) -> None:
+        """Keep the batch rows ``keep`` (finished rows dropped)."""
+        self.cache.batch_select_indices(keep)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, keep)
+
+    def inputs(self, steps: int) -> dict:
+        """The cache arguments of the forward that reads the ``steps``-th generated token."""
+        if self.mask is None:
+            return {"cache": self.cache, "shared_prompt": self.cache}
+        return {"cache": self.cache, "attention_mask": self.mask[:, : self.prompt_width + steps]}
+
+
 def _to_rollout(rows: list[_Row], pad_id: int, response_prefix: str, with_logprobs: bool) -> GroupRollout:
     completion_ids, completion_mask = pad_right([row.tokens for row in rows], pad_id, min_width=1)
     sampled_mask = pad_right([[int(flag) for flag in row.sampled] for row in rows], 0, min_width=1)[0].bool()
@@ -229,8 +271,10 @@ def generate_group(
     by the model; the scaffold the generator writes does not count against either.
 
     Each prompt is prefilled once (the prefix common to all prompts once for all, with ``share_prefix``; see
-    ``prefill``); its key/value cache is copied to its ``group_size`` rows into storage sized for the whole
-    rollout, so decoding writes in place. With ``compact_finished``, rows that are done
+    ``prefill``); with ``share_prompt`` its keys and values are stored once for its ``group_size`` rows and read
+    by shared-prompt attention (``attention``; models it does not cover fall back with one logged line), else
+    copied to each row. Either way each row's own tokens go to storage sized for the whole rollout, so
+    decoding writes in place. With ``compact_finished``, rows that are done
     are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
     costing compute; the samples are the same either way (see ``_sample``).
 
@@ -256,39 +300,24 @@ def generate_group(
     try:
         # all_finished is an AND over processes: it also makes them agree on the prefill's path.
         start = prefill(model, prompts, pad_id, device, share_prefix=share_prefix, all_agree=all_finished)
-        prompt_width = start.attention.shape[1]
-        reason = shared_prompt_unsupported(model, start.cache) if share_prompt else "share_prompt=False"
-        if reason is None:
-            cache = SharedPromptCache(start.cache, start.attention, group_size, cap)
-            # The prompt's mask lives in the cache; the rows' own tokens need none (each query is the newest).
-            extra, attention, attending = {"shared_prompt": cache}, None, shared_prompt_attention(model)
-        else:
-            if share_prompt:
-                report_fallback(reason)
-            cache = expand_cache(start.cache, group_size, cap)
-            # The attention mask of the whole rollout, filled as it goes; each step passes its filled part.
-            attention = torch.ones((len(rows), prompt_width + cap), dtype=start.attention.dtype, device=device)
-            attention[:, :prompt_width] = start.attention.repeat_interleave(group_size, dim=0)
-            extra, attending = {}, nullcontext()
+        cache = _RolloutCache(model, start, group_size, cap, share_prompt)
         logits = start.last_logits.repeat_interleave(group_size, dim=0)
         next_position = start.positions.repeat_interleave(group_size) + 1
         # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
         active = list(range(len(rows)))
         active_index = torch.arange(len(rows), device=device)
         steps = 0
-        with attending:
+        with cache.attending:
             while True:
                 # Past its own cap a process only steps along (padding) while another one is still generating.
                 step = {r: pad_id for r in active}
                 if steps < cap:
                     steps += 1
                     drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
-                    logprobs = [0.0] * len(active)
-                    if record_logprobs:
-                        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1).tolist()
-                    for b, (r, draw) in enumerate(zip(active, drawn.tolist())):
+                    logprobs = _logprobs_of(logits, drawn) if record_logprobs else [0.0] * len(active)
+                    for r, draw, logprob in zip(active, drawn.tolist(), logprobs):
                         if not rows[r].done:
-                            step[r] = rows[r].advance(draw, rules, logprobs[b])
+                            step[r] = rows[r].advance(draw, rules, logprob)
                 if steps >= cap:
                     for r in active:
                         rows[r].stop_at_the_cap()
@@ -301,15 +330,13 @@ def generate_group(
                     keep = [b for b, r in enumerate(active) if not rows[r].done] or [0]
                     if len(keep) < len(active):
                         keep_index = torch.tensor(keep, device=device)
-                        cache.batch_select_indices(keep_index)
-                        attention = attention.index_select(0, keep_index) if attention is not None else None
+                        cache.select(keep_index)
                         next_position = next_position.index_select(0, keep_index)
                         active = [active[b] for b in keep]
                         active_index = active_index.index_select(0, keep_index)
                 tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
-                out = model(input_ids=tokens, attention_mask=attention[:, : prompt_width + steps] if attention is not None else None,
-                            position_ids=next_position.unsqueeze(1), cache=cache, use_cache=True, **extra)
-                cache, logits = out.cache, out.logits[:, -1]
+                out = model(input_ids=tokens, position_ids=next_position.unsqueeze(1), use_cache=True, **cache.inputs(steps))
+                logits = out.logits[:, -1]
                 next_position = next_position + 1
     finally:
         model.train(was_training)
