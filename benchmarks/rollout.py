@@ -1,6 +1,7 @@
-"""Rollout tokens/s: ``generate_group`` (prefill once per prompt, cache copied to its G rows) against
-``model.generate(num_return_sequences=G)`` (the prompt repeated G times before the prefill), same model,
-prompts, seeds and sampling settings, in one process.
+"""Rollout tokens/s: ``generate_group`` (prefill once per prompt; its keys and values stored once for its G rows
+and read by shared-prompt attention) against ``model.generate(num_return_sequences=G)`` (the prompt repeated G
+times before the prefill) and against ``generate_group(share_prompt=False)`` (the cache copied to each row: the
+path before shared-prompt attention), same model, prompts, seeds and sampling settings, in one process.
 
     python benchmarks/rollout.py                       # tiny model sweep + SmolLM2-135M headline
     python benchmarks/rollout.py --models builtin:tiny-llama --contexts 256 --caps 32
@@ -9,7 +10,8 @@ Both sides decode exactly ``cap`` new tokens per row: the end-of-sequence token 
 (``min_new_tokens`` for ``generate``; a wrapper that masks its logit for ``generate_group``, whose small cost
 counts against it), so tokens/s compares the same work. Prompts are ``context`` tokens cut from the embedded
 corpus. Timings are interleaved and the median is reported; the ratio is ours / generate in tokens/s
-(higher is better for us). Written to ``results/rollout.json``.
+(higher is better for us). Cache MB is the key/value storage each side holds at its last decoding step
+(every tensor the cache's layers reference, counted once). Written to ``results/rollout.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,36 @@ from torch import nn
 from common import add_common_arguments, apply_threads, device, interleaved, print_table, quiet_transformers, write_json, corpus_prompts
 from rmt_lightning.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
 from rmt_lightning.rollout import end_of_sequence_ids, generate_group
+
+
+def cache_megabytes(cache) -> float:
+    """Storage of every tensor the cache's layers reference (nested layers too), each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def walk(obj, depth=0):
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+            elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, nn.Module):
+                walk(value, depth + 1)
+
+    for layer in getattr(cache, "layers", []):
+        walk(layer)
+    return sum(seen.values()) / 2**20
+
+
+class CacheMeter:
+    """Records the size of the key/value cache the model is given at its latest forward."""
+
+    def __init__(self, model: nn.Module):
+        self.megabytes = 0.0
+        model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and args == () and kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] == 1:
+            self.megabytes = cache_megabytes(cache)
 
 
 class SuppressEnd(nn.Module):
@@ -49,16 +81,21 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
     model = load_causal_lm(name, dtype=parse_dtype(dtype)).to(device()).eval()
     eos_ids = end_of_sequence_ids(model, tokenizer)
     ours_model = SuppressEnd(model, eos_ids)
+    meter = CacheMeter(model)
     rows = []
     for context in contexts:
         prompts = corpus_prompts(tokenizer, prompts_per_batch, context, seed=seed)
         ids = torch.tensor(prompts, device=device())
         mask = torch.ones_like(ids)
         for cap in caps:
-            def ours():
+            def ours(share_prompt=True):
                 rollout = generate_group(ours_model, tokenizer, prompts, group_size, think_cap=cap, answer_allowance=0,
-                                         temperature=1.0, generator=torch.Generator(device()).manual_seed(seed))
-                return {"tokens": int(rollout.completion_mask.sum())}
+                                         temperature=1.0, generator=torch.Generator(device()).manual_seed(seed),
+                                         share_prompt=share_prompt)
+                return {"tokens": int(rollout.completion_mask.sum()), "cache_mb": meter.megabytes}
+
+            def copied():
+                return ours(share_prompt=False)
 
             def hf():
                 torch.manual_seed(seed)
@@ -66,7 +103,7 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
                     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
                                          top_k=0, max_new_tokens=cap, min_new_tokens=cap, num_return_sequences=group_size,
                                          pad_token_id=tokenizer.pad_token_id)
-                return {"tokens": int(out[:, ids.shape[1]:].numel())}
+                return {"tokens": int(out[:, ids.shape[1]:].numel()), "cache_mb": meter.megabytes}
 
             # Warm up each side on a short run (first-call costs: allocator, kernels, caches), then time the
             # real size interleaved.
@@ -75,8 +112,8 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
             with torch.no_grad():
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=2, min_new_tokens=2,
                                num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id)
-            result = interleaved({"ours": ours, "generate": hf}, repeats=repeats, warmup=0)
-            o, h = result["ours"], result["generate"]
+            result = interleaved({"ours": ours, "copied": copied, "generate": hf}, repeats=repeats, warmup=0)
+            o, c, h = result["ours"], result["copied"], result["generate"]
             row = {
                 "model": name, "context": context, "cap": cap, "G": group_size, "prompts": prompts_per_batch,
                 "ours_tokens": o["extra"]["tokens"], "generate_tokens": h["extra"]["tokens"],
@@ -85,12 +122,20 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
                 "ours_cpu_s": o["cpu_median"], "generate_cpu_s": h["cpu_median"],
                 "ours_peak_mb": o["peak_mb"], "generate_peak_mb": h["peak_mb"],
                 "ours_runs_s": o["wall"], "generate_runs_s": h["wall"],
+                "copied_s": c["wall_median"], "copied_tok_s": c["extra"]["tokens"] / c["wall_median"],
+                "copied_runs_s": c["wall"], "copied_peak_mb": c["peak_mb"],
+                "ours_cache_mb": o["extra"]["cache_mb"], "copied_cache_mb": c["extra"]["cache_mb"],
+                "generate_cache_mb": h["extra"]["cache_mb"],
             }
             row["ratio"] = row["ours_tok_s"] / row["generate_tok_s"]
+            row["copied_ratio"] = row["copied_tok_s"] / row["generate_tok_s"]
+            row["cache_ratio"] = row["ours_cache_mb"] / row["generate_cache_mb"]
             row["cpu_ratio"] = (o["extra"]["tokens"] / o["cpu_median"]) / (h["extra"]["tokens"] / h["cpu_median"])
             rows.append(row)
-            print(f"  {name} context {context} cap {cap}: ours {row['ours_tok_s']:.1f} tok/s, generate "
-                  f"{row['generate_tok_s']:.1f} tok/s, ratio {row['ratio']:.2f}", flush=True)
+            print(f"  {name} context {context} cap {cap}: ours {row['ours_tok_s']:.1f} tok/s, copied cache "
+                  f"{row['copied_tok_s']:.1f}, generate {row['generate_tok_s']:.1f} tok/s, ratio {row['ratio']:.2f} "
+                  f"(copied {row['copied_ratio']:.2f}); cache MB {row['ours_cache_mb']:.1f} / {row['copied_cache_mb']:.1f}"
+                  f" / {row['generate_cache_mb']:.1f}", flush=True)
     return rows
 
 
@@ -113,10 +158,12 @@ def main() -> None:
         rows += bench_model(name, args.contexts, args.caps, args.group_size, args.prompts, args.repeats, args.dtype, args.seed)
     print_table(
         f"rollout tokens/s, G={args.group_size}, {args.prompts} prompt(s) per batch: generate_group vs generate(num_return_sequences)",
-        ["model", "context", "cap", "ratio (ours/generate)", "CPU-time ratio", "ours tok/s", "generate tok/s",
-         "ours s", "generate s", "ours peak MB", "generate peak MB"],
-        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r["cpu_ratio"], r["ours_tok_s"],
-          r["generate_tok_s"], r["ours_s"], r["generate_s"], r["ours_peak_mb"], r["generate_peak_mb"]] for r in rows],
+        ["model", "context", "cap", "ratio (ours/generate)", "copied cache / generate", "CPU-time ratio", "ours tok/s",
+         "copied tok/s", "generate tok/s", "cache MB ours", "cache MB copied", "cache MB generate", "ours peak MB",
+         "generate peak MB"],
+        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r["copied_ratio"], r["cpu_ratio"],
+          r["ours_tok_s"], r["copied_tok_s"], r["generate_tok_s"], r["ours_cache_mb"], r["copied_cache_mb"],
+          r["generate_cache_mb"], r["ours_peak_mb"], r["generate_peak_mb"]] for r in rows],
     )
     write_json(args.out, {"args": vars(args), "rows": rows})
 

@@ -44,8 +44,14 @@ def _wide(tensor: Tensor) -> Tensor:
 
 
 def _scores(query: Tensor, keys: Tensor, visible: Tensor | None, scaling: float) -> Tensor:
-    scores = _wide(torch.matmul(query, keys.transpose(-1, -2))) * scaling
+    scores = _wide(torch.matmul(query * scaling, keys.transpose(-1, -2)))
     return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
+
+
+def _attend(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
+    scores = _scores(query, keys, visible, scaling)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse).to(values.dtype), values), lse
 
 
 class _Attention(torch.autograd.Function):
@@ -60,9 +66,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, keys, values, visible, scaling):
-        scores = _scores(query, keys, visible, scaling)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        out = torch.matmul(torch.exp(scores - lse).to(values.dtype), values)
+        out, lse = _attend(query, keys, values, visible, scaling)
         ctx.save_for_backward(query, keys, values, visible, out, lse)
         ctx.scaling = scaling
         return out, lse.squeeze(-1)
@@ -88,8 +92,11 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None, 
     ``visible`` (bool, broadcast to ``[B, kv_heads, R, L]``; None: all) masks keys out. Returns the output
     ``[B, kv_heads, R, dim]`` (in the values' dtype) and the scores' log-sum-exp ``[B, kv_heads, R]`` (float32 for half-precision inputs).
     ``dropout`` (training only) drops attention probabilities as the models' own attention does."""
-    if dropout == 0:
+    if dropout == 0 and torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, values)):
         return _Attention.apply(query, keys, values, visible, scaling)
+    if dropout == 0:  # decoding: no graph to keep
+        out, lse = _attend(query, keys, values, visible, scaling)
+        return out, lse.squeeze(-1)
     scores = _scores(query, keys, visible, scaling)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.nn.functional.dropout(torch.exp(scores - lse), p=dropout)
@@ -99,8 +106,10 @@ def attend(query: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None, 
 def merge_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     """Attention over the union of two disjoint key sets from each set's output and log-sum-exp (in float32 for
     half-precision outputs)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    return _wide(out_a) * torch.exp(lse_a - lse).unsqueeze(-1) + _wide(out_b) * torch.exp(lse_b - lse).unsqueeze(-1)
+    # exp(lse_a - logaddexp(lse_a, lse_b)) is the share of the first set in the union's softmax mass.
+    share_a = torch.sigmoid(lse_a - lse_b).unsqueeze(-1)
+    out_b = _wide(out_b)
+    return out_b + share_a * (_wide(out_a) - out_b)
 
 
 def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float | None = None,
@@ -125,7 +134,7 @@ def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
         gathered = query.new_zeros((prompts * slots, heads, q, dim)).index_copy_(0, shared_prompt.slot_index, query)
     gathered = gathered.view(prompts, slots, kv_heads, group, q, dim).transpose(1, 2)
     out_p, lse_p = attend(gathered.reshape(prompts, kv_heads, slots * group * q, dim), layer.prompt_keys,
-                          layer.prompt_values, shared_prompt.prompt_mask[:, None, None, :], scaling, dropout)
+                          layer.prompt_values, shared_prompt.visible_prompt, scaling, dropout)
     out_p = out_p.view(prompts, kv_heads, slots, group, q, dim).transpose(1, 2).reshape(prompts * slots, heads, q, dim)
     lse_p = lse_p.view(prompts, kv_heads, slots, group, q).transpose(1, 2).reshape(prompts * slots, heads, q)
     if shared_prompt.slot_index is not None:

@@ -130,7 +130,8 @@ class SharedPromptCache(Cache):
     the batch reads prompt ``i // group_size`` until ``batch_select_indices`` drops finished rows (and prompts
     no row reads any more). ``rows_per_prompt`` and ``slot_index`` lay the rows out per prompt for one batched
     product per prompt: ``slot_index`` is None while every prompt has the same number of rows in order, else the
-    flat ``prompt * rows_per_prompt + rank`` slot of each row.
+    flat ``prompt * rows_per_prompt + rank`` slot of each row. ``visible_prompt`` is the prompt mask shaped for
+    the attention scores, or None when no prompt is padded.
     """
 
     def __init__(self, prompt_cache, prompt_mask: Tensor, group_size: int, capacity: int):
@@ -146,6 +147,8 @@ class SharedPromptCache(Cache):
         prompts = self.prompt_mask.shape[0]
         counts = torch.bincount(row_prompt, minlength=prompts)
         self.row_prompt, self.rows_per_prompt = row_prompt, int(counts.max())
+        # None when no prompt is padded: the prompt part then needs no mask.
+        self.visible_prompt = None if bool(self.prompt_mask.all()) else self.prompt_mask[:, None, None, :]
         if bool((counts == self.rows_per_prompt).all()):
             self.slot_index = None
             return
