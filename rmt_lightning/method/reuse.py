@@ -1,5 +1,5 @@
 """Several optimizer steps on one rollout (TRL's ``num_iterations``; PPO's epochs and mini-batches): which update
-of its rollout a step is, how many draws of positions a run makes, and which part of a rollout a mini-batch is.
+of its rollout a step is, and which part of a rollout (or of its documents) a mini-batch is.
 
 Steps are counted run-wide from 0, one per optimizer step. The first ``single_draw_steps`` steps (the format
 warm-up) each draw positions of their own; after them, every ``steps_per_rollout`` consecutive steps train on
@@ -8,36 +8,20 @@ one draw, whose rollout the first of them collects.
 
 from __future__ import annotations
 
-import math
-
-__all__ = ["rollout_update", "distinct_draws", "contiguous_share"]
-
-
-def _check(single_draw_steps: int, steps_per_rollout: int) -> None:
-    if single_draw_steps < 0:
-        raise ValueError(f"single_draw_steps must be >= 0, got {single_draw_steps!r}")
-    if steps_per_rollout < 1:
-        raise ValueError(f"steps_per_rollout must be >= 1, got {steps_per_rollout!r}")
+__all__ = ["rollout_update", "contiguous_share"]
 
 
 def rollout_update(step: int, single_draw_steps: int, steps_per_rollout: int) -> int:
     """Which of the ``steps_per_rollout`` steps on one rollout step ``step`` is: 0 for the step that draws the
     positions and collects the rollout, up to ``steps_per_rollout - 1``; 0 for each of the first
     ``single_draw_steps`` steps. ``step - rollout_update(step, ...)`` is the step that drew ``step``'s positions."""
-    _check(single_draw_steps, steps_per_rollout)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step!r}")
+    if step < 0 or single_draw_steps < 0:
+        raise ValueError(f"step and single_draw_steps must be >= 0, got {step!r} and {single_draw_steps!r}")
+    if steps_per_rollout < 1:
+        raise ValueError(f"steps_per_rollout must be >= 1, got {steps_per_rollout!r}")
     if step < single_draw_steps:
         return 0
     return (step - single_draw_steps) % steps_per_rollout
-
-
-def distinct_draws(steps: int, single_draw_steps: int, steps_per_rollout: int) -> int:
-    """Draws of positions a run of ``steps`` steps makes: one per single-draw step, then one per rollout (the
-    last one's updates possibly cut short by the end of the run)."""
-    _check(single_draw_steps, steps_per_rollout)
-    single = min(steps, single_draw_steps)
-    return single + math.ceil((steps - single) / steps_per_rollout)
 
 
 def contiguous_share(count: int, parts: int, index: int) -> slice:
