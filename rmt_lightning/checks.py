@@ -162,7 +162,20 @@ _MODULE_MINIMUMS = {
     "lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0, "beta": 0.0, "temperature": 0.0, "clip_eps": 0.0, "ntp_weight": 0.0,
     "budget": 1, "answer_allowance": 0, "max_response_length": 1, "lr_warmup_steps": 0, "format_warmup_steps": 0,
     "rl_micro_batch_size": 1, "ntp_micro_batch_size": 1, "max_consecutive_skips": 1,
+    "updates_per_rollout": 1, "mini_batches_per_rollout": 1,
 }
+
+
+def check_mini_batches(mini_batches: int, positions: int) -> None:
+    """``mini_batches`` (``model.mini_batches_per_rollout``) cuts a rank's ``positions`` RL positions per step
+    (``data.batch_size``) into equal mini-batches of whole groups, else an InputError naming the valid values."""
+    if positions % mini_batches:
+        valid = [d for d in range(1, positions + 1) if positions % d == 0]
+        raise InputError(
+            f"mini_batches_per_rollout={mini_batches} does not cut data.batch_size={positions} RL positions per step "
+            f"into equal mini-batches of whole groups; valid: a divisor of {positions} ({valid}), or a batch_size "
+            f"that is a multiple of {mini_batches}"
+        )
 
 
 def check_module_arguments(hp) -> None:

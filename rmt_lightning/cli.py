@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
 from .checkpointing import remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file
-from .checks import InputError, check_rollout_fits, check_writable_directory
+from .checks import InputError, check_mini_batches, check_rollout_fits, check_writable_directory
 from .data.datamodule import RMTDataModule
 from .module import NonFiniteLossError, RMTModule
 
@@ -96,6 +96,8 @@ class RMTCLI(LightningCLI):
         self.datamodule.check_inputs()
         budgets = [c.b0 for c in trainer.callbacks if isinstance(c, TokenBudget)] or [self.model.hparams.budget]
         check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens, max(budgets))
+        if self.model.hparams.rl:
+            check_mini_batches(self.model.hparams.mini_batches_per_rollout, self.datamodule.hparams.batch_size)
         config = self.config_init[subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":

@@ -34,11 +34,16 @@ def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, comp
 
 def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
                 completion_ids: Tensor, completion_mask: Tensor, sampled_mask: Tensor, advantages: Tensor, *,
-                group_size: int, micro_batch_size: int, clip_eps: float, beta: float) -> dict[str, float]:
+                group_size: int, micro_batch_size: int, clip_eps: float, beta: float,
+                old_logprobs: Tensor | None = None) -> dict[str, float]:
     """GRPO loss (``method.grpo_token_loss_terms``) over the policy-sampled tokens of ``P`` prompts with ``G``
     completions each, ``micro_batch_size`` completions per pass; the loss of each pass is weighted by its share of
     the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
-    ``ppo_clip_fraction``."""
+    ``ppo_clip_fraction``.
+
+    ``old_logprobs`` (``[P * G, C]``) is pi_old of the ratio: the log-probs of the policy that sampled the
+    completions (``GroupRollout.logprobs``), for updates that reuse a rollout. None: the current policy's own,
+    detached, so the ratio is 1 (one update per rollout)."""
     total_tokens = max(1, int(sampled_mask.sum()))
     sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
     prompts_per_pass = max(1, micro_batch_size // group_size)
@@ -55,7 +60,8 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
         if reference is not None:
             with torch.no_grad():
                 reference_logprobs = model_logprobs(reference, trainer, *args, logprob_mask=sampled_mask[rows])
-        terms = grpo_token_loss_terms(logprobs, logprobs.detach(), advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
+        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
+        terms = grpo_token_loss_terms(logprobs, old, advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
                                       ref_logprobs=reference_logprobs, beta=beta)
         share = tokens / total_tokens
         backward(terms.loss * share)

@@ -5,23 +5,24 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
-from .method import completion_rewards, group_advantages
+from .method import completion_rewards, contiguous_share, group_advantages
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, evaluation_budget, evaluation_record, write_figures
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
-from .checks import check_module_arguments
+from .checks import check_mini_batches, check_module_arguments
 from .data.batches import PositionBatch
+from .data.sampler import DrawRepeats
 from .models import BUILTIN_SMOLLM2, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
 from . import losses
 from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
 from .rollout import GroupRollout, generate_group
-from .distributed import agreement, all_ranks, gradients_finite, is_fsdp1, shard_models
+from .distributed import agreement, all_ranks, gather_objects, gradients_finite, is_fsdp1, shard_models, world_size
 from .padding import pad_left, pad_right
 from .metrics import completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
 from .tokens import TokenBytes
@@ -43,6 +44,30 @@ class Trajectory:
     """``[P, G]`` length part."""
     advantages: Tensor
     """``[P * G]`` group-normalised advantages."""
+    drawn_at_step: int | None = None
+    """The run's step that drew the positions (``PositionBatch.drawn_at_step``): which rollout this is."""
+
+    def positions(self, part: slice) -> Trajectory:
+        """The trajectory of the positions in ``part`` only: their prompts, their groups of completions, rewards
+        and advantages."""
+        if (part.start, part.stop) == (0, len(self.prompts)):
+            return self
+        group = len(self.rollout.texts) // len(self.prompts)
+        rows = slice(part.start * group, part.stop * group)
+        # Every field of a GroupRollout is per completion (a tensor or a list of N) or absent.
+        rollout = replace(self.rollout, **{f.name: value[rows] for f in fields(self.rollout)
+                                           if (value := getattr(self.rollout, f.name)) is not None})
+        return Trajectory(self.prompts[part], rollout, self.rewards[part], self.correct[part], self.length[part],
+                          self.advantages[rows], self.drawn_at_step)
+
+    def state_dict(self) -> dict:
+        """The trajectory as tensors, lists, numbers and strings (a checkpoint loads it with ``weights_only``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Trajectory:
+        """The trajectory ``state_dict`` wrote."""
+        return cls(**{**state, "rollout": GroupRollout(**state["rollout"])})
 
 
 def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_factor: float) -> float:
@@ -51,6 +76,10 @@ def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_
     if step < format_warmup_steps:
         return format_factor
     return min(1.0, (step - format_warmup_steps + 1) / max(1, lr_warmup_steps))
+
+
+REUSED_TRAJECTORIES = "rmt_reused_trajectories"
+"""Checkpoint key of every rank's kept trajectory (``Trajectory.state_dict`` or None), in rank order."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -73,9 +102,9 @@ class RMTModule(L.LightningModule):
         group_size: Completions per RL position, G (paper: 8).
         temperature: Sampling temperature (RPT: 0.8).
         top_p: Nucleus sampling mass (1: off).
-        clip_eps: PPO clip range of the ratio ``pi / pi_old``. With one update per rollout (today's only mode) the
-            ratio is 1 and the clip never acts (``train/ppo_clip_fraction`` stays 0); it acts once several
-            updates reuse one rollout.
+        clip_eps: PPO clip range of the ratio ``pi / pi_old``. With one update per rollout the ratio is 1 and
+            the clip never acts (``train/ppo_clip_fraction`` stays 0); it acts once several updates reuse one
+            rollout (``updates_per_rollout``, ``mini_batches_per_rollout``).
         advantage_eps: delta in ``(r - mean) / (std + delta)``.
         beta: Weight of the k3 KL penalty to the frozen initial policy; 0 loads no reference model.
         ntp_weight: lambda in ``L = L_RL + lambda * L_NTP``; 0 skips the NTP pass.
@@ -101,6 +130,16 @@ class RMTModule(L.LightningModule):
         format_warmup_thought: Thought of the demonstrations ``<think>thought</think> \\boxed{next token}``;
             ``{context_tail}`` stands for the context's last B tokens and ``{next_token}`` for the true next
             token, so ``{context_tail}{next_token}`` demonstrates "continue the text, then box the new token".
+        updates_per_rollout: Passes over each rollout (TRL's ``num_iterations``, PPO's epochs): every pass
+            trains each of its mini-batches once. With more than one update per rollout, pi_old of the ratio is
+            the policy that sampled the completions (their log-probs recorded while sampling), so the ratio
+            moves away from 1 and ``clip_eps`` acts.
+        mini_batches_per_rollout: Mini-batches each rollout's positions are cut into (whole groups of G
+            completions, with an equal share of the NTP documents), one optimizer step each; it must divide
+            ``data.batch_size``. A rollout feeds ``updates_per_rollout * mini_batches_per_rollout`` optimizer
+            steps, each one Lightning training step on the same draw of positions (the datamodule repeats it),
+            so ``global_step``, ``max_steps``, the budget, curriculum and LR schedules and periodic
+            checkpoints all count optimizer steps. The format warm-up and NTP-only steps draw once per step.
         rl_micro_batch_size: Completions per forward/backward of the RL loss (bounds memory).
         ntp_micro_batch_size: Documents per forward/backward of the NTP loss.
         gradient_checkpointing: Recompute each decoder layer's activations in backward to save memory (Hugging
@@ -151,6 +190,8 @@ class RMTModule(L.LightningModule):
         format_warmup_steps: int = 0,
         format_warmup_lr: float | None = None,
         format_warmup_thought: str = "The next token continues the text.",
+        updates_per_rollout: int = 1,
+        mini_batches_per_rollout: int = 1,
         rl_micro_batch_size: int = 8,
         ntp_micro_batch_size: int = 4,
         gradient_checkpointing: bool = False,
@@ -176,6 +217,8 @@ class RMTModule(L.LightningModule):
         self.last_samples: list[dict] = []
         self.last_sampled_entropies: Tensor | None = None
         self.last_reasoning_lengths: Tensor | None = None
+        self.reused_trajectory: Trajectory | None = None
+        """The trajectory the next steps of its rollout train on (kept only with several steps per rollout)."""
         self.eval_metrics = torch.nn.ModuleDict({stage: EvaluationMetrics() for stage in EVAL_STAGES})
         self.eval_samples: list[dict] = []
         """A few completions of the latest evaluation, for the completions table."""
@@ -223,10 +266,27 @@ class RMTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @property
+    def steps_per_rollout(self) -> int:
+        """Optimizer steps each rollout feeds: ``updates_per_rollout * mini_batches_per_rollout``."""
+        return self.hparams.updates_per_rollout * self.hparams.mini_batches_per_rollout
+
+    def draw_repeats(self) -> DrawRepeats:
+        """Which training steps share a draw of positions, for the datamodule's sampler: every format warm-up
+        step and every NTP-only step draws its own; RL steps come ``steps_per_rollout`` to a draw."""
+        hp = self.hparams
+        if not hp.rl:
+            return DrawRepeats()
+        return DrawRepeats(single_draw_steps=hp.format_warmup_steps, steps_per_draw=self.steps_per_rollout)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rmt_skipped_steps"] = self.skipped_steps
         checkpoint["rmt_consecutive_skips"] = self.consecutive_skips
         checkpoint["rng_states"] = rng_states()
+        if self.steps_per_rollout > 1:
+            # Every rank's, in rank order: a resume mid-rollout trains the updates left on the same completions.
+            kept = self.reused_trajectory.state_dict() if self.reused_trajectory is not None else None
+            checkpoint[REUSED_TRAJECTORIES] = gather_objects(kept)
         if self._trainer is not None:
             as_batch_end_checkpoint(checkpoint, self.trainer.num_training_batches)
 
@@ -237,6 +297,11 @@ class RMTModule(L.LightningModule):
         as_batch_end_checkpoint(checkpoint)
         self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
         self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
+        kept = checkpoint.get(REUSED_TRAJECTORIES)  # absent from checkpoints of one step per rollout
+        # Written by another number of processes, the ranks' completions belong to other positions: the
+        # step collects its rollout again instead.
+        if kept is not None and len(kept) == world_size(self._trainer) and kept[self.global_rank] is not None:
+            self.reused_trajectory = Trajectory.from_state_dict(kept[self.global_rank])
         if "rng_states" in checkpoint:
             # Nothing draws from them between here and the first resumed step (the loaders have their own
             # generators), so the resumed steps see the generators the interrupted run would have.
@@ -263,9 +328,10 @@ class RMTModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def rollout(self, prompts: list[list[int]], budget: int, group_size: int | None = None,
-                temperature: float | None = None) -> GroupRollout:
+                temperature: float | None = None, record_logprobs: bool = False) -> GroupRollout:
         """G completions per prompt under budget ``budget`` (thinking cap 2B, plus the answer allowance);
-        ``group_size`` and ``temperature`` replace the training values (evaluation uses its own)."""
+        ``group_size`` and ``temperature`` replace the training values (evaluation uses its own);
+        ``record_logprobs`` keeps the sampled tokens' log-probs (``GroupRollout.logprobs``)."""
         hp = self.hparams
         return generate_group(
             self.policy, self.tokenizer, prompts, group_size or hp.group_size,
@@ -273,7 +339,7 @@ class RMTModule(L.LightningModule):
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
-            all_finished=agreement(self._trainer),
+            all_finished=agreement(self._trainer), record_logprobs=record_logprobs,
         )
 
     def rewards(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -283,24 +349,44 @@ class RMTModule(L.LightningModule):
                                   hp.r_max, hp.length_reward_weight, hp.length_reward_only_when_correct)
 
     def collect_trajectory(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> Trajectory:
-        """Prompts, G completions each, their rewards and their group-normalised advantages."""
+        """Prompts, G completions each, their rewards and their group-normalised advantages; with several steps
+        per rollout, also the log-prob of each sampled token when it was sampled (the later steps' pi_old)."""
         prompts = self._prompts(contexts, budget)
-        rollout = self.rollout(prompts, budget)
+        rollout = self.rollout(prompts, budget, record_logprobs=self.steps_per_rollout > 1)
         rewards, correct, length = self.rewards(rollout, continuations, budget)
         advantages = group_advantages(rewards, eps=self.hparams.advantage_eps).flatten()
         return Trajectory(prompts, rollout, rewards, correct, length, advantages)
 
+    def trajectory_for(self, batch: PositionBatch, budget: int) -> Trajectory:
+        """The trajectory of the batch's draw: the kept one when an earlier step collected it (``drawn_at_step``
+        names it), else a new one, kept while later steps of its rollout remain."""
+        if self.steps_per_rollout == 1:
+            return self.collect_trajectory(batch.contexts, batch.continuations, budget)
+        check_mini_batches(self.hparams.mini_batches_per_rollout, len(batch.contexts))
+        kept = self.reused_trajectory
+        # Collected anew whenever the kept one is another draw's, also mid-rollout: after a resume on another
+        # number of processes, or where a skipped warm-up step left RL starting inside a rollout's steps.
+        if kept is None or batch.drawn_at_step is None or kept.drawn_at_step != batch.drawn_at_step:
+            kept = self.collect_trajectory(batch.contexts, batch.continuations, budget)
+            kept.drawn_at_step = batch.drawn_at_step
+        self.reused_trajectory = kept
+        return kept
+
     # ---- losses (losses.py) -------------------------------------------------------------------------
 
     def rl_backward(self, trajectory: Trajectory) -> dict[str, float]:
-        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms."""
+        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms.
+        pi_old is the policy that sampled the completions when the rollout feeds several steps, else the
+        current one (ratio 1)."""
         hp, rollout = self.hparams, trajectory.rollout
         prompt_ids, prompt_mask = pad_left(trajectory.prompts, self.tokenizer.pad_token_id)
         tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask,
                    trajectory.advantages)
+        old_logprobs = rollout.logprobs.to(self.device) if self.steps_per_rollout > 1 else None
         return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward,
                                   *(t.to(self.device) for t in tensors), group_size=hp.group_size,
-                                  micro_batch_size=hp.rl_micro_batch_size, clip_eps=hp.clip_eps, beta=hp.beta)
+                                  micro_batch_size=hp.rl_micro_batch_size, clip_eps=hp.clip_eps, beta=hp.beta,
+                                  old_logprobs=old_logprobs)
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
         """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
@@ -354,7 +440,7 @@ class RMTModule(L.LightningModule):
         documents, attention = batch.documents, batch.document_attention_mask
         in_warmup = self.global_step < hp.format_warmup_steps
         # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
-        metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup)}
+        metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup), "train/rollout_update": 0.0}
         if in_warmup:
             loss = self.format_warmup_backward(contexts, continuations, budget)
             shown = {"warmup_loss": loss}
@@ -363,14 +449,21 @@ class RMTModule(L.LightningModule):
             loss = metrics["train/loss_ntp"] = self.ntp_backward(documents, attention, attention.bool(), 1.0)
             shown = {"ntp_loss": loss}
         else:
-            trajectory = self.collect_trajectory(contexts, continuations, budget)
+            trajectory = self.trajectory_for(batch, budget)
             generated = time.perf_counter()
             metrics["timing/generate"], started = generated - started, generated
-            terms = self.rl_backward(trajectory)
-            loss_ntp = self.ntp_backward(documents, attention, batch.ntp_mask, hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
+            # Update u of a rollout trains its mini-batch u % M: M steps make one pass over the rollout.
+            update = batch.rollout_update or 0
+            mini_batch = update % hp.mini_batches_per_rollout
+            part = trajectory.positions(contiguous_share(len(contexts), hp.mini_batches_per_rollout, mini_batch))
+            terms = self.rl_backward(part)
+            loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
             loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
-            metrics.update(rl_step_metrics(trajectory.rollout, trajectory.rewards, trajectory.correct, trajectory.length, terms, loss_ntp))
+            metrics.update(rl_step_metrics(part.rollout, part.rewards, part.correct, part.length, terms, loss_ntp))
+            metrics["train/rollout_update"] = float(update)
             self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
+            if update >= self.steps_per_rollout - 1:
+                self.reused_trajectory = None  # its last step: nothing reuses it
             shown = {"reward": metrics["train/reward"], "budget": float(budget)}
         metrics["timing/update"] = time.perf_counter() - started
         self.update_or_skip(loss)
@@ -379,6 +472,18 @@ class RMTModule(L.LightningModule):
         self.last_sampled_entropies = batch.entropies.detach().cpu()
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
         show_in_progress_bar(self, shown, batch_size=len(contexts))
+
+    def _ntp_share(self, batch: PositionBatch, mini_batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Documents, attention mask and NTP mask of mini-batch ``mini_batch``'s share of the batch's documents
+        (cut into ``mini_batches_per_rollout`` contiguous parts, so a pass over a rollout trains NTP on each
+        document once, as a step of one mini-batch does)."""
+        share = contiguous_share(len(batch.documents), self.hparams.mini_batches_per_rollout, mini_batch)
+        documents, attention, mask = batch.documents[share], batch.document_attention_mask[share], batch.ntp_mask[share]
+        if len(documents) == 0:
+            # Fewer documents than mini-batches: this one trains no NTP, but still runs the passes (at weight 0)
+            # that the other ranks run.
+            documents, attention, mask = batch.documents[:1], batch.document_attention_mask[:1], torch.zeros_like(batch.ntp_mask[:1])
+        return documents, attention, mask
 
     def _keep_samples(self, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor) -> None:
         """What the CompletionsTable callback shows of this step: a few completions and every reasoning length."""

@@ -10,6 +10,7 @@ import torch
 from rmt_lightning.method import (
     TIER_NAMES,
     assign_tiers,
+    contiguous_share,
     exact_match,
     extract_prediction,
     group_advantages,
@@ -18,6 +19,7 @@ from rmt_lightning.method import (
     length_reward,
     prefix_match,
     renormalise_over_nonempty,
+    rollout_update,
     tier_probabilities,
     token_budget,
     token_entropy,
@@ -441,3 +443,24 @@ def test_completion_rewards_assemble_correctness_length_and_total_per_group():
     assert only.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.0]]
     with pytest.raises(ValueError, match="do not make whole groups"):
         completion_rewards(predictions[:5], lengths[:5], continuations, budget=4)
+
+
+# ---------------------------------------------------------------- reusing a rollout
+
+
+def test_rollout_update_counts_from_each_rollouts_first_step_after_the_single_draw_steps():
+    assert [rollout_update(t, 2, 3) for t in range(9)] == [0, 0, 0, 1, 2, 0, 1, 2, 0]
+    assert [rollout_update(t, 0, 1) for t in range(4)] == [0, 0, 0, 0]
+    for bad in [(-1, 0, 1), (0, -1, 1), (0, 0, 0)]:
+        with pytest.raises(ValueError):
+            rollout_update(*bad)
+
+
+def test_contiguous_share_cuts_like_tensor_split():
+    for count in range(7):
+        for parts in range(1, 5):
+            items = torch.arange(count)
+            shares = [items[contiguous_share(count, parts, index)] for index in range(parts)]
+            assert [s.tolist() for s in shares] == [s.tolist() for s in torch.tensor_split(items, parts)]
+    with pytest.raises(ValueError):
+        contiguous_share(4, 2, 2)

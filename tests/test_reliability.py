@@ -315,6 +315,10 @@ BAD_INPUTS = {
     "negative lambda": (["--model.ntp_weight", "-0.1"], "ntp_weight=-0.1 is not valid: it must be >= 0.0"),
     "negative beta": (["--model.beta", "-0.01"], "beta=-0.01 is not valid: it must be >= 0.0"),
     "G < 2": (["--model.group_size", "1"], "group_size=1: GRPO needs G >= 2 completions per position"),
+    "no update per rollout": (["--model.updates_per_rollout", "0"], "updates_per_rollout=0 is not valid: it must be >= 1"),
+    "mini-batches not dividing the batch": (["--model.mini_batches_per_rollout", "3"],
+                                            "mini_batches_per_rollout=3 does not cut data.batch_size=2 RL positions per step "
+                                            "into equal mini-batches of whole groups; valid: a divisor of 2 ([1, 2])"),
     "unknown reference dtype": (["--model.reference_dtype", "float64"],
                                 "reference_dtype: dtype 'float64' is not supported; valid: ['bfloat16', 'float16', 'float32']"),
     "unknown scoring dtype": (["--data.scoring_dtype", "fp8"],

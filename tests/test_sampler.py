@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmt_lightning.checks import InputError
-from rmt_lightning.data.sampler import CurriculumBatchSampler
+from rmt_lightning.data.sampler import CurriculumBatchSampler, DrawRepeats
 from rmt_lightning.method import assign_tiers, tier_probabilities
 
 P1, P2, T1, T2 = (0.6, 0.3, 0.1), (0.1, 0.3, 0.6), 0.3, 0.7
@@ -111,6 +111,38 @@ def test_state_dict_resumes_mid_epoch() -> None:
     assert original.state_dict() == {"epoch": 1, "batches_yielded": 4, "seed": 0, "global_batch_size": 4}
     assert head + list(resumed) == expected
     assert resumed.last_progress == pytest.approx(19 / 30)
+
+
+def _yielded(sampler: CurriculumBatchSampler, epoch: int, count: int | None = None) -> list[tuple]:
+    """Epoch ``epoch``'s next ``count`` batches (all that are left: None) with what the sampler says of each."""
+    sampler.set_epoch(epoch)
+    out = []
+    for ids in sampler:
+        out.append((ids, sampler.last_progress, sampler.last_drawn_at, sampler.last_update))
+        if len(out) == count:
+            break
+    return out
+
+
+def test_repeated_draws_are_the_drawing_steps_own_at_its_progress_and_resume_mid_rollout() -> None:
+    """One single-draw step, then 3 steps per draw over 2 epochs of 10: step t trains the draw that step
+    t - (t - 1) % 3 makes without repeats, at that step's progress, across the epoch boundary (steps 19-21) too;
+    a sampler resumed inside a rollout's steps (after step 13 of 13-15) goes on with the same draws."""
+    plain = _sampler(total_batches=20)
+    expected = [(ids, progress) for epoch in range(2) for ids, progress, _, _ in _yielded(plain, epoch)]
+    repeats = DrawRepeats(single_draw_steps=1, steps_per_draw=3)
+    drawn_at = [0, *[t - (t - 1) % 3 for t in range(1, 20)]]
+
+    uninterrupted = _sampler(total_batches=20, repeats=repeats)
+    seen = _yielded(uninterrupted, 0) + _yielded(uninterrupted, 1)
+    assert [(at, update) for _, _, at, update in seen] == [(at, t - at) for t, at in enumerate(drawn_at)]
+    assert [(ids, progress) for ids, progress, _, _ in seen] == [expected[at] for at in drawn_at]
+
+    interrupted = _sampler(total_batches=20, repeats=repeats)
+    head = _yielded(interrupted, 0) + _yielded(interrupted, 1, count=4)
+    resumed = _sampler(total_batches=20, repeats=repeats)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert head + _yielded(resumed, 1) == seen
 
 
 def test_state_dict_at_epoch_boundary_starts_next_epoch_at_zero() -> None:

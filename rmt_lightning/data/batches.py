@@ -50,6 +50,12 @@ class PositionBatch:
     """Epoch of the sampler that drew the batch (training batches only)."""
     curriculum_batch: int | None = None
     """Index of the batch within that epoch (training batches only)."""
+    drawn_at_step: int | None = None
+    """The run's step (counted from 0) that drew these positions: this batch's own step, or, for a step that
+    trains again on an earlier step's rollout, that step's (training batches only). It names the rollout."""
+    rollout_update: int | None = None
+    """How many steps after ``drawn_at_step`` this batch's step is: 0 collects the rollout, 1 and on reuse it
+    (training batches only)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ class Candidates:
 
 
 class DrawsWithProgress(Sampler):
-    """Pairs each sampled batch with where it was drawn: progress, tier probabilities, epoch and batch index.
+    """Pairs each sampled batch with where it was drawn: progress, tier probabilities, epoch and batch index, and
+    the step whose draw it is (a repeat of an earlier step's draw names that step, see ``DrawRepeats``).
 
     The values travel inside the batch because Lightning fetches one batch ahead: the sampler's
     attributes already describe the next batch when the module sees this one.
@@ -100,6 +107,8 @@ class DrawsWithProgress(Sampler):
                 "curriculum_probabilities": torch.tensor(sampler.last_probabilities, dtype=torch.float32),
                 "curriculum_epoch": sampler.epoch,
                 "curriculum_batch": sampler.state_dict()["batches_yielded"] - 1,
+                "drawn_at_step": sampler.last_drawn_at,
+                "rollout_update": sampler.last_update,
             }
 
     def __len__(self) -> int:

@@ -20,7 +20,7 @@ from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, max_pos
 from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
 from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
-from .sampler import CurriculumBatchSampler
+from .sampler import CurriculumBatchSampler, DrawRepeats
 from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy, window_plan
 
 
@@ -59,7 +59,8 @@ class RMTDataModule(L.LightningDataModule):
         t1: Progress at which the schedule starts moving from p1 to p2.
         t2: Progress at which it reaches p2.
         batch_size: RL positions per step per process.
-        batches_per_epoch: Optimizer steps per epoch.
+        batches_per_epoch: Optimizer steps per epoch (several of them train on one draw when the module reuses
+            each rollout for several updates: ``RMTModule``'s ``updates_per_rollout`` and ``mini_batches_per_rollout``).
         max_context_tokens: Context of an RL position, left-truncated to this many tokens.
         continuation_tokens: Corpus tokens after the position kept for the ``prefix`` rule.
         val_positions: Held-out positions scored in validation and test (seeded, the same in every run with the
@@ -314,8 +315,18 @@ class RMTDataModule(L.LightningDataModule):
                 limits.append(self.trainer.max_epochs * per_epoch)
         return max(1, min(limits)) if limits else per_epoch
 
+    def _draw_repeats(self) -> DrawRepeats:
+        """Which steps share a draw, as the module being trained says (``draw_repeats()``, which ``RMTModule``
+        has: its rollouts feed several optimizer steps); a module without it gets a draw per step. Asked when the
+        loader is made rather than set in the config: the module's own arguments decide it, so the two cannot
+        disagree, from the CLI and the Python API alike."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        draw_repeats = getattr(module, "draw_repeats", None)
+        return draw_repeats() if callable(draw_repeats) else DrawRepeats()
+
     def train_dataloader(self) -> DataLoader:
         self.sampler.total_batches = self._total_batches()
+        self.sampler.repeats = self._draw_repeats()
         # Its own generator: creating the iterator would otherwise draw from the global one, which a resumed
         # run restores from the checkpoint and must find untouched.
         return DataLoader(self._batches(self.train_candidates), sampler=DrawsWithProgress(self.sampler), batch_size=None,

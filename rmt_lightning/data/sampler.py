@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,9 +11,20 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from rmt_lightning.checks import InputError
-from rmt_lightning.method import TIER_NAMES, renormalise_over_nonempty, tier_probabilities
+from rmt_lightning.method import TIER_NAMES, renormalise_over_nonempty, rollout_update, tier_probabilities
 
-__all__ = ["CurriculumBatchSampler"]
+__all__ = ["CurriculumBatchSampler", "DrawRepeats"]
+
+
+@dataclass(frozen=True)
+class DrawRepeats:
+    """Which optimizer steps train on one draw of positions (TRL's RepeatSampler idea: the data side repeats a
+    draw, so that every counter of the run counts optimizer steps)."""
+
+    single_draw_steps: int = 0
+    """The first steps, each with a draw of its own (the format warm-up)."""
+    steps_per_draw: int = 1
+    """Consecutive steps after them that share one draw (the updates of one rollout)."""
 
 
 class CurriculumBatchSampler(Sampler[list[int]]):
@@ -31,9 +43,13 @@ class CurriculumBatchSampler(Sampler[list[int]]):
     - ``total_batches``: batches of the whole run, for progress
       ``s = min(1, (e * batches_per_epoch + b) / total_batches)``; None means one epoch.
       May be reassigned before iterating.
+    - ``repeats``: which batches repeat an earlier one's draw (``DrawRepeats``; default: none). Batch ``b`` of
+      epoch ``e`` is the run's step ``t = e * batches_per_epoch + b``; a repeat is the draw of the step that drew
+      it (``t - rollout_update(t, ...)``), with that step's progress. May be reassigned before iterating.
 
     After each yielded batch, ``last_progress``, ``last_probabilities`` (renormalised),
-    ``last_tier_counts`` and ``last_tiers`` (tier of each yielded id) describe it.
+    ``last_tier_counts``, ``last_tiers`` (tier of each yielded id), ``last_drawn_at`` (the step that drew it)
+    and ``last_update`` (how many steps after that one it is) describe it.
     """
 
     def __init__(
@@ -51,6 +67,7 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         total_batches: int | None = None,
+        repeats: DrawRepeats | None = None,
     ) -> None:
         if len(tier_candidates) != len(TIER_NAMES):
             raise ValueError(
@@ -77,12 +94,15 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         self.curriculum, self.seed = bool(curriculum), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.total_batches = total_batches
+        self.repeats = repeats or DrawRepeats()
         self.epoch = 0
         self._yielded = 0
         self.last_progress: float = 0.0
         self.last_probabilities: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.last_tier_counts: tuple[int, int, int] = (0, 0, 0)
         self.last_tiers: list[int] = []
+        self.last_drawn_at: int = 0
+        self.last_update: int = 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -137,8 +157,12 @@ class CurriculumBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         start = self._yielded if self._yielded < self.batches_per_epoch else 0
         for b in range(start, self.batches_per_epoch):
-            ids, tiers = self.draw(b)
-            self.last_progress = self.progress(b)
+            step = self.epoch * self.batches_per_epoch + b
+            update = rollout_update(step, self.repeats.single_draw_steps, self.repeats.steps_per_draw)
+            epoch, batch = divmod(step - update, self.batches_per_epoch)
+            ids, tiers = self.draw(batch, epoch)
+            self.last_progress = self.progress(batch, epoch)
+            self.last_drawn_at, self.last_update = step - update, update
             self.last_probabilities = self.probabilities(self.last_progress)
             self.last_tiers = tiers
             self.last_tier_counts = tuple(tiers.count(d) for d in range(len(TIER_NAMES)))  # type: ignore[assignment]

@@ -5,6 +5,7 @@ from .curriculum import TIER_NAMES, assign_tiers, nested_tier_masks, renormalise
 from .entropy import token_entropy
 from .grpo import GRPOLossTerms, group_advantages, grpo_token_loss, grpo_token_loss_terms, zero_std_groups
 from .logprobs import token_logprobs
+from .reuse import contiguous_share, rollout_update
 from .rewards import completion_rewards, exact_match, extract_prediction, prefix_match, total_reward
 
 __all__ = [
@@ -27,4 +28,6 @@ __all__ = [
     "grpo_token_loss",
     "token_entropy",
     "token_logprobs",
+    "rollout_update",
+    "contiguous_share",
 ]
