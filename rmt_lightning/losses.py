@@ -21,21 +21,24 @@ from .method import grpo_token_loss_terms, token_logprobs
 
 
 def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                   completion_mask: Tensor, group_size: int = 1, logprob_mask: Tensor | None = None) -> Tensor:
+                   completion_mask: Tensor, group_size: int = 1, logprob_mask: Tensor | None = None,
+                   share_prompt_attention: bool = True) -> Tensor:
     """``forward.completion_logprobs`` of ``model``, sharing each prompt's keys and values with its group unless
-    activation checkpointing (which turns the key/value cache off) is on."""
+    activation checkpointing (which turns the key/value cache off) is on; stored once for the group with
+    ``share_prompt_attention``."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     # Under FSDP the processes must agree on running the shared prompt prefix as a pass of its own.
     return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                               not checkpointing, logprob_mask=logprob_mask, all_agree=agreement(trainer))
+                               not checkpointing, logprob_mask=logprob_mask, all_agree=agreement(trainer),
+                               share_prompt_attention=share_prompt_attention)
 
 
 def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
                 completion_ids: Tensor, completion_mask: Tensor, sampled_mask: Tensor, advantages: Tensor, *,
                 group_size: int, micro_batch_size: int, clip_eps: float, beta: float,
-                old_logprobs: Tensor | None = None) -> dict[str, float]:
+                old_logprobs: Tensor | None = None, share_prompt_attention: bool = True) -> dict[str, float]:
     """GRPO loss (``method.grpo_token_loss_terms``) over the policy-sampled tokens of ``P`` prompts with ``G``
     completions each, ``micro_batch_size`` completions per pass; the loss of each pass is weighted by its share of
     the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
@@ -55,11 +58,12 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
             continue
         args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group_size)
         # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
-        logprobs = model_logprobs(policy, trainer, *args, logprob_mask=sampled_mask[rows])
+        options = {"logprob_mask": sampled_mask[rows], "share_prompt_attention": share_prompt_attention}
+        logprobs = model_logprobs(policy, trainer, *args, **options)
         reference_logprobs = None
         if reference is not None:
             with torch.no_grad():
-                reference_logprobs = model_logprobs(reference, trainer, *args, logprob_mask=sampled_mask[rows])
+                reference_logprobs = model_logprobs(reference, trainer, *args, **options)
         old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
         terms = grpo_token_loss_terms(logprobs, old, advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
                                       ref_logprobs=reference_logprobs, beta=beta)

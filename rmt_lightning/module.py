@@ -144,6 +144,10 @@ class RMTModule(L.LightningModule):
         ntp_micro_batch_size: Documents per forward/backward of the NTP loss.
         gradient_checkpointing: Recompute each decoder layer's activations in backward to save memory (Hugging
             Face activation checkpointing, non-reentrant; works under every strategy, FSDP included).
+        share_prompt_attention: Rollouts and the loss forward read each prompt's keys and values once for its G
+            completions (two-part attention merged by log-sum-exp, ``attention.py``), instead of a copy per
+            completion; models whose attention it does not cover (sliding windows, linear attention) keep the
+            copies with one logged line. False: always the copies (same samples and gradients, slower).
         sample_seed: Seed of completion sampling (per step and rank).
         log_samples: Completions kept per step for the completions table.
         max_consecutive_skips: A step whose loss or gradients are not finite (NaN/inf) is skipped (no update,
@@ -195,6 +199,7 @@ class RMTModule(L.LightningModule):
         rl_micro_batch_size: int = 8,
         ntp_micro_batch_size: int = 4,
         gradient_checkpointing: bool = False,
+        share_prompt_attention: bool = True,
         sample_seed: int = 0,
         log_samples: int = 4,
         max_consecutive_skips: int = 5,
@@ -340,6 +345,7 @@ class RMTModule(L.LightningModule):
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
             all_finished=agreement(self._trainer), record_logprobs=record_logprobs,
+            share_prompt=hp.share_prompt_attention,
         )
 
     def rewards(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -386,7 +392,7 @@ class RMTModule(L.LightningModule):
         return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward,
                                   *(t.to(self.device) for t in tensors), group_size=hp.group_size,
                                   micro_batch_size=hp.rl_micro_batch_size, clip_eps=hp.clip_eps, beta=hp.beta,
-                                  old_logprobs=old_logprobs)
+                                  old_logprobs=old_logprobs, share_prompt_attention=hp.share_prompt_attention)
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
         """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""

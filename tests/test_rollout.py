@@ -223,7 +223,7 @@ def test_scripted_max_new_tokens_caps_below_think_cap(model, tokenizer):
 
 def test_scripted_budget_forcing_at_think_cap(model, tokenizer, token_bytes):
     """(b) thinking that never closes gets ``</think> \\boxed{`` written after exactly ``think_cap`` tokens."""
-    y, x = _one(tokenizer, " y"), _one(tokenizer, " c")
+    y = _one(tokenizer, " y")
     seven, brace = _one(tokenizer, " 7"), _one(tokenizer, "}")
     scaffold = _ids(tokenizer, "</think> \\boxed{")
     close_think = _ids(tokenizer, "</think>")

@@ -228,3 +228,19 @@ def test_smollm2_rollouts_and_loss_forward_equal_the_copied_cache_path():
         (logprobs * rollout.completion_mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in smollm2.model.layers.parameters()]))
     assert (grads[0] - grads[1]).norm() / grads[1].norm() < 1e-4
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_module_option_turns_shared_prompt_attention_on_and_off(tokenizer, monkeypatch, share):
+    from rmt_lightning.models import BUILTIN_TINY
+    from rmt_lightning.module import RMTModule
+
+    calls = []
+    original = attention.two_part_attention
+    monkeypatch.setitem(attention.AttentionInterface._global_mapping, attention.SHARED_PROMPT_ATTENTION,
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    module = RMTModule(model_name_or_path=BUILTIN_TINY, group_size=2, share_prompt_attention=share)
+    module.configure_model()
+    rollout = module.rollout(module._prompts([[5, 6, 7], [8, 9]], 4), 4)
+    assert rollout.completion_ids.shape[0] == 4
+    assert bool(calls) == share
