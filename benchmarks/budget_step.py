@@ -8,7 +8,12 @@ The final budget is ``token_budget`` at progress 1 (``max(b_min, floor(b0 * gamm
 scaled to a CPU. Rows:
 - ``RPT, B=B_0``: ``configs/rpt_baseline.yaml``'s module settings (no length reward, lambda 0) at B_0;
 - ``RMT, final B``: ``configs/rmt.yaml``'s settings (length reward 0.1, NTP lambda 0.1) at the final budget;
-- ``RMT, final B, NTP off``: the same without the NTP pass, to show which part of the step the budget acts on.
+- ``RMT, final B, NTP off``: the same without the NTP pass, to show which part of the step the budget acts on;
+- ``..., copied cache``: RPT and RMT with ``share_prompt_attention=False`` (each completion reads its own copy of
+  the prompt's keys and values: the path before shared-prompt attention), so the ratio before and after is
+  measured in the same command;
+- ``RMT, final B, 2 updates per rollout``: ``updates_per_rollout=2``; its figure is the time per trained position
+  (each rollout trains its positions twice) against the one-update RMT row's.
 Budget forcing is on in all (as in both configs), so thinking runs to its cap ``2B`` unless the model
 closes it. Each row trains ``warmup + steps`` steps on a fresh model; medians of the timed steps. Ratio =
 row / RPT step time (target <= 0.35 for RMT). Written to ``results/budget_step.json``.
@@ -27,21 +32,27 @@ from rmt_lightning.method import token_budget
 from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer
 
 
-def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float) -> dict:
+def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float, share_prompt: bool = True,
+        updates: int = 1) -> dict:
     torch.manual_seed(args.seed)
     module = make_module(
         model_name_or_path=args.model, lr=2e-5, group_size=args.group_size, beta=0.01, ntp_weight=ntp_weight,
         length_reward_weight=length_reward_weight, answer_allowance=args.answer_allowance, budget_forcing=True,
         budget=budget, rl_micro_batch_size=args.micro_batch, sample_seed=args.seed,
+        share_prompt_attention=share_prompt, updates_per_rollout=updates,
     )
+    # Whole rollouts only: the warm-up and the timed steps each cover complete rollouts.
+    warmup, steps = args.warmup * updates, args.steps * updates
     with PeakMemory() as memory:
-        timer = run_steps(module, batch, steps=args.warmup + args.steps)
-    timed = timer.steps[args.warmup:]
+        timer = run_steps(module, batch, steps=warmup + steps)
+    timed = timer.steps[warmup:]
     med = lambda key: statistics.median(s.get(key, float("nan")) for s in timed)  # noqa: E731
     return {
         "budget": budget, "step_s": med("wall"), "step_cpu_s": med("cpu"), "generate_s": med("timing/generate"),
         "update_s": med("timing/update"), "completion_length": med("train/completion_length"),
         "reasoning_length": med("train/reasoning_length"), "peak_mb": memory.mb, "steps": timer.steps,
+        # A rollout's steps differ (the first generates): the mean over whole rollouts, per trained position.
+        "position_s": statistics.mean(s["wall"] for s in timed) / args.prompts,
     }
 
 
@@ -66,25 +77,33 @@ def main() -> None:
     apply_threads(args.threads)
     final = token_budget(1.0, args.b0, args.b_min, args.gamma)
     batch = corpus_batch(load_tokenizer(args.model), args.prompts, args.context_tokens, seed=args.seed)
-    cases = {
-        "RPT, B=B_0": (args.b0, 0.0, 0.0),
-        "RMT, final B": (final, 0.1, 0.1),
-        "RMT, final B, NTP off": (final, 0.0, 0.1),
+    cases = {  # name: (budget, ntp weight, length reward weight, shared-prompt attention, updates per rollout)
+        "RPT, B=B_0": (args.b0, 0.0, 0.0, True, 1),
+        "RMT, final B": (final, 0.1, 0.1, True, 1),
+        "RMT, final B, NTP off": (final, 0.0, 0.1, True, 1),
+        "RPT, B=B_0, copied cache": (args.b0, 0.0, 0.0, False, 1),
+        "RMT, final B, copied cache": (final, 0.1, 0.1, False, 1),
+        "RMT, final B, 2 updates per rollout": (final, 0.1, 0.1, True, 2),
     }
     runs = {name: [] for name in cases}
     for _ in range(args.rounds):
-        for name, (budget, ntp, length) in cases.items():
-            runs[name].append(run(args, batch, budget, ntp, length))
+        for name, case in cases.items():
+            runs[name].append(run(args, batch, *case))
             print(f"  {name}: {runs[name][-1]['step_s']:.2f} s/step", flush=True)
-    base = statistics.median(r["step_s"] for r in runs["RPT, B=B_0"])
-    base_cpu = statistics.median(r["step_cpu_s"] for r in runs["RPT, B=B_0"])
     rows = []
     for name, results in runs.items():
+        # Each row against the RPT row of its own attention path.
+        baseline = runs["RPT, B=B_0, copied cache" if "copied" in name else "RPT, B=B_0"]
+        base = statistics.median(r["step_s"] for r in baseline)
+        base_cpu = statistics.median(r["step_cpu_s"] for r in baseline)
         step = statistics.median(r["step_s"] for r in results)
         cpu = statistics.median(r["step_cpu_s"] for r in results)
+        position = statistics.median(r["position_s"] for r in results)
+        one_update = statistics.median(r["position_s"] for r in runs["RMT, final B"])
         rows.append({
             "row": name, "budget": results[0]["budget"], "cap": 2 * results[0]["budget"] + args.answer_allowance,
-            "ratio": step / base, "cpu_ratio": cpu / base_cpu, "step_s": step,
+            "ratio": step / base, "cpu_ratio": cpu / base_cpu, "step_s": step, "position_s": position,
+            "position_ratio_to_one_update": position / one_update,
             "generate_s": statistics.median(r["generate_s"] for r in results),
             "update_s": statistics.median(r["update_s"] for r in results),
             "completion_length": statistics.mean(r["completion_length"] for r in results),
@@ -94,10 +113,11 @@ def main() -> None:
     print_table(
         f"step time at the final budget vs B fixed at B_0 ({args.model.removeprefix('builtin:')}, B_0={args.b0}, "
         f"gamma={args.gamma}, final B={final}, P={args.prompts}, G={args.group_size})",
-        ["row", "B", "ratio (to RPT)", "CPU-time ratio", "s/step", "generate s", "update s", "mean completion",
-         "mean reasoning", "peak MB"],
-        [[r["row"], r["budget"], r["ratio"], r["cpu_ratio"], r["step_s"], r["generate_s"], r["update_s"],
-          r["completion_length"], r["reasoning_length"], r["peak_mb"]] for r in rows],
+        ["row", "B", "ratio (to RPT)", "CPU-time ratio", "s/step", "s per trained position", "to 1 update",
+         "generate s", "update s", "mean completion", "mean reasoning", "peak MB"],
+        [[r["row"], r["budget"], r["ratio"], r["cpu_ratio"], r["step_s"], r["position_s"],
+          r["position_ratio_to_one_update"], r["generate_s"], r["update_s"], r["completion_length"],
+          r["reasoning_length"], r["peak_mb"]] for r in rows],
     )
     write_json(args.out, {"args": vars(args), "final_budget": final, "rows": rows, "runs": runs})
 

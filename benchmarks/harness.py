@@ -7,6 +7,8 @@ without entropy scoring: the benchmarks time steps, not the curriculum.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 import warnings
 
@@ -81,9 +83,13 @@ def make_module(**overrides) -> RMTModule:
 
 
 def run_steps(module: RMTModule, batch: PositionBatch, steps: int, callbacks=(), profiler=None) -> StepTimer:
-    """Train ``module`` for ``steps`` optimizer steps on ``batch`` repeated; returns the per-step timer."""
+    """Train ``module`` for ``steps`` optimizer steps on ``batch`` repeated (each rollout feeding the module's
+    ``steps_per_rollout`` steps, as the datamodule's repeated draws do); returns the per-step timer."""
     timer = StepTimer()
-    loader = DataLoader([batch] * steps, batch_size=None, collate_fn=lambda item: item)
+    repeat = module.steps_per_rollout
+    batches = [dataclasses.replace(batch, drawn_at_step=step - step % repeat, rollout_update=step % repeat)
+               for step in range(steps)]
+    loader = DataLoader(batches, batch_size=None, collate_fn=lambda item: item)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
