@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
 
 import lightning as L
 import numpy as np
@@ -26,48 +25,7 @@ from .distributed import agreement, all_ranks, gather_objects, gradients_finite,
 from .padding import pad_left, pad_right
 from .metrics import completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
 from .tokens import TokenBytes
-
-
-@dataclass
-class Trajectory:
-    """What one RL step collected, from the prompts to the advantages (``P`` positions, ``G`` completions each)."""
-
-    prompts: list[list[int]]
-    """Prompt token ids, one per position."""
-    rollout: GroupRollout
-    """The ``P * G`` completions; row ``i`` answers prompt ``i // G``."""
-    rewards: Tensor
-    """``[P, G]`` total reward."""
-    correct: Tensor
-    """``[P, G]`` correctness part."""
-    length: Tensor
-    """``[P, G]`` length part."""
-    advantages: Tensor
-    """``[P * G]`` group-normalised advantages."""
-    drawn_at_step: int | None = None
-    """The run's step that drew the positions (``PositionBatch.drawn_at_step``): which rollout this is."""
-
-    def positions(self, part: slice) -> Trajectory:
-        """The trajectory of the positions in ``part`` only: their prompts, their groups of completions, rewards
-        and advantages."""
-        if (part.start, part.stop) == (0, len(self.prompts)):
-            return self
-        group = len(self.rollout.texts) // len(self.prompts)
-        rows = slice(part.start * group, part.stop * group)
-        # Every field of a GroupRollout is per completion (a tensor or a list of N) or absent.
-        rollout = replace(self.rollout, **{f.name: value[rows] for f in fields(self.rollout)
-                                           if (value := getattr(self.rollout, f.name)) is not None})
-        return Trajectory(self.prompts[part], rollout, self.rewards[part], self.correct[part], self.length[part],
-                          self.advantages[rows], self.drawn_at_step)
-
-    def state_dict(self) -> dict:
-        """The trajectory as tensors, lists, numbers and strings (a checkpoint loads it with ``weights_only``)."""
-        return asdict(self)
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> Trajectory:
-        """The trajectory ``state_dict`` wrote."""
-        return cls(**{**state, "rollout": GroupRollout(**state["rollout"])})
+from .trajectory import Trajectory
 
 
 def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_factor: float) -> float:
@@ -455,21 +413,9 @@ class RMTModule(L.LightningModule):
             loss = metrics["train/loss_ntp"] = self.ntp_backward(documents, attention, attention.bool(), 1.0)
             shown = {"ntp_loss": loss}
         else:
-            trajectory = self.trajectory_for(batch, budget)
-            generated = time.perf_counter()
-            metrics["timing/generate"], started = generated - started, generated
-            # Update u of a rollout trains its mini-batch u % M: M steps make one pass over the rollout.
-            update = batch.rollout_update or 0
-            mini_batch = update % hp.mini_batches_per_rollout
-            part = trajectory.positions(contiguous_share(len(contexts), hp.mini_batches_per_rollout, mini_batch))
-            terms = self.rl_backward(part)
-            loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
-            loss = terms["loss_rl"] + hp.ntp_weight * loss_ntp
-            metrics.update(rl_step_metrics(part.rollout, part.rewards, part.correct, part.length, terms, loss_ntp))
-            metrics["train/rollout_update"] = float(update)
-            self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
-            if update >= self.steps_per_rollout - 1:
-                self.reused_trajectory = None  # its last step: nothing reuses it
+            loss, rl_metrics = self.rl_step(batch, budget)
+            started += rl_metrics["timing/generate"]
+            metrics.update(rl_metrics)
             shown = {"reward": metrics["train/reward"], "budget": float(budget)}
         metrics["timing/update"] = time.perf_counter() - started
         self.update_or_skip(loss)
@@ -478,6 +424,25 @@ class RMTModule(L.LightningModule):
         self.last_sampled_entropies = batch.entropies.detach().cpu()
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
         show_in_progress_bar(self, shown, batch_size=len(contexts))
+
+    def rl_step(self, batch: PositionBatch, budget: int) -> tuple[float, dict[str, float]]:
+        """The RL step's backward: the trajectory (collected, or kept from an earlier step of its rollout), GRPO on
+        this step's mini-batch of it and lambda NTP on its share of the documents; returns the loss and figures."""
+        hp, started = self.hparams, time.perf_counter()
+        trajectory = self.trajectory_for(batch, budget)
+        generated = time.perf_counter()
+        # Update u of a rollout trains its mini-batch u % M: M steps make one pass over the rollout.
+        update = batch.rollout_update or 0
+        mini_batch = update % hp.mini_batches_per_rollout
+        part = trajectory.positions(contiguous_share(len(batch.contexts), hp.mini_batches_per_rollout, mini_batch))
+        terms = self.rl_backward(part)
+        loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
+        metrics = rl_step_metrics(part.rollout, part.rewards, part.correct, part.length, terms, loss_ntp)
+        metrics.update({"train/rollout_update": float(update), "timing/generate": generated - started})
+        self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
+        if update >= self.steps_per_rollout - 1:
+            self.reused_trajectory = None  # its last step: nothing reuses it
+        return terms["loss_rl"] + hp.ntp_weight * loss_ntp, metrics
 
     def _ntp_share(self, batch: PositionBatch, mini_batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """Documents, attention mask and NTP mask of mini-batch ``mini_batch``'s share of the batch's documents

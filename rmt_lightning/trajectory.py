@@ -1,0 +1,52 @@
+"""Trajectory: what one RL step collected, from the prompts to the advantages, as the losses and the metrics
+read it and as a checkpoint keeps it when later steps reuse the rollout."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from torch import Tensor
+
+from .rollout import GroupRollout
+
+
+@dataclass
+class Trajectory:
+    """What one RL step collected, from the prompts to the advantages (``P`` positions, ``G`` completions each)."""
+
+    prompts: list[list[int]]
+    """Prompt token ids, one per position."""
+    rollout: GroupRollout
+    """The ``P * G`` completions; row ``i`` answers prompt ``i // G``."""
+    rewards: Tensor
+    """``[P, G]`` total reward."""
+    correct: Tensor
+    """``[P, G]`` correctness part."""
+    length: Tensor
+    """``[P, G]`` length part."""
+    advantages: Tensor
+    """``[P * G]`` group-normalised advantages."""
+    drawn_at_step: int | None = None
+    """The run's step that drew the positions (``PositionBatch.drawn_at_step``): which rollout this is."""
+
+    def positions(self, part: slice) -> Trajectory:
+        """The trajectory of the positions in ``part`` only: their prompts, their groups of completions, rewards
+        and advantages."""
+        if (part.start, part.stop) == (0, len(self.prompts)):
+            return self
+        group = len(self.rollout.texts) // len(self.prompts)
+        rows = slice(part.start * group, part.stop * group)
+        # Every field of a GroupRollout is per completion (a tensor or a list of N) or absent.
+        rollout = replace(self.rollout, **{f.name: value[rows] for f in fields(self.rollout)
+                                           if (value := getattr(self.rollout, f.name)) is not None})
+        return Trajectory(self.prompts[part], rollout, self.rewards[part], self.correct[part], self.length[part],
+                          self.advantages[rows], self.drawn_at_step)
+
+    def state_dict(self) -> dict:
+        """The trajectory as tensors, lists, numbers and strings (a checkpoint loads it with ``weights_only``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Trajectory:
+        """The trajectory ``state_dict`` wrote."""
+        return cls(**{**state, "rollout": GroupRollout(**state["rollout"])})
