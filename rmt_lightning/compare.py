@@ -260,6 +260,19 @@ def export_start(start: dict) -> None:
     publish_folder(target, write, marker=_EXPORT_COMPLETE)
 
 
+def check_start_tokenizer(start: dict, proxies: list[str]) -> None:
+    """The start model tokenizes the corpus and each proxy scores those token ids: they must share one vocabulary."""
+    from .models import load_tokenizer
+
+    vocabulary = load_tokenizer(start["model"]).get_vocab()
+    for proxy in sorted(set(proxies)):
+        if load_tokenizer(proxy).get_vocab() != vocabulary:
+            raise InputError(
+                f"--start '{start['given']}' has another vocabulary than the entropy proxy '{proxy}', which would score "
+                "token ids it does not know; name a proxy with the start model's tokenizer after --, e.g. "
+                f"--data.proxy_name_or_path {start['model']} (the start model itself)")
+
+
 def start_arguments(config: str, common: list[str], start: dict | None) -> list[str]:
     """The arguments that make a row of ``config`` start from ``start``: its policy, and the entropy proxy the
     row names without ``start`` (``data.proxy_name_or_path``, else its own model), so that the tiers and
@@ -286,6 +299,8 @@ class Row:
     train: bool
     arguments: list[str]
     definition: dict
+    proxy: str | None = None
+    """The entropy proxy ``start_arguments`` names (None: the row's own, without ``--start``)."""
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -319,8 +334,10 @@ def plan_rows(configs: list[str], common: list[str], base: bool, start: dict | N
         runs.append((config, METHOD_NAMES.get(stem, stem) + suffix, stem + suffix.replace(" (", "_").rstrip(")"), True))
     rows = []
     for config, label, run_name, train in runs:
-        arguments = [*common, *start_arguments(config, common, start)]
-        rows.append(Row(config, label, run_name, train, arguments, row_definition(config, arguments, train, start)))
+        started = start_arguments(config, common, start)
+        arguments = [*common, *started]
+        rows.append(Row(config, label, run_name, train, arguments, row_definition(config, arguments, train, start),
+                        started[-1] if started else None))
     return rows
 
 
@@ -384,14 +401,10 @@ def run_row(row: Row, record: dict | None, out_dir: Path, keep_artifacts: bool) 
     _write_json(path, {"run_name": row.run_name, "method": row.label, "config": row.config, "status": "finished",
                        "attempts": attempts, "finished": _now(), "definition": row.definition, "row": result})
     if not keep_artifacts:
-        # Recorded first: a kill here leaves a finished row whose checkpoints the next run deletes.
-        _remove_checkpoints(out_dir / "runs" / row.run_name)
+        # After the record: a kill in between leaves checkpoints of a finished row, never a row without them.
+        for folder in (out_dir / "runs" / row.run_name).glob("version_*/checkpoints"):
+            shutil.rmtree(folder, ignore_errors=True)
     return result
-
-
-def _remove_checkpoints(run_root: Path) -> None:
-    for folder in run_root.glob("version_*/checkpoints"):
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---- the comparison ---------------------------------------------------------------------------------------
@@ -417,14 +430,14 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
     out_dir.mkdir(parents=True, exist_ok=True)
     if started is not None:
         export_start(started)
+        check_start_tokenizer(started, [row.proxy for row in rows])
     finished = []
     for row in rows:
         record = records[row.run_name]
         if record is not None and record.get("status") == "finished":
+            # Its run folder is left as it is: what an earlier --keep_artifacts kept stays.
             print(f"compare: {row.label}: kept, finished {record['finished']} ({ROWS_FOLDER}/{row.run_name}.json)",
                   file=sys.stderr, flush=True)
-            if not keep_artifacts:
-                _remove_checkpoints(out_dir / "runs" / row.run_name)
             finished.append(record["row"])
         else:
             finished.append(run_row(row, record, out_dir, keep_artifacts))

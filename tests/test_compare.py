@@ -313,6 +313,25 @@ def test_a_bad_start_is_one_error_before_any_work(make, message, tmp_path, monke
     assert counted.fits == [] and counted.validations == 0 and not (tmp_path / "out").exists()
 
 
+def test_a_start_with_another_vocabulary_than_the_proxy_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from rmt_lightning.models import build_builtin_tiny
+
+    start = tmp_path / "other-vocabulary"
+    shutil.copytree(build_builtin_tiny(), start)
+    tokenizer = json.loads((start / "tokenizer.json").read_text())
+    vocabulary = tokenizer["model"]["vocab"]
+    first, second = list(vocabulary)[100:102]
+    vocabulary[first], vocabulary[second] = vocabulary[second], vocabulary[first]
+    (start / "tokenizer.json").write_text(json.dumps(tokenizer))
+    counted = Counted(monkeypatch)
+    with pytest.raises(InputError, match=r"has another vocabulary than the entropy proxy 'builtin:tiny-llama'.*"
+                                         r"--data.proxy_name_or_path"):
+        compare([TINY_CONFIG], tmp_path / "out", tiny_rows(tmp_path / "cache"), start=str(start))
+    assert counted.fits == [] and counted.validations == 0
+
+
 # ---- resuming a comparison ----------------------------------------------------------------------------------
 
 
