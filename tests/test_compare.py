@@ -413,6 +413,28 @@ def test_an_interrupted_row_resumes_from_its_checkpoint_to_the_uninterrupted_fig
     assert "tiny resumed from step 2" in (out / "comparison.md").read_text()
 
 
+def test_a_preempted_row_resumes_from_its_preemption_checkpoint(resumed, tmp_path, monkeypatch):
+    from stopping import SignalAtStep
+
+    build = compare_module.build_run
+
+    def signalled_build(args):
+        cli = build(args)
+        if args[-1] == "tiny":
+            cli.trainer.callbacks.append(SignalAtStep(3))
+        return cli
+
+    monkeypatch.setattr(compare_module, "build_run", signalled_build)
+    with pytest.raises(Preempted) as stopped:
+        compare([TINY_CONFIG], tmp_path / "out", resumed["overrides"], base=False)
+    assert stopped.value.step == 4 and stopped.value.path.name == "preempted.ckpt"
+    monkeypatch.setattr(compare_module, "build_run", build)
+    counted = Counted(monkeypatch)
+    (row,) = compare([TINY_CONFIG], tmp_path / "out", resumed["overrides"], base=False)["rows"]
+    assert counted.fits == [str(stopped.value.path)] and row["resumed_at_step"] == 4
+    assert row["figures"] == resumed["full"]["rows"][1]["figures"]
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"seed": 1}, r"seed_everything was 0, now 1"),
     ({"overrides": ["--model.lr", "0.5"]}, r"model.lr was 0.001, now 0.5"),
