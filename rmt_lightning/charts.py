@@ -15,6 +15,7 @@ import csv
 import math
 from pathlib import Path
 
+from .atomic import staged_file
 from .method import TIER_NAMES
 
 SPLITS = (*TIER_NAMES, "avg")
@@ -98,10 +99,27 @@ def read_scalars(log_dir: str | Path | None, tags=tuple(CURVES)) -> dict[str, tu
     return curves
 
 
+def read_attempts(log_dirs: list[str | Path], tags=tuple(CURVES)) -> dict[str, tuple[list[int], list[float]]]:
+    """``read_scalars`` over the attempts at one run, in order (a run resumed after an interruption logs to a new
+    version folder): each attempt's points replace the earlier attempts' from its first logged step on, the steps
+    it trained again."""
+    merged = {tag: ([], []) for tag in tags}
+    for log_dir in log_dirs:
+        curves = read_scalars(log_dir, tags)
+        firsts = [steps[0] for steps, _ in curves.values() if steps]
+        if not firsts:
+            continue
+        for tag in tags:
+            steps, values = merged[tag]
+            kept = [i for i, step in enumerate(steps) if step < min(firsts)]
+            merged[tag] = ([steps[i] for i in kept] + curves[tag][0], [values[i] for i in kept] + curves[tag][1])
+    return merged
+
+
 def curves_data(rows: list[dict]) -> list[dict]:
-    """What ``curves.png`` draws: for every row, ``method`` and ``curves`` (``read_scalars`` of its ``log_dir``;
-    empty for the untrained row, which has no training steps)."""
-    return [{"method": row["method"], "curves": read_scalars(row.get("log_dir"))} for row in rows]
+    """What ``curves.png`` draws: for every row, ``method`` and ``curves`` (``read_attempts`` of its ``log_dirs``,
+    or ``read_scalars`` of its ``log_dir``; empty for the untrained row, which has no training steps)."""
+    return [{"method": row["method"], "curves": read_attempts(row.get("log_dirs") or [row.get("log_dir")])} for row in rows]
 
 
 def _figure(panels: int):
@@ -154,7 +172,7 @@ def draw_comparison(data: list[dict], path: str | Path) -> Path:
     lengths.set_xticks(range(len(data)), [entry["method"] for entry in data], rotation=30, ha="right", fontsize="small")
     lengths.set_ylabel("tokens inside <think>")
     lengths.set_title("mean reasoning length")
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     return Path(path)
 
 
@@ -178,12 +196,17 @@ def draw_curves(data: list[dict], path: str | Path) -> Path:
         axis.set_ylabel(label)
         axis.set_title(tag)
     _legend(figure, axes)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     return Path(path)
 
 
 def write_charts(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``{out_dir}/comparison.png`` and ``{out_dir}/curves.png`` for the rows; returns their paths."""
     out_dir = Path(out_dir)
-    return (draw_comparison(comparison_data(rows), out_dir / "comparison.png"),
-            draw_curves(curves_data(rows), out_dir / "curves.png"))
+    drawn = []
+    for name, draw, data in (("comparison.png", draw_comparison, comparison_data(rows)), ("curves.png", draw_curves, curves_data(rows))):
+        # Drawn beside the picture and renamed over it: a kill while drawing leaves the previous one whole.
+        with staged_file(out_dir / name) as staging:
+            draw(data, staging)
+        drawn.append(out_dir / name)
+    return tuple(drawn)

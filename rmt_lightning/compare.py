@@ -10,24 +10,40 @@ to every run, e.g. a corpus or a shorter schedule::
     python -m rmt_lightning compare --configs configs/rmt.yaml configs/rpt_baseline.yaml configs/ntp_only.yaml \\
         --out logs/compare -- --config configs/data/gsm8k.yaml --trainer.max_epochs 2
 
-Runs go one after the other in this process, each built by the same LightningCLI as ``fit``.
+``--start`` gives every row (and the untrained row) one starting model, a Hugging Face folder or a checkpoint
+this project wrote, so the rows differ only in their method. Runs go one after the other in this process, each
+built by the same LightningCLI as ``fit``. A comparison resumes: run the same command again and the rows it
+finished are kept, an interrupted row goes on from its last checkpoint, and a row recorded with other inputs
+stops the command before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
+import logging
 import math
 import os
+import shutil
+import signal
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import lightning as L
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .callbacks import HuggingFaceExport, PeriodicCheckpoint
+from .atomic import publish_folder, staged_file
+from .callbacks import HuggingFaceExport, Preempted
 from .charts import write_charts
+from .checkpointing import verify_checkpoint_file
+from .checks import InputError
 from .method import TIER_NAMES, nested_tier_masks
 
 DEFAULT_CONFIGS = ("configs/rmt.yaml", "configs/rpt_baseline.yaml", "configs/ntp_only.yaml")
@@ -46,6 +62,22 @@ METHOD_NAMES = {
 BASE_ROW = "base model (untrained)"
 """Label of the row that evaluates the first config's model before any training."""
 
+START_ROW = "start model (no further training)"
+"""Label of that row when ``--start`` gives the model: it may have been trained before (a format stage, say)."""
+
+ROWS_FOLDER = "rows"
+"""``{out}/rows/{run}.json``: each row's record (what defines it, and its figures once finished)."""
+
+START_FOLDER = "start"
+"""``{out}/start/model``: the Hugging Face export of a ``--start`` checkpoint, made once."""
+
+_EXPORT_COMPLETE = "EXPORT_COMPLETE"
+
+NOT_DEFINING = ("trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary", "data.cache_dir")
+"""Config keys (and key prefixes) that change where a row writes or what it prints, not what it computes: a row
+resumes, or is kept, whatever they are (compare sets the logger's folder itself; the entropy cache is keyed by
+its inputs wherever it lies)."""
+
 
 def _percent(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
@@ -57,34 +89,75 @@ def split_positions(data) -> dict[str, int]:
     return dict(zip(TIER_NAMES, (int(n) for n in members.sum(0))))
 
 
-def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, overrides: list[str], train: bool = True,
-                 keep_artifacts: bool = False) -> dict:
-    """Build ``config`` with ``overrides`` through the project's LightningCLI, fit it (unless ``train`` is
-    False), validate the finished model once, and return its row of the table, labelled ``label``. The run
-    logs to ``{out_dir}/runs/{run_name}/version_N``."""
+@contextmanager
+def _quiet_lightning():
+    """Lightning's notes (seed set, accelerators found) said once per row, not again for every look at a config."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def build_run(args: list[str]):
+    """The row's objects, built by the project's LightningCLI from ``args`` (nothing is loaded or run)."""
     from .cli import build_cli
 
-    args = ["--config", config, *overrides, "--trainer.logger.init_args.save_dir", str(out_dir / "runs"),
-            "--trainer.logger.init_args.name", run_name]
     # LightningCLI warns when it gets a list of arguments while sys.argv holds others (compare's own).
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        cli = build_cli(args, run=False)
+        return build_cli(args, run=False)
     finally:
         sys.argv = argv
+
+
+class _FirstStep(L.Callback):
+    """The optimizer step training starts from: 0, or the step of the checkpoint a resumed row restored."""
+
+    step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = int(trainer.global_step)
+
+
+def _version_folders(run_root: Path) -> list[Path]:
+    """The run's ``version_N`` folders in the order they were made: one per attempt at the row."""
+    found = [p for p in run_root.glob("version_*") if p.is_dir() and p.name[8:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[8:]))
+
+
+def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, overrides: list[str], train: bool = True,
+                 keep_artifacts: bool = False, resume: bool = False) -> dict:
+    """Build ``config`` with ``overrides`` through the project's LightningCLI, fit it (unless ``train`` is
+    False), validate the finished model once, and return its row of the table, labelled ``label``. The run
+    logs to ``{out_dir}/runs/{run_name}/version_N``; with ``resume``, training goes on from the newest
+    checkpoint in any of those version folders (the CLI's ``--ckpt_path last``)."""
+    from .cli import find_last_checkpoint
+
+    args = ["--config", config, *overrides, "--trainer.logger.init_args.save_dir", str(out_dir / "runs"),
+            "--trainer.logger.init_args.name", run_name]
+    cli = build_run(args)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     if not keep_artifacts:
-        # Checkpoints and exports of every row would cost minutes and gigabytes; the table needs neither.
-        trainer.callbacks = [c for c in trainer.callbacks
-                             if not isinstance(c, (ModelCheckpoint, PeriodicCheckpoint, HuggingFaceExport))]
+        # Epoch-end checkpoints and exports of every row would cost minutes and gigabytes, and the table needs
+        # neither. The periodic and preemption checkpoints stay: an interrupted row resumes from them.
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (ModelCheckpoint, HuggingFaceExport))]
+    first_step = _FirstStep()
+    trainer.callbacks.append(first_step)
     # Score the corpus before the clock starts, so a cold entropy cache is not charged to the first row.
     data.prepare_data()
     train_seconds = train_cpu_seconds = 0.0
+    resumed_from = None
     if train:
+        resumed_from = find_last_checkpoint(trainer) if resume else None
         # The table reads one evaluation of the finished model; validating during fit too would only cost time.
         limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
         started, cpu_started = time.perf_counter(), time.process_time()
-        trainer.fit(model, datamodule=data)
+        trainer.fit(model, datamodule=data, ckpt_path=resumed_from)
         # CPU time as well as wall time: on a shared machine, wall time also counts other processes' load.
         train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         trainer.limit_val_batches = limit_val_batches
@@ -97,6 +170,7 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
     row = {
         "method": label,
         "config": config,
+        "trained": train,
         "scored_by": scored_by,
         **{split: _percent(figures.get(f"{prefix}_{split}")) for split in (*TIER_NAMES, "avg")},
         "reasoning_length": figures.get("val/reasoning_length") if scored_by == "reasoning" else None,
@@ -109,12 +183,270 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "eval_seconds": eval_seconds,
+        "model": model.hparams.model_name_or_path,
+        "proxy": data.proxy_source,
+        "resumed_from": resumed_from,
+        "resumed_at_step": first_step.step if resumed_from else None,
         "log_dir": trainer.log_dir,
+        "log_dirs": [str(p) for p in _version_folders(out_dir / "runs" / run_name)],
         "figures": figures,
     }
     del cli, trainer, model, data
     gc.collect()
     return row
+
+
+# ---- the starting model -----------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and contents, in name order)."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_start(start: str, out_dir: Path) -> dict:
+    """What ``--start`` names, checked before any work: ``{"given", "kind", "sha256", "model"}``, where kind is
+    ``folder`` (a Hugging Face model folder, loaded as it is) or ``checkpoint`` (a single-file Lightning
+    checkpoint, whose policy every row loads from its export ``{out_dir}/start/model``)."""
+    path = Path(start).expanduser()
+    valid = "give a Hugging Face model folder (with config.json) or a .ckpt file this project wrote"
+    if not path.exists():
+        raise InputError(f"--start '{start}' does not exist; {valid}")
+    if path.is_dir():
+        if path.name.endswith(".ckpt") or (path / ".metadata").exists():
+            raise InputError(
+                f"--start '{start}' is a sharded (distributed) checkpoint folder, which compare does not load; write a "
+                "full checkpoint file (FSDP2: --trainer.strategy.init_args.save_distributed_checkpoint false) or "
+                f"give the run's Hugging Face export; {valid}")
+        if not (path / "config.json").is_file():
+            raise InputError(f"--start '{start}' is a folder without config.json, not a Hugging Face model folder; {valid}")
+        return {"given": start, "kind": "folder", "sha256": _sha256(path), "model": str(path.resolve())}
+    if path.suffix != ".ckpt":
+        raise InputError(f"--start '{start}' is a file but not a .ckpt checkpoint; {valid}")
+    try:
+        verify_checkpoint_file(path, full=True)
+    except InputError as error:
+        raise InputError(f"--start '{start}': {error}") from None
+    model = (out_dir / START_FOLDER / "model").resolve()
+    return {"given": start, "kind": "checkpoint", "sha256": _sha256(path), "model": str(model)}
+
+
+def export_start(start: dict) -> None:
+    """For a checkpoint ``start``, write its policy as the Hugging Face folder every row loads (atomically, once:
+    a later run of the same comparison reuses it while the checkpoint's SHA-256 is the same)."""
+    from .callbacks.export import export_checkpoint
+
+    if start["kind"] != "checkpoint":
+        return
+    target = Path(start["model"])
+    source = target / "start.json"
+    if (target / _EXPORT_COMPLETE).is_file() and source.is_file() and json.loads(source.read_text())["sha256"] == start["sha256"]:
+        return
+
+    def write(folder: Path) -> None:
+        export_checkpoint(start["given"], str(folder))
+        source_record = {"checkpoint": str(Path(start["given"]).resolve()), "sha256": start["sha256"]}
+        (folder / "start.json").write_text(json.dumps(source_record, indent=2) + "\n")
+
+    print(f"compare: exporting the policy of {start['given']} to {target}", file=sys.stderr, flush=True)
+    publish_folder(target, write, marker=_EXPORT_COMPLETE)
+
+
+def check_start_tokenizer(start: dict, proxies: list[str]) -> None:
+    """The start model tokenizes the corpus and each proxy scores those token ids: they must share one vocabulary."""
+    from .models import load_tokenizer
+
+    vocabulary = load_tokenizer(start["model"]).get_vocab()
+    for proxy in sorted(set(proxies)):
+        if load_tokenizer(proxy).get_vocab() != vocabulary:
+            raise InputError(
+                f"--start '{start['given']}' has another vocabulary than the entropy proxy '{proxy}', which would score "
+                "token ids it does not know; name a proxy with the start model's tokenizer after --, e.g. "
+                f"--data.proxy_name_or_path {start['model']} (the start model itself)")
+
+
+def start_arguments(config: str, common: list[str], start: dict | None) -> list[str]:
+    """The arguments that make a row of ``config`` start from ``start``: its policy, and the entropy proxy the
+    row names without ``start`` (``data.proxy_name_or_path``, else its own model), so that the tiers and
+    held-out splits stay those of the same comparison without ``start``."""
+    if start is None:
+        return []
+    with _quiet_lightning():
+        cli = build_run(["--config", config, *common])
+    proxy = cli.datamodule.hparams.proxy_name_or_path or cli.model.hparams.model_name_or_path
+    return ["--model.model_name_or_path", start["model"], "--data.proxy_name_or_path", proxy]
+
+
+# ---- the rows and their records ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One planned row: its config, label and run folder name, whether it trains, the LightningCLI arguments
+    after ``--config`` and the definition its record is checked against."""
+
+    config: str
+    label: str
+    run_name: str
+    train: bool
+    arguments: list[str]
+    definition: dict
+    proxy: str | None = None
+    """The entropy proxy ``start_arguments`` names (None: the row's own, without ``--start``)."""
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict) and tree:
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): tree}
+
+
+def row_definition(config: str, arguments: list[str], train: bool, start: dict | None) -> dict:
+    """What defines a row, as flat ``key: value`` pairs: the full resolved config (every config file, override
+    and default, less ``NOT_DEFINING``), whether it trains, and the start model's kind and SHA-256."""
+    with _quiet_lightning():
+        cli = build_run(["--config", config, *arguments])
+    resolved = _flatten(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
+    defining = {k: v for k, v in resolved.items() if not any(k == n or k.startswith(n + ".") for n in NOT_DEFINING)}
+    return {**defining, "row.trained": train, "start.kind": start and start["kind"], "start.sha256": start and start["sha256"]}
+
+
+def plan_rows(configs: list[str], common: list[str], base: bool, start: dict | None) -> list[Row]:
+    """The comparison's rows in order: the untrained (or start) model of the first config with ``base``, then
+    one per config."""
+    runs = [(configs[0], START_ROW if start else BASE_ROW, "base", False)] if base else []
+    stems = [Path(c).stem for c in configs]
+    for index, config in enumerate(configs):
+        stem = stems[index]
+        # The same config twice (e.g. with different overrides in a script) still gets distinct rows and folders.
+        suffix = f" ({index + 1})" if stems.count(stem) > 1 else ""
+        runs.append((config, METHOD_NAMES.get(stem, stem) + suffix, stem + suffix.replace(" (", "_").rstrip(")"), True))
+    rows = []
+    for config, label, run_name, train in runs:
+        started = start_arguments(config, common, start)
+        arguments = [*common, *started]
+        rows.append(Row(config, label, run_name, train, arguments, row_definition(config, arguments, train, start),
+                        started[-1] if started else None))
+    return rows
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_records(out_dir: Path, rows: list[Row]) -> dict[str, dict | None]:
+    """Each row's record from an earlier run of this comparison (None: not run yet). A record of other inputs,
+    or a run folder no record describes, is an InputError: rows of different inputs are never mixed."""
+    records = {}
+    for row in rows:
+        path = out_dir / ROWS_FOLDER / f"{row.run_name}.json"
+        run_folder = out_dir / "runs" / row.run_name
+        restart = f"give another --out, or delete {path} and {run_folder} to run that row again"
+        if not path.is_file():
+            if run_folder.exists():
+                raise InputError(f"{run_folder} holds a run that no row record in {out_dir / ROWS_FOLDER} describes "
+                                 f"(written by another command, or by compare before it kept records); {restart}")
+            records[row.run_name] = None
+            continue
+        try:
+            record = json.loads(path.read_text())
+            recorded = record["definition"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"{path} is not a row record compare wrote; {restart}") from None
+        changed = sorted(k for k in set(recorded) | set(row.definition) if recorded.get(k, "(absent)") != row.definition.get(k, "(absent)"))
+        if changed:
+            shown = "; ".join(f"{k} was {_shown(recorded.get(k, '(absent)'))}, now {_shown(row.definition.get(k, '(absent)'))}"
+                              for k in changed[:4])
+            more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise InputError(f"--out {out_dir} holds row '{row.label}' run with other inputs ({shown}{more}); rows of "
+                             f"different inputs are not mixed: rerun with the inputs it was run with, or {restart}")
+        records[row.run_name] = record
+    return records
+
+
+def _write_json(path: Path, content: dict) -> None:
+    # A reader, or the next run of the comparison, never sees half a file.
+    with staged_file(path) as staging, open(staging, "w") as handle:
+        handle.write(json.dumps(content, indent=2, default=str) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_row(row: Row, record: dict | None, out_dir: Path, keep_artifacts: bool) -> dict:
+    """Run one row, resuming it when ``record`` says an earlier attempt did not finish; its record is written
+    before it starts and again, with its figures, when it has finished. Returns the table's row."""
+    path = out_dir / ROWS_FOLDER / f"{row.run_name}.json"
+    attempts = (record or {}).get("attempts", 0) + 1
+    _write_json(path, {"run_name": row.run_name, "method": row.label, "config": row.config, "status": "running",
+                       "attempts": attempts, "started": _now(), "definition": row.definition})
+    resume = record is not None and row.train
+    note = ", untrained" if not row.train else f", resuming (attempt {attempts})" if resume else ""
+    print(f"compare: {row.label} ({row.config}{note})", file=sys.stderr, flush=True)
+    result = evaluate_run(row.config, row.label, row.run_name, out_dir, row.arguments, train=row.train,
+                          keep_artifacts=keep_artifacts, resume=resume)
+    _write_json(path, {"run_name": row.run_name, "method": row.label, "config": row.config, "status": "finished",
+                       "attempts": attempts, "finished": _now(), "definition": row.definition, "row": result})
+    if not keep_artifacts:
+        # After the record: a kill in between leaves checkpoints of a finished row, never a row without them.
+        for folder in (out_dir / "runs" / row.run_name).glob("version_*/checkpoints"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+# ---- the comparison ---------------------------------------------------------------------------------------
+
+
+def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), seed: int = 0,
+            base: bool = True, keep_artifacts: bool = False, start: str | None = None) -> dict:
+    """Run every config (and the untrained model of the first, with ``base``), each from ``start`` when given,
+    write ``{out_dir}/comparison.md``, ``comparison.json``, ``comparison.png`` and ``curves.png``, and return the
+    JSON's content. Rows an earlier run of the same comparison finished are kept; an unfinished one resumes."""
+    if not configs:
+        raise InputError("compare needs at least one config (--configs)")
+    missing = [c for c in configs if not Path(c).is_file()]
+    if missing:
+        raise InputError(f"config file(s) not found: {missing} (relative paths are read from {os.getcwd()}); give "
+                         "existing YAML files, e.g. the configs/ of this repository")
+    out_dir = Path(out_dir)
+    started = check_start(start, out_dir) if start is not None else None
+    # One seed for the data split, the curriculum draws, the validation positions, initialisation and sampling.
+    common = [*overrides, "--seed_everything", str(seed), "--data.seed", str(seed), "--model.sample_seed", str(seed)]
+    rows = plan_rows(list(configs), common, base, started)
+    records = check_records(out_dir, rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if started is not None:
+        export_start(started)
+        check_start_tokenizer(started, [row.proxy for row in rows])
+    finished = []
+    for row in rows:
+        record = records[row.run_name]
+        if record is not None and record.get("status") == "finished":
+            # Its run folder is left as it is: what an earlier --keep_artifacts kept stays.
+            print(f"compare: {row.label}: kept, finished {record['finished']} ({ROWS_FOLDER}/{row.run_name}.json)",
+                  file=sys.stderr, flush=True)
+            finished.append(record["row"])
+        else:
+            finished.append(run_row(row, record, out_dir, keep_artifacts))
+        # Rewritten after every row: a long comparison can be read while it runs, and an interrupted one keeps
+        # the rows it finished.
+        result, markdown = write_table(finished, out_dir, seed, overrides, pending=len(rows) - len(finished), start=started)
+        write_charts(finished, out_dir)
+    print(markdown)
+    return result
 
 
 def summary(rows: list[dict]) -> dict:
@@ -153,51 +485,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), seed: int = 0,
-            base: bool = True, keep_artifacts: bool = False) -> dict:
-    """Run every config (and the untrained model of the first, with ``base``), write
-    ``{out_dir}/comparison.md``, ``comparison.json``, ``comparison.png`` and ``curves.png``, and return the JSON's
-    content."""
-    missing = [c for c in configs if not Path(c).is_file()]
-    if missing:
-        raise FileNotFoundError(f"config file(s) not found: {missing}")
-    if not configs:
-        raise ValueError("compare needs at least one config")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # One seed for the data split, the curriculum draws, the validation positions, initialisation and sampling.
-    common = [*overrides, "--seed_everything", str(seed), "--data.seed", str(seed), "--model.sample_seed", str(seed)]
-    runs = [(configs[0], BASE_ROW, "base", False)] if base else []
-    for index, config in enumerate(configs):
-        stem = Path(config).stem
-        # The same config twice (e.g. with different overrides in a script) still gets distinct rows and folders.
-        suffix = f" ({index + 1})" if [Path(c).stem for c in configs].count(stem) > 1 else ""
-        runs.append((config, METHOD_NAMES.get(stem, stem) + suffix, stem + suffix.replace(" (", "_").rstrip(")"), True))
-    rows = []
-    for config, label, run_name, train in runs:
-        print(f"compare: {label} ({config}{'' if train else ', untrained'})", file=sys.stderr, flush=True)
-        rows.append(evaluate_run(config, label, run_name, out_dir, common, train=train, keep_artifacts=keep_artifacts))
-        # Rewritten after every row: a long comparison can be read while it runs, and an interrupted one keeps
-        # the rows it finished.
-        result, markdown = write_table(rows, out_dir, seed, overrides, pending=len(runs) - len(rows))
-        write_charts(rows, out_dir)
-    print(markdown)
-    return result
-
-
-def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str], pending: int = 0) -> tuple[dict, str]:
+def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str], pending: int = 0,
+                start: dict | None = None) -> tuple[dict, str]:
     """Write ``comparison.md`` and ``comparison.json`` for the rows so far; returns the JSON's content and the markdown."""
-    trained_steps = {row["steps"] for row in rows if row["method"] != BASE_ROW}
+    trained_steps = {row["steps"] for row in rows if row.get("trained", row["method"] != BASE_ROW)}
     result = {
         "rows": rows,
         "summary": summary(rows),
         "seed": seed,
         "overrides": list(overrides),
+        "start": start,
         "same_steps": len(trained_steps) <= 1,
         "pending_rows": pending,
     }
     notes = [f"Accuracy in % on {rows[0]['positions']} held-out positions (nested splits easy H > t0, medium H > t1, "
              f"hard H > t2 under the proxy; avg = their unweighted mean); seed {seed}."]
+    if start is not None:
+        proxies = sorted({row["proxy"] for row in rows if row.get("proxy")})
+        notes.append(f"Every row starts from {start['given']} ({start['kind']}, SHA-256 {start['sha256'][:12]}); "
+                     f"entropy proxy: {', '.join(proxies)}.")
+    for row in rows:
+        if row.get("resumed_from"):
+            notes.append(f"{row['method']} resumed from step {row['resumed_at_step']} ({row['resumed_from']}): its "
+                         "train times count the steps since.")
     if pending:
         notes.append(f"{pending} more row(s) still to run.")
     if not result["same_steps"]:
@@ -209,8 +519,9 @@ def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str]
                      f"({s['avg_relative_gain']:+.1%} relative); reasoning length ratio "
                      f"{'n/a' if ratio is None else f'{ratio:.2f}'}.")
     markdown = markdown_table(rows) + "\n\n" + "\n".join(notes) + "\n"
-    (out_dir / "comparison.md").write_text(markdown)
-    (out_dir / "comparison.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    with staged_file(out_dir / "comparison.md") as staging:
+        staging.write_text(markdown)
+    _write_json(out_dir / "comparison.json", result)
     return result, markdown
 
 
@@ -219,26 +530,44 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m rmt_lightning compare",
         description="Train configs for the same steps on the same data and seed, evaluate each, print the table. "
                     "Arguments after -- are LightningCLI overrides for every run (e.g. -- --config "
-                    "configs/data/gsm8k.yaml --trainer.max_epochs 2).",
+                    "configs/data/gsm8k.yaml --trainer.max_epochs 2). Run the same command again to resume: "
+                    "finished rows are kept, an interrupted row goes on from its last checkpoint.",
     )
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="configs to compare, one row each")
-    parser.add_argument("--out", default=os.path.join("logs", "compare"), help="folder of comparison.md/json/png, curves.png and runs/")
+    parser.add_argument("--out", default=os.path.join("logs", "compare"),
+                        help="folder of comparison.md/json/png, curves.png, rows/ (one record per row) and runs/")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, positions, initialisation and sampling")
     parser.add_argument("--base", action=argparse.BooleanOptionalAction, default=True,
-                        help="add a row for the untrained model of the first config")
-    parser.add_argument("--keep_artifacts", action="store_true", help="keep each run's checkpoint and HF export")
+                        help="add a row for the untrained model of the first config (the --start model with --start)")
+    parser.add_argument("--start", default=None, metavar="MODEL",
+                        help="model every row starts from: a Hugging Face folder (e.g. a format stage's hf_export) or a "
+                             ".ckpt file this project wrote (its policy is exported once to OUT/start/model); the "
+                             "entropy proxy stays the one the configs name")
+    parser.add_argument("--keep_artifacts", action="store_true",
+                        help="keep each run's checkpoints and HF export (otherwise a row's checkpoints are deleted once it has finished)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Entry point of ``python -m rmt_lightning compare`` and ``python -m rmt_lightning.compare``."""
+    """Entry point of ``python -m rmt_lightning compare`` and ``python -m rmt_lightning.compare``: a bad input ends
+    with one line and exit status 2, a preemption signal with one line naming the checkpoint and 128 + the
+    signal's number."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
     if "--" in argv:
         split = argv.index("--")
         argv, overrides = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
-    return compare(args.configs, args.out, overrides, seed=args.seed, base=args.base, keep_artifacts=args.keep_artifacts)
+    try:
+        return compare(args.configs, args.out, overrides, seed=args.seed, base=args.base,
+                       keep_artifacts=args.keep_artifacts, start=args.start)
+    except InputError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+    except Preempted as stopped:
+        sys.stderr.write(f"{signal.Signals(stopped.signum).name} received: stopped after step {stopped.step}; checkpoint "
+                         f"written to {stopped.path}; run the same compare command again to resume\n")
+        sys.exit(stopped.exit_status)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Evaluation: NTP-mode accuracy against an independent argmax loop, tiers against independently computed
 entropies, reasoning-mode accuracy on scripted completions against a hand count, the budget each stage uses,
-the JSON and TensorBoard outputs, the held-out corpus, and the compare command end to end."""
+the JSON and TensorBoard outputs, and the held-out corpus (the compare command: test_compare.py)."""
 
 import json
 import math
@@ -13,8 +13,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rmt_lightning import CompletionsTable, HuggingFaceExport, RMTDataModule, RMTModule, TokenBudget
-from rmt_lightning.compare import BASE_ROW, compare
-from test_charts import assert_png
 from rmt_lightning.evaluation import TierAccuracy
 from rmt_lightning.method import TIER_NAMES, token_budget
 from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
@@ -367,115 +365,3 @@ def test_val_corpus_supplies_the_held_out_documents(tmp_path):
     with pytest.raises(ValueError, match="is the training corpus"):
         _data(tmp_path, corpus=str(GSM8K / "train.jsonl"), val_corpus=str(GSM8K / "train.jsonl"), split="train",
               val_split="train", text_template="{question}\n{answer}", max_documents=5).setup("validate")
-
-
-# ---- compare ---------------------------------------------------------------------------------------------------
-
-TINY_RUN = ["--model.model_name_or_path", BUILTIN_TINY, "--trainer.accelerator", "cpu", "--trainer.max_epochs", "2",
-            "--data.embedded_documents", "48", "--data.val_documents", "8", "--data.val_positions", "6",
-            "--data.batch_size", "2", "--data.batches_per_epoch", "2", "--trainer.enable_progress_bar", "false"]
-
-
-def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_path, monkeypatch):
-    import rmt_lightning.charts as charts
-
-    drawn = {}
-    for name in ("draw_comparison", "draw_curves"):
-        original = getattr(charts, name)
-        monkeypatch.setattr(charts, name, lambda data, path, original=original: drawn.update({Path(path).name: data}) or original(data, path))
-    monkeypatch.chdir(tmp_path)
-    configs = [str(ROOT / "configs" / f"{name}.yaml") for name in ("rmt", "rpt_baseline", "ntp_only")]
-    result = compare(configs, tmp_path / "out", [*TINY_RUN, "--data.cache_dir", str(tmp_path / "cache")], seed=3)
-    rows = {row["method"]: row for row in result["rows"]}
-    assert list(rows) == [BASE_ROW, "RMT", "RPT-style", "NTP only"]
-    assert rows[BASE_ROW]["steps"] == 0
-    assert {rows[m]["steps"] for m in ("RMT", "RPT-style", "NTP only")} == {4} and result["same_steps"]
-    assert all(rows[m]["train_cpu_seconds"] > 0 and rows[m]["train_seconds"] > 0 for m in ("RMT", "RPT-style", "NTP only"))
-    assert rows["RMT"]["eval_budget"] == token_budget(1.0, 8, 2, 0.25)  # rmt.yaml's final budget
-    assert rows["RPT-style"]["eval_budget"] == 8  # B fixed at B_0
-    assert rows["NTP only"]["scored_by"] == "argmax" and rows["NTP only"]["reasoning_length"] is None
-    for row in result["rows"]:
-        written = json.loads(Path(row["log_dir"], "val_metrics.json").read_text())
-        assert written == row["figures"]
-        prefix = "val/acc" if row["scored_by"] == "reasoning" else "val/ntp_acc"
-        assert row["avg"] == pytest.approx(100 * written[f"{prefix}_avg"])
-        assert row["positions"] == 6 and written["global_step"] == row["steps"]
-        assert not list(Path(row["log_dir"]).rglob("*.ckpt")) and not Path(row["log_dir"], "hf_export").exists()
-    assert set(result["summary"]) >= {"rmt_avg", "rpt_avg"}
-    markdown = (tmp_path / "out" / "comparison.md").read_text()
-    assert markdown.splitlines()[0].startswith("| method | scored by | easy | medium | hard | avg | reasoning length")
-    assert all(f"| {m} |" in markdown for m in rows)
-    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert written["seed"] == 3 and written["pending_rows"] == 0
-    # The pictures, drawn from the final rows: every method, its figures, the curves of its run's TensorBoard logs.
-    for name in ("comparison.png", "curves.png"):
-        assert_png(tmp_path / "out" / name)
-    assert [entry["method"] for entry in drawn["comparison.png"]] == list(rows)
-    for entry in drawn["comparison.png"]:
-        row = rows[entry["method"]]
-        assert entry["accuracy"] == {s: row[s] for s in (*TIER_NAMES, "avg")} and entry["argmax"]["avg"] == row["argmax_avg"]
-        assert entry["reasoning_length"] == row["reasoning_length"]
-        assert sum(row["split_positions"].values()) >= row["split_positions"]["easy"] == row["positions"]
-        low, high = entry["accuracy_interval"]["easy"]
-        assert low <= row["easy"] <= high
-    curves = {entry["method"]: entry["curves"] for entry in drawn["curves.png"]}
-    assert list(curves) == list(rows) and curves[BASE_ROW]["train/budget"] == ([], [])
-    # The 4 steps are all format warm-up in the RL configs (no reward yet); the budget is logged on every step.
-    assert all(curves[m]["train/reward"] == ([], []) for m in rows)
-    assert curves["RMT"]["train/budget"] == ([0, 1, 2, 3], [8.0, 8.0, *[float(token_budget(0.5, 8, 2, 0.25))] * 2])
-    assert curves["RPT-style"]["train/budget"][1] == [8.0] * 4 and len(curves["NTP only"]["train/budget"][0]) == 4
-    # Same seed, same data: the untrained model scores the same in a second comparison.
-    again = compare(configs[:1], tmp_path / "again", [*TINY_RUN, "--data.cache_dir", str(tmp_path / "cache")], seed=3)
-    assert again["rows"][0]["figures"] == {**rows[BASE_ROW]["figures"]}
-
-
-@pytest.mark.skipif(not GSM8K.joinpath("test.jsonl").exists(), reason="needs ../shared/data/gsm8k")
-def test_compare_on_the_gsm8k_jsonl(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # configs/data/gsm8k.yaml names the corpus relative to the repository root
-    overrides = ["--config", "configs/data/gsm8k.yaml", *TINY_RUN, "--data.max_documents", "24",
-                 "--data.val_documents", "4", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_epochs", "1"]
-    result = compare(["configs/rmt.yaml"], tmp_path / "out", overrides, base=False)
-    (row,) = result["rows"]
-    assert row["method"] == "RMT" and row["steps"] == 2 and row["positions"] == 6
-    config = (Path(row["log_dir"]) / "config.yaml").read_text()
-    assert "gsm8k/test.jsonl" in config and "gsm8k/train.jsonl" in config
-
-
-def test_compare_rejects_a_missing_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
-        compare([str(tmp_path / "no_such.yaml")], tmp_path / "out")
-
-
-def test_python_m_rmt_lightning_compare_passes_what_follows_the_double_dash_to_every_run(monkeypatch):
-    import rmt_lightning.compare as compare_module
-    from rmt_lightning.__main__ import main
-
-    calls = []
-    monkeypatch.setattr(compare_module, "compare", lambda *args, **kwargs: calls.append((args, kwargs)))
-    main(["compare", "--configs", "a.yaml", "b.yaml", "--out", "out", "--seed", "4", "--no-base", "--",
-          "--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"])
-    assert calls == [((["a.yaml", "b.yaml"], "out", ["--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"]),
-                      {"seed": 4, "base": False, "keep_artifacts": False})]
-
-
-def test_an_interrupted_comparison_keeps_the_rows_it_finished(tmp_path, monkeypatch):
-    import rmt_lightning.compare as compare_module
-
-    configs = []
-    for name in ("rmt", "rpt_baseline"):
-        configs.append(tmp_path / f"{name}.yaml")
-        configs[-1].write_text("{}\n")
-
-    def fake_run(config, label, run_name, out_dir, overrides, train=True, keep_artifacts=False):
-        if run_name == "rpt_baseline":
-            raise KeyboardInterrupt
-        return {"method": label, "scored_by": "reasoning", "easy": 50.0, "medium": 40.0, "hard": 30.0, "avg": 40.0,
-                "reasoning_length": 3.0, "answer_rate": 1.0, "argmax_avg": 20.0, "eval_budget": 2, "positions": 8,
-                "steps": 0 if not train else 4, "train_seconds": 1.0, "train_cpu_seconds": 1.0}
-
-    monkeypatch.setattr(compare_module, "evaluate_run", fake_run)
-    with pytest.raises(KeyboardInterrupt):
-        compare_module.compare([str(c) for c in configs], tmp_path / "out")
-    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert [row["method"] for row in written["rows"]] == [BASE_ROW, "RMT"] and written["pending_rows"] == 1
-    assert "| RMT | reasoning | 50.00 | 40.00 | 30.00 | 40.00 | 3.0 |" in (tmp_path / "out" / "comparison.md").read_text()
