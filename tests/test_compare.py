@@ -20,7 +20,8 @@ from rmt_lightning.callbacks import Preempted
 from rmt_lightning.charts import read_attempts
 from rmt_lightning.checks import InputError
 from rmt_lightning.cli import build_cli
-from rmt_lightning.compare import BASE_ROW, START_ROW, compare
+from rmt_lightning.compare import compare
+from rmt_lightning.compare_rows import BASE_ROW, START_ROW
 from rmt_lightning.method import TIER_NAMES, token_budget
 from rmt_lightning.models import BUILTIN_TINY
 from test_charts import assert_png
