@@ -27,9 +27,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
 
-from .kv_cache import SharedPromptCache
+from .kv_cache import SharedPromptCache, is_plain_layer
 
 SHARED_PROMPT_ATTENTION = "rmt_shared_prompt"
 """Name of the two-part attention in transformers' attention interface."""
@@ -178,16 +177,21 @@ def shared_prompt_unsupported(model, cache) -> str | None:
         if getattr(config, option, None):
             return f"{type(model).__name__} sets {option}={getattr(config, option)}"
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None or layer.keys.dim() != 4 for layer in layers):
+    if not layers or not all(is_plain_layer(layer) for layer in layers):
         return f"its cache ({type(cache).__name__}) is not plain key/value layers"
     return None
 
 
-def report_fallback(reason: str) -> None:
-    """One log line per reason: which path the rollouts and the loss take instead, and why."""
-    if reason not in _reported:
+def use_shared_prompt(model, cache, enabled: bool) -> bool:
+    """Whether to attend with shared-prompt attention over ``cache`` (the prompts' prefill cache): when
+    ``enabled`` and ``model`` is covered. A model that is not is logged once per reason, with the path taken instead."""
+    if not enabled:
+        return False
+    reason = shared_prompt_unsupported(model, cache)
+    if reason is not None and reason not in _reported:
         _reported.add(reason)
         log.warning("shared-prompt attention is off: %s; each row reads its own copy of the prompt's keys and values", reason)
+    return reason is None
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention import report_fallback, shared_prompt_attention, shared_prompt_unsupported
+from .attention import shared_prompt_attention, use_shared_prompt
 from .kv_cache import SharedPromptCache
 from .method import token_logprobs
 from .padding import pad_left
@@ -133,15 +133,12 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         cached = start.attention.repeat_interleave(group_size, 0)
         attention = torch.cat([cached, completion_mask], dim=1)[:, :-1]
         positions = positions_from_mask(attention)[:, cached.shape[1]:]
-        reason = shared_prompt_unsupported(model, start.cache) if share_prompt_attention else "share_prompt_attention=False"
-        if reason is None:
+        if use_shared_prompt(model, start.cache, share_prompt_attention):
             # The prompt's keys and values stay [P, ...] in the graph: their gradient is summed over the group
             # inside attention instead of through G copies.
             cache = SharedPromptCache(start.cache, start.attention, group_size, capacity=0)
             attending, inputs = shared_prompt_attention(model), {"shared_prompt": cache}
         else:
-            if share_prompt_attention:
-                report_fallback(reason)
             cache = start.cache
             cache.batch_repeat_interleave(group_size)
             attending, inputs = nullcontext(), {"attention_mask": attention}

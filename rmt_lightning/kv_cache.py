@@ -61,6 +61,12 @@ class GrowingLayer(DynamicLayer):
         self._refresh()
 
 
+def is_plain_layer(layer) -> bool:
+    """A full-attention layer holding keys and values ``[batch, heads, length, dim]`` (not a sliding window, linear
+    attention or quantised layer): the kind whose storage ``expand_cache`` and ``SharedPromptCache`` lay out."""
+    return type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4
+
+
 def expand_cache(cache, group_size: int, new_tokens: int):
     """Give each of the cache's prompts ``group_size`` rows, with room for ``new_tokens`` more tokens.
 
@@ -73,7 +79,7 @@ def expand_cache(cache, group_size: int, new_tokens: int):
         cache.batch_repeat_interleave(group_size)
         return cache
     for i, layer in enumerate(layers):
-        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys is None or layer.keys.dim() != 4:
+        if not is_plain_layer(layer):
             layer.batch_repeat_interleave(group_size)
             continue
         grown = []

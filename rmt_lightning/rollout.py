@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .attention import report_fallback, shared_prompt_attention, shared_prompt_unsupported
+from .attention import shared_prompt_attention, use_shared_prompt
 from .forward import Prefill, prefill
 from .kv_cache import SharedPromptCache, expand_cache
 from .method import extract_prediction
@@ -202,14 +202,11 @@ class _RolloutCache:
     """
 
     def __init__(self, model, start: Prefill, group_size: int, capacity: int, share_prompt: bool):
-        reason = shared_prompt_unsupported(model, start.cache) if share_prompt else "share_prompt=False"
         self.prompt_width = start.attention.shape[1]
-        if reason is None:
+        if use_shared_prompt(model, start.cache, share_prompt):
             self.cache = SharedPromptCache(start.cache, start.attention, group_size, capacity)
             self.mask, self.attending = None, shared_prompt_attention(model)
             return
-        if share_prompt:
-            report_fallback(reason)
         self.cache = expand_cache(start.cache, group_size, capacity)
         rows = start.attention.shape[0] * group_size
         self.mask = torch.ones((rows, self.prompt_width + capacity), dtype=start.attention.dtype, device=start.attention.device)
