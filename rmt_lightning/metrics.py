@@ -8,24 +8,25 @@ from torch import Tensor
 from .data.batches import PositionBatch
 from .method import TIER_NAMES, zero_std_groups
 from .rollout import GroupRollout
+from .trajectory import Trajectory
 
 PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})
 """What the progress bar shows: the loss of a format warm-up step, of an NTP-only step, or an RL step's reward and budget."""
 
 
 
-def rl_step_metrics(rollout: GroupRollout, rewards: Tensor, correct: Tensor, length: Tensor, terms: dict[str, float],
-                    loss_ntp: float) -> dict[str, float]:
-    """The figures of an RL step: its loss terms, rewards (total ``[P, G]`` and its correctness and length parts),
-    lengths and the canaries (clipped, forced, zero-std)."""
+def rl_step_metrics(trajectory: Trajectory, terms: dict[str, float], loss_ntp: float) -> dict[str, float]:
+    """The figures of an RL step: its loss terms, the trajectory's rewards (total and the correctness and length
+    parts), lengths and the canaries (clipped, forced, zero-std)."""
+    rollout, rewards = trajectory.rollout, trajectory.rewards
     return {
         "train/loss_rl": terms["loss_rl"],
         "train/loss_ntp": loss_ntp,
         "train/kl": terms["kl"],
         "train/ppo_clip_fraction": terms["ppo_clip_fraction"],
         "train/reward": float(rewards.mean()),
-        "train/reward_correct": float(correct.mean()),
-        "train/reward_length": float(length.mean()),
+        "train/reward_correct": float(trajectory.correct.mean()),
+        "train/reward_length": float(trajectory.length.mean()),
         "train/reasoning_length": float(np.mean(rollout.reasoning_lengths)),
         "train/completion_length": float(rollout.completion_mask.sum(1).float().mean()),
         "train/frac_reward_zero_std": float(zero_std_groups(rewards).float().mean()),

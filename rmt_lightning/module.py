@@ -437,7 +437,7 @@ class RMTModule(L.LightningModule):
         part = trajectory.positions(contiguous_share(len(batch.contexts), hp.mini_batches_per_rollout, mini_batch))
         terms = self.rl_backward(part)
         loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
-        metrics = rl_step_metrics(part.rollout, part.rewards, part.correct, part.length, terms, loss_ntp)
+        metrics = rl_step_metrics(part, terms, loss_ntp)
         metrics.update({"train/rollout_update": float(update), "timing/generate": generated - started})
         self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
         if update >= self.steps_per_rollout - 1:
