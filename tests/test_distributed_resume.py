@@ -1,7 +1,8 @@
 """Preemption and resume across processes, with two real CPU processes (gloo): SIGTERM to one DDP rank stops both
 at the same step with one checkpoint, which resumes to the uninterrupted run's weights; a DDP checkpoint resumes
 in one process and a one-process checkpoint under DDP, with the same budget, the same global batches and the
-same optimizer state; a global batch that differs from the checkpoint's is one clear error."""
+same optimizer state; a global batch that differs from the checkpoint's is one clear error; with two updates per
+rollout (DDP and FSDP2), a preemption inside a rollout resumes exactly."""
 
 import copy
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_probe import run_probe
+from distributed_probe import assert_trained, run_probe
 from rmt_lightning.cli import build_cli
 from test_reliability import run_main
 
@@ -155,3 +156,35 @@ def test_fsdp2_sharded_checkpoint_resumes_on_another_number_of_processes(tmp_pat
     for mine, *theirs in zip(one[0]["steps"], two[0]["steps"], two[1]["steps"]):
         assert mine["budget"] == theirs[0]["budget"] == theirs[1]["budget"]
         assert sorted(mine["draws"]) == sorted(d for t in theirs for d in t["draws"])
+
+
+REUSE = ["--model.updates_per_rollout", "2"]
+
+
+@pytest.mark.parametrize("strategy", [DDP[2:], FSDP2], ids=["ddp", "fsdp2"])
+def test_two_updates_per_rollout_share_each_ranks_draw_and_resume_exactly_inside_a_rollout(tmp_path, strategy):
+    """With two optimizer steps per rollout on two processes, each rank's two steps of a rollout train on one
+    draw (the ranks' draws disjoint), and SIGTERM at the first step of the second rollout leaves a checkpoint
+    inside that rollout (every rank's kept trajectory in it) which resumes to the uninterrupted run's weights."""
+    two = ["--trainer.devices", "2", *strategy, *REUSE]
+    full = run_probe(tmp_path, tmp_path / "full", [*common(tmp_path, "full"), *two])
+    for record in full:
+        steps = record["steps"]
+        assert [s["global_step"] for s in steps] == list(range(2 * EPOCHS))
+        for first, second in zip(steps[::2], steps[1::2]):
+            assert first["draws"] == second["draws"] and first["budget"] == second["budget"]
+        assert steps[0]["draws"] != steps[2]["draws"]
+    for a, b in zip(full[0]["steps"], full[1]["steps"]):
+        assert not {tuple(d) for d in a["draws"]} & {tuple(d) for d in b["draws"]}
+    assert_trained(full)
+
+    stopped = fit_command(tmp_path, [*common(tmp_path, "stopped"), *two, "--trainer.callbacks+=stopping.SignalAtStep",
+                                     "--trainer.callbacks.step=2"])
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
+    checkpoint = tmp_path / "logs" / "stopped" / "version_0" / "checkpoints" / "preempted.ckpt"
+    resumed = run_probe(tmp_path, tmp_path / "resumed", [*common(tmp_path, "stopped"), *two], ckpt=str(checkpoint))
+    assert [s["global_step"] for s in resumed[0]["steps"]] == [3, 4, 5]
+    for rank in range(2):
+        assert resumed[rank]["steps"][0]["draws"] == full[rank]["steps"][3]["draws"]  # the kept rollout's draw
+        assert [s["loss"] for s in resumed[rank]["steps"]] == [s["loss"] for s in full[rank]["steps"][3:]]
+    assert resumed[0]["policy_after"] == full[0]["policy_after"]
