@@ -42,17 +42,50 @@ def wilson_interval(accuracy: float, positions: int, z: float = Z_95) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _percent_interval(percent: float | None, positions: int | None) -> tuple[float, float] | None:
+def average_effective_positions(split_positions: dict[str, int]) -> float | None:
+    """The effective number of positions (Kish: ``1 / sum_i w_i^2``) behind the avg accuracy, the unweighted
+    mean of the nested splits that have positions.
+
+    A position of split ``s`` weighs ``1 / n_s`` in that split's accuracy; as splits nest (a hard position is in
+    all three), the avg weighs it ``w_i = (1/k) * sum over the k non-empty splits holding it of 1 / n_s``, and the
+    weights add up to 1. The avg is then a weighted mean of per-position hits, whose variance is about
+    ``p (1 - p) * sum_i w_i^2``: what ``1 / sum_i w_i^2`` equally weighted positions would give. None when no
+    split has positions.
+    """
+    counts = [int(split_positions.get(split) or 0) for split in TIER_NAMES]
+    present = [n for n in counts if n > 0]
+    if not present:
+        return None
+    total, weight = 0.0, 0.0
+    for index, n in enumerate(counts):
+        if n <= 0:
+            continue
+        weight += 1.0 / (len(present) * n)
+        # Positions in this split but not in the next (the splits nest: easy >= medium >= hard).
+        only_here = n - (counts[index + 1] if index + 1 < len(counts) else 0)
+        total += only_here * weight * weight
+    return 1.0 / total
+
+
+def _percent_interval(percent: float | None, positions: float | None) -> tuple[float, float] | None:
     if percent is None or not positions:
         return None
     low, high = wilson_interval(percent / 100.0, positions)
     return 100.0 * low, 100.0 * high
 
 
+def split_intervals(percents: dict[str, float | None], split_positions: dict[str, int]) -> dict:
+    """``split -> (low, high)`` in %: the 95% Wilson interval of each accuracy of ``SPLITS``, the avg's on its
+    effective number of positions (``average_effective_positions``); None without an accuracy or positions."""
+    positions = {split: split_positions.get(split) for split in TIER_NAMES}
+    positions["avg"] = average_effective_positions(split_positions)
+    return {split: _percent_interval(percents.get(split), positions[split]) for split in SPLITS}
+
+
 def comparison_data(rows: list[dict]) -> list[dict]:
     """What ``comparison.png`` draws, one entry per row of the table: ``method``, ``scored_by``, ``accuracy`` and
     ``argmax`` (split -> % or None), their 95% Wilson ``accuracy_interval`` and ``argmax_interval`` (split ->
-    (low, high) in %, or None: the avg, an unweighted mean of nested splits, has no simple interval), and
+    (low, high) in % or None; see ``split_intervals``), and
     ``reasoning_length`` (None for a row scored by argmax)."""
     data = []
     for row in rows:
@@ -66,9 +99,9 @@ def comparison_data(rows: list[dict]) -> list[dict]:
             "method": row["method"],
             "scored_by": row.get("scored_by"),
             "accuracy": accuracy,
-            "accuracy_interval": {s: _percent_interval(accuracy[s], positions.get(s)) for s in SPLITS},
+            "accuracy_interval": split_intervals(accuracy, positions),
             "argmax": argmax,
-            "argmax_interval": {s: _percent_interval(argmax[s], positions.get(s)) for s in SPLITS},
+            "argmax_interval": split_intervals(argmax, positions),
             "reasoning_length": row.get("reasoning_length"),
         })
     return data
@@ -136,7 +169,7 @@ def _grouped_bars(axis, data: list[dict], key: str, title: str) -> None:
         xs = [s + (index - (len(data) - 1) / 2) * width for s in range(len(SPLITS))]
         values = [math.nan if entry[key][s] is None else entry[key][s] for s in SPLITS]
         intervals = [entry[f"{key}_interval"][s] for s in SPLITS]
-        # NaN draws no error bar where there is no interval (the avg).
+        # NaN draws no error bar where there is no interval (no accuracy, or no positions recorded).
         below = [math.nan if i is None else v - i[0] for v, i in zip(values, intervals)]
         above = [math.nan if i is None else i[1] - v for v, i in zip(values, intervals)]
         axis.bar(xs, values, width, yerr=[below, above], capsize=2, color=f"C{index % 10}", label=entry["method"])

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .atomic import staged_file
 from .callbacks import HuggingFaceExport, Preempted
-from .charts import write_charts
+from .charts import split_intervals, write_charts
 from .checks import InputError
 from .compare_rows import (
     BASE_ROW, METHOD_NAMES, ROWS_FOLDER, Row, build_run, check_records, check_start, check_start_tokenizer,
@@ -201,8 +201,9 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
 
 
 def summary(rows: list[dict]) -> dict:
-    """RMT against the RPT-style row, when both are there: the relative gain in average accuracy and the
-    reasoning-length ratio (the paper: 59.12 vs 35.85, +64.91%; 186 vs 872 tokens, 21%)."""
+    """RMT against the RPT-style row, when both are there: the relative gain in average accuracy, whether the two
+    avg accuracies' 95% intervals are disjoint, and the reasoning-length ratio (the paper: 59.12 vs 35.85,
+    +64.91%; 186 vs 872 tokens, 21%)."""
     by_method = {row["method"]: row for row in rows}
     rmt, rpt = by_method.get(METHOD_NAMES["rmt"]), by_method.get(METHOD_NAMES["rpt_baseline"])
     if rmt is None or rpt is None:
@@ -213,6 +214,10 @@ def summary(rows: list[dict]) -> dict:
         out["avg_relative_gain"] = (rmt["avg"] - rpt["avg"]) / rpt["avg"] if rpt["avg"] > 0 else None
     if rmt["reasoning_length"] is not None and rpt["reasoning_length"]:
         out["reasoning_length_ratio"] = rmt["reasoning_length"] / rpt["reasoning_length"]
+    ours, theirs = (split_intervals(row, row.get("split_positions") or {})["avg"] for row in (rmt, rpt))
+    if ours is not None and theirs is not None:
+        # Disjoint 95% intervals: a difference beyond the noise of either row's positions.
+        out["avg_intervals_disjoint"] = ours[1] < theirs[0] or theirs[1] < ours[0]
     return out
 
 
@@ -222,14 +227,25 @@ def _number(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_interval(value: float | None, interval: tuple[float, float] | None) -> str:
+    if value is None or interval is None:
+        return _number(value)
+    return f"{_number(value)} [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """The paper-style table: accuracy in %, by nested entropy split, with reasoning length and wall time."""
+    """The paper-style table: accuracy in %, by nested entropy split, each with its 95% Wilson interval in
+    brackets (``charts.split_intervals``), with reasoning length and wall time."""
     columns = ["method", "scored by", "easy", "medium", "hard", "avg", "reasoning length", "answer rate",
                "argmax avg", "eval budget", "steps", "train time (s)", "train CPU time (s)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [row["method"], row["scored_by"], *(_number(row[s]) for s in (*TIER_NAMES, "avg")),
-                 _number(row["reasoning_length"], 1), _number(row["answer_rate"]), _number(row["argmax_avg"]),
+        positions = row.get("split_positions") or {}
+        intervals = split_intervals(row, positions)
+        argmax_interval = split_intervals({"avg": row["argmax_avg"]}, positions)["avg"]
+        cells = [row["method"], row["scored_by"], *(_with_interval(row[s], intervals[s]) for s in (*TIER_NAMES, "avg")),
+                 _number(row["reasoning_length"], 1), _number(row["answer_rate"]),
+                 _with_interval(row["argmax_avg"], argmax_interval),
                  str(row["eval_budget"] if row["scored_by"] == "reasoning" else "-"), str(row["steps"]),
                  _number(row["train_seconds"], 0), _number(row["train_cpu_seconds"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -250,7 +266,9 @@ def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str]
         "pending_rows": pending,
     }
     notes = [f"Accuracy in % on {rows[0]['positions']} held-out positions (nested splits easy H > t0, medium H > t1, "
-             f"hard H > t2 under the proxy; avg = their unweighted mean); seed {seed}."]
+             f"hard H > t2 under the proxy; avg = their unweighted mean); seed {seed}. In brackets: the 95% Wilson "
+             "interval, on the split's positions (the avg's on its effective number of positions, 1 / sum of its "
+             "squared weights per position)."]
     if start is not None:
         proxies = sorted({row["proxy"] for row in rows if row.get("proxy")})
         notes.append(f"Every row starts from {start['given']} ({start['kind']}, SHA-256 {start['sha256'][:12]}); "
@@ -266,8 +284,10 @@ def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str]
     if result["summary"].get("avg_relative_gain") is not None:
         s = result["summary"]
         ratio = s.get("reasoning_length_ratio")
+        disjoint = s.get("avg_intervals_disjoint")
+        beyond = "" if disjoint is None else "; their 95% intervals are disjoint" if disjoint else "; their 95% intervals overlap"
         notes.append(f"RMT vs RPT-style: avg {s['rmt_avg']:.2f} vs {s['rpt_avg']:.2f} "
-                     f"({s['avg_relative_gain']:+.1%} relative); reasoning length ratio "
+                     f"({s['avg_relative_gain']:+.1%} relative{beyond}); reasoning length ratio "
                      f"{'n/a' if ratio is None else f'{ratio:.2f}'}.")
     markdown = markdown_table(rows) + "\n\n" + "\n".join(notes) + "\n"
     with staged_file(out_dir / "comparison.md") as staging:

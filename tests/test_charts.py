@@ -1,11 +1,11 @@
-"""compare's pictures: the Wilson interval against known values, the data each chart is drawn from against the
-rows, the curves read back from TensorBoard and CSV logs, and valid PNG files of non-trivial size."""
+"""compare's pictures: the Wilson interval against known values and the avg's effective positions against a hand
+count, the data each chart is drawn from against the rows, the curves read back from TensorBoard and CSV logs, and valid PNG files of non-trivial size."""
 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from rmt_lightning.charts import (CURVES, SPLITS, comparison_data, curves_data, draw_comparison, draw_curves,
-                                  read_scalars, wilson_interval)
+from rmt_lightning.charts import (CURVES, SPLITS, average_effective_positions, comparison_data, curves_data,
+                                  draw_comparison, draw_curves, read_scalars, split_intervals, wilson_interval)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,6 +23,22 @@ def test_wilson_interval_matches_known_values_and_stays_in_the_unit_interval():
     assert wilson_interval(1.0, 20)[1] == 1.0
     width = [high - low for low, high in (wilson_interval(0.3, n) for n in (10, 40, 160))]
     assert width[0] > width[1] > width[2]  # fewer positions (a harder split), wider interval
+
+
+def test_the_avg_rests_on_its_effective_positions():
+    # easy 40 > medium 30 > hard 10, nested: the avg weighs the 10 easy-only positions 1/120 each, the 20
+    # medium-only 1/120 + 1/90 = 7/360 and the 10 hard 7/360 + 1/30 = 19/360 (sum 1), so
+    # sum w^2 = (10 * 9 + 20 * 49 + 10 * 361) / 129600 = 4680 / 129600.
+    assert average_effective_positions({"easy": 40, "medium": 30, "hard": 10}) == pytest.approx(129600 / 4680)
+    assert average_effective_positions({"easy": 10, "medium": 10, "hard": 10}) == pytest.approx(10)  # one set
+    assert average_effective_positions({"easy": 25, "medium": 0, "hard": 0}) == pytest.approx(25)  # one split
+    assert average_effective_positions({"easy": 0, "medium": 0, "hard": 0}) is None
+    # Fewer than the easy split's positions, more than the hard split's: the avg leans on the small splits.
+    assert 10 < average_effective_positions({"easy": 500, "medium": 200, "hard": 60}) < 500
+    intervals = split_intervals({"easy": 50.0, "medium": None, "hard": 10.0, "avg": 30.0}, {"easy": 40, "medium": 30, "hard": 10})
+    assert intervals["medium"] is None and intervals["hard"] == pytest.approx(tuple(100 * x for x in wilson_interval(0.1, 10)))
+    assert intervals["avg"] == pytest.approx(tuple(100 * x for x in wilson_interval(0.3, 129600 / 4680)))
+    assert split_intervals({"avg": 30.0}, {})["avg"] is None  # an older record without positions
 
 
 def _row(method, scored_by, accuracy, argmax, length, log_dir=None):
@@ -55,7 +71,8 @@ def test_chart_data_holds_every_row_and_the_pictures_are_valid_png(tmp_path):
             low, high = wilson_interval(row[split] / 100, positions)
             assert entry["accuracy_interval"][split] == pytest.approx((100 * low, 100 * high))
             assert entry["accuracy_interval"][split][0] <= row[split] <= entry["accuracy_interval"][split][1]
-        assert entry["accuracy_interval"]["avg"] is None
+        low, high = wilson_interval(row["avg"] / 100, 129600 / 4680)  # test_the_avg_rests_on_its_effective_positions
+        assert entry["accuracy_interval"]["avg"] == pytest.approx((100 * low, 100 * high))
 
     curves = curves_data(rows)
     assert [entry["method"] for entry in curves] == [row["method"] for row in rows]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import rmt_lightning.compare as compare_module
 from rmt_lightning import RMTModule
 from rmt_lightning.callbacks import Preempted
-from rmt_lightning.charts import read_attempts
+from rmt_lightning.charts import read_attempts, wilson_interval
 from rmt_lightning.checks import InputError
 from rmt_lightning.cli import build_cli
 from rmt_lightning.compare import compare
@@ -94,6 +94,10 @@ def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_pa
     assert set(result["summary"]) >= {"rmt_avg", "rpt_avg"}
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert markdown.splitlines()[0].startswith("| method | scored by | easy | medium | hard | avg | reasoning length")
+    # Each accuracy with its 95% Wilson interval, on the split's positions.
+    ntp = rows["NTP only"]
+    low, high = wilson_interval(ntp["easy"] / 100, ntp["split_positions"]["easy"])
+    assert f"| NTP only | argmax | {ntp['easy']:.2f} [{100 * low:.1f}, {100 * high:.1f}] |" in markdown
     assert all(f"| {m} |" in markdown for m in rows)
     written = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert written["seed"] == 3 and written["pending_rows"] == 0 and written["start"] is None
@@ -508,3 +512,18 @@ def test_a_preempted_comparison_says_how_to_resume_and_exits_128_plus_the_signal
     assert capsys.readouterr().err.strip().splitlines() == [
         f"SIGTERM received: stopped after step 7; checkpoint written to {tmp_path / 'preempted.ckpt'}; run the same "
         "compare command again to resume"]
+
+
+def test_the_summary_says_whether_rmt_and_rpt_differ_beyond_their_intervals():
+    positions = {"easy": 500, "medium": 200, "hard": 60}
+
+    def row(method, avg, length):
+        return {"method": method, "avg": avg, "reasoning_length": length, "split_positions": positions}
+
+    far = compare_module.summary([row("RMT", 40.0, 2.0), row("RPT-style", 10.0, 8.0)])
+    assert far["avg_intervals_disjoint"] is True and far["avg_relative_gain"] == pytest.approx(3.0)
+    assert far["reasoning_length_ratio"] == pytest.approx(0.25)
+    assert compare_module.summary([row("RMT", 40.0, 2.0), row("RPT-style", 36.0, 8.0)])["avg_intervals_disjoint"] is False
+    # A record written before split positions were kept: no verdict rather than a wrong one.
+    old = compare_module.summary([{**row("RMT", 40.0, 2.0), "split_positions": None}, row("RPT-style", 10.0, 8.0)])
+    assert "avg_intervals_disjoint" not in old
