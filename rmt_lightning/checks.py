@@ -202,6 +202,10 @@ def check_module_arguments(hp) -> None:
             f"format_warmup_lr={warmup_lr} needs format_warmup_lr > 0 and lr > 0 (lr={lr}); leave it unset (None) to "
             "warm up at lr"
         )
+    budgets = hp["format_warmup_budgets"]
+    if budgets is not None and (not budgets or any(b < 1 for b in budgets)):
+        raise ValueError(f"format_warmup_budgets={list(budgets)} must be a non-empty list of budgets >= 1 (or None: "
+                         "each step's budget)")
     if hp["val_budget"] is not None and hp["val_budget"] < 1:
         raise ValueError(f"val_budget={hp['val_budget']} must be >= 1 (or None for the final budget)")
     if hp["val_group_size"] < 1:

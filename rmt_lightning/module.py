@@ -88,6 +88,10 @@ class RMTModule(L.LightningModule):
         format_warmup_thought: Thought of the demonstrations ``<think>thought</think> \\boxed{next token}``;
             ``{context_tail}`` stands for the context's last B tokens and ``{next_token}`` for the true next
             token, so ``{context_tail}{next_token}`` demonstrates "continue the text, then box the new token".
+        format_warmup_budgets: Budgets the demonstrations cycle through, one per demonstration, in the
+            instruction and the ``{context_tail}`` alike (None: the step's budget B). With the budgets RL and
+            evaluation will ask for (e.g. ``[8, 4, 2]`` for B_0 8 decaying to 2), the format is learnt at each
+            of them, not only at the budget of the warm-up steps.
         updates_per_rollout: Passes over each rollout (TRL's ``num_iterations``, PPO's epochs): every pass
             trains each of its mini-batches once. With more than one update per rollout, pi_old of the ratio is
             the policy that sampled the completions (their log-probs recorded while sampling), so the ratio
@@ -152,6 +156,7 @@ class RMTModule(L.LightningModule):
         format_warmup_steps: int = 0,
         format_warmup_lr: float | None = None,
         format_warmup_thought: str = "The next token continues the text.",
+        format_warmup_budgets: list[int] | None = None,
         updates_per_rollout: int = 1,
         mini_batches_per_rollout: int = 1,
         rl_micro_batch_size: int = 8,
@@ -279,11 +284,13 @@ class RMTModule(L.LightningModule):
 
     # ---- rollout and rewards -----------------------------------------------------------------------
 
-    def _prompts(self, contexts: list[list[int]], budget: int) -> list[list[int]]:
+    def _prompts(self, contexts: list[list[int]], budget: int | list[int]) -> list[list[int]]:
+        """The prompt of each context at ``budget`` (one for all, or one per context)."""
         hp = self.hparams
+        budgets = budget if isinstance(budget, list) else [budget] * len(contexts)
         return [
-            build_prompt_ids(self.tokenizer, self.tokenizer.decode(ctx), budget, hp.instruction, hp.response_prefix, hp.use_chat_template)
-            for ctx in contexts
+            build_prompt_ids(self.tokenizer, self.tokenizer.decode(ctx), b, hp.instruction, hp.response_prefix, hp.use_chat_template)
+            for ctx, b in zip(contexts, budgets)
         ]
 
     def _generator(self) -> torch.Generator:
@@ -358,11 +365,18 @@ class RMTModule(L.LightningModule):
                                    weight, self.hparams.ntp_micro_batch_size)
 
     def format_warmup_backward(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> float:
-        """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only)."""
+        """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only),
+        each at ``budget`` or at its turn of ``format_warmup_budgets``."""
         hp = self.hparams
-        responses = demonstration_ids(self.tokenizer, contexts, continuations, hp.format_warmup_thought, budget)
+        budgets = [budget] * len(contexts)
+        if hp.format_warmup_budgets:
+            # Counted over the global batch, so the budgets take turns across steps and ranks alike.
+            first = (self.global_step * self._trainer.world_size + self.global_rank) * len(contexts) if self._trainer else 0
+            cycle = list(hp.format_warmup_budgets)
+            budgets = [cycle[(first + i) % len(cycle)] for i in range(len(contexts))]
+        responses = demonstration_ids(self.tokenizer, contexts, continuations, hp.format_warmup_thought, budgets)
         pad = self.tokenizer.pad_token_id
-        tensors = (*pad_left(self._prompts(contexts, budget), pad), *pad_right(responses, pad))
+        tensors = (*pad_left(self._prompts(contexts, budgets), pad), *pad_right(responses, pad))
         return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward,
                                               *(t.to(self.device) for t in tensors))
 

@@ -50,14 +50,15 @@ def demonstration(thought: str, answer: str) -> str:
 
 
 def demonstration_ids(tokenizer, contexts: list[list[int]], continuations: list[list[bytes]], thought_template: str,
-                      budget: int) -> list[list[int]]:
+                      budget: int | list[int]) -> list[list[int]]:
     """Token ids of the format demonstration after each context: ``thought</think> \\boxed{next token}``, where
-    ``{context_tail}`` in ``thought_template`` stands for the context's last ``budget`` tokens and ``{next_token}``
-    for the true next token (the first of its continuation)."""
+    ``{context_tail}`` in ``thought_template`` stands for the context's last ``budget`` tokens (one budget for
+    all, or one per context) and ``{next_token}`` for the true next token (the first of its continuation)."""
+    budgets = budget if isinstance(budget, list) else [budget] * len(contexts)
     responses = []
-    for context, continuation in zip(contexts, continuations):
+    for context, continuation, tail in zip(contexts, continuations, budgets):
         target = continuation[0].decode("utf-8", errors="replace")
-        thought = thought_template.replace("{context_tail}", tokenizer.decode(context[-budget:]))
+        thought = thought_template.replace("{context_tail}", tokenizer.decode(context[-tail:]))
         thought = thought.replace("{next_token}", target)
         responses.append(tokenizer(demonstration(thought, target), add_special_tokens=False)["input_ids"])
     return responses

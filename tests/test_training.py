@@ -192,6 +192,43 @@ def test_format_warmup_runs_at_its_own_lr_then_rl_warms_up_from_zero_steps():
         RMTModule(model_name_or_path=BUILTIN_TINY, lr=0.0, format_warmup_lr=1e-4)
 
 
+def test_format_demonstrations_take_the_listed_budgets_in_turn(monkeypatch):
+    """Each demonstration's instruction and ``{context_tail}`` use its turn of ``format_warmup_budgets``."""
+    import rmt_lightning.losses as losses
+    from rmt_lightning.prompts import demonstration_ids
+
+    module = RMTModule(model_name_or_path=BUILTIN_TINY, format_warmup_steps=5, format_warmup_budgets=[8, 4, 2],
+                       format_warmup_thought="{context_tail}{next_token}")
+    module.configure_model()
+    tokenizer = module.tokenizer
+    contexts = [tokenizer("one two three four five six seven eight nine ten", add_special_tokens=False)["input_ids"]] * 4
+    continuations = [[b" eleven"]] * 4
+    captured = {}
+
+    def record(policy, trainer, backward, prompt_ids, prompt_mask, response_ids, response_mask):
+        captured["prompts"], captured["responses"] = prompt_ids, response_ids
+        return 0.0
+
+    monkeypatch.setattr(losses, "demonstrations_backward", record)
+    module.format_warmup_backward(contexts, continuations, budget=6)
+    prompts = [tokenizer.decode(row) for row in captured["prompts"]]
+    for prompt, budget in zip(prompts, [8, 4, 2, 8]):
+        assert f"using exactly {budget} tokens" in prompt
+    expected = demonstration_ids(tokenizer, contexts, continuations, "{context_tail}{next_token}", [8, 4, 2, 8])
+    pad = tokenizer.pad_token_id
+    assert [[t for t in row if t != pad] for row in captured["responses"].tolist()] == expected
+    # The thought restates the context's last B tokens, B the demonstration's own budget.
+    for ids, budget in zip(expected, [8, 4, 2]):
+        assert tokenizer.decode(ids).split(" eleven</think>")[0] == tokenizer.decode(contexts[0][-budget:])
+    # Unset: every demonstration at the step's budget.
+    module.hparams.format_warmup_budgets = None
+    module.format_warmup_backward(contexts, continuations, budget=6)
+    assert all("using exactly 6 tokens" in tokenizer.decode(row) for row in captured["prompts"])
+    for bad in ([], [4, 0]):
+        with pytest.raises(ValueError, match="format_warmup_budgets"):
+            RMTModule(model_name_or_path=BUILTIN_TINY, format_warmup_budgets=bad)
+
+
 @pytest.mark.parametrize("only_when_correct", [False, True])
 def test_score_adds_the_length_reward_to_every_completion_or_only_to_correct_ones(only_when_correct):
     from rmt_lightning.rollout import GroupRollout
