@@ -26,6 +26,7 @@ METHOD_NAMES = {
     "rmt_no_budget": "RMT w/o budget",
     "rmt_no_curriculum": "RMT w/o curriculum",
     "rmt_no_ntp": "RMT w/o NTP",
+    "rmt_length_when_correct": "RMT, length reward only when correct",
 }
 """Row labels of the configs in ``configs/``; any other config is labelled by its file name."""
 

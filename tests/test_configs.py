@@ -68,6 +68,7 @@ ROW_KEYS = {
     "rmt_no_ntp": NO_NTP,
     "rpt_baseline": NO_BUDGET | NO_CURRICULUM | NO_NTP,
     "ntp_only": {"model.rl", "model.ntp_weight", "model.format_warmup_steps"},
+    "rmt_length_when_correct": {"model.length_reward_only_when_correct"},
 }
 
 
