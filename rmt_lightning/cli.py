@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -55,6 +56,10 @@ class RMTCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
+    def parse_arguments(self, parser, args) -> None:
+        self.given_arguments = args
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters before anything else: a damaged file must be one
         # clear error here, not a stream reader's traceback.
@@ -62,10 +67,16 @@ class RMTCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path not in (None, "last", "best", "hpc") and "://" not in str(ckpt_path):
             verify_checkpoint_file(ckpt_path, full=True)
+        given = self.config
         try:
             super()._parse_ckpt_path()
         except pickle.UnpicklingError as error:
             raise unsafe_checkpoint_error(ckpt_path, error) from None
+        if self.config is not given and not isinstance(self.given_arguments, (dict, Namespace)):
+            # Lightning lays the checkpoint's hyperparameters over everything parsed, so `--ckpt_path X
+            # --model.val_budget 2` would silently evaluate at the checkpoint's budget. The configs and flags
+            # given are applied again on top: the checkpoint fills in only what they leave out.
+            self.config = self.parser.parse_args(self.given_arguments, namespace=self.config)
 
     def instantiate_classes(self) -> None:
         try:

@@ -233,6 +233,28 @@ def test_damaged_checkpoint_is_an_error_naming_the_file(workspace, tmp_path, mon
         assert f"error: checkpoint '{path}' {message}" in capsys.readouterr().err
 
 
+def test_flags_given_with_a_checkpoint_win_over_its_hyperparameters(workspace, monkeypatch):
+    """Lightning lays a checkpoint's hyperparameters over the parsed arguments; ours re-applies what was given,
+    so ``validate --ckpt_path X --model.val_budget 2`` evaluates at B = 2, and a checkpoint given without a
+    config still supplies the model's arguments."""
+    last = workspace / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)["hyper_parameters"]
+    assert saved["val_budget"] is None and saved["lr"] == 1e-3
+    monkeypatch.chdir(workspace)
+    common = ["--data.cache_dir", "cache", "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "given"]
+    assert run_main(["validate", "--config", str(TINY), *common, "--ckpt_path", str(last), "--model.val_budget", "2"]) == 0
+    record = json.loads((workspace / "logs" / "given" / "version_0" / "val_metrics.json").read_text())
+    assert record["budget"] == 2
+    from rmt_lightning.cli import RMTCLI
+
+    built = {}
+    monkeypatch.setattr(RMTCLI, "_run_subcommand", lambda self, subcommand: built.setdefault("model", self.model))
+    assert run_main(["validate", "--ckpt_path", str(last), "--data.corpus", "embedded:math", "--model.group_size", "3"]) == 0
+    hparams = built["model"].hparams
+    assert hparams.group_size == 3  # given
+    assert hparams.lr == 1e-3 and hparams.model_name_or_path == BUILTIN_TINY  # from the checkpoint, not the defaults
+
+
 # ---- entropy cache faults ----------------------------------------------------------------------------------
 
 
