@@ -196,21 +196,26 @@ def test_format_stage_config_is_rmt_data_on_gsm8k_with_demonstrations_only(tmp_p
     stage = build_cli(["--config", str(FORMAT_SFT), "--trainer.accelerator", "cpu"], run=False)
     rows = build_cli(["--config", str(CONFIGS / "rmt.yaml"), "--config", str(CONFIGS / "data" / "gsm8k.yaml"),
                       "--trainer.accelerator", "cpu"], run=False)
-    # The stage sees the documents, tiers and held-out positions of the rows it is a start for
-    # (embedded_documents only sizes the embedded corpus, which neither reads).
-    assert {**stage.datamodule.hparams, "embedded_documents": None} == {**rows.datamodule.hparams, "embedded_documents": None}
+    # The stage sees the documents and tiers of the rows it is a start for, and holds out test documents as they
+    # do; it trains on larger batches and validates on more positions (embedded_documents only sizes the
+    # embedded corpus, which neither reads).
+    own = {"embedded_documents": None, "batch_size": 8, "val_documents": 100, "val_positions": 128}
+    assert {**stage.datamodule.hparams, **own} == {**rows.datamodule.hparams, **own}
+    assert {k: stage.datamodule.hparams[k] for k in own if k != "embedded_documents"} == {k: v for k, v in own.items() if v}
     model, row = stage.model.hparams, rows.model.hparams
     assert model.model_name_or_path == "builtin:smollm2-135m-instruct"
     for key in ("instruction", "response_prefix", "use_chat_template", "budget_forcing", "answer_allowance",
                 "format_warmup_thought", "val_reasoning", "val_group_size", "val_temperature", "correctness"):
         assert model[key] == row[key], key
-    # Every step of the schedule, and of any longer one, is a format step, at rmt.yaml's warm-up rate and B_0.
-    steps = stage.trainer.max_epochs * stage.datamodule.hparams.batches_per_epoch
-    assert model.format_warmup_steps >= 1000 * steps and model.format_warmup_lr is None
+    # Every step of the schedule, and of any longer one, is a format step, at rmt.yaml's warm-up rate and B_0,
+    # its demonstrations taking turns over the budgets rmt.yaml's schedule decays through.
+    assert model.format_warmup_steps >= 1000 * stage.trainer.max_steps and model.format_warmup_lr is None
     assert model.lr == row.format_warmup_lr and model.budget == row.budget and model.beta == 0.0
+    schedule = next(c for c in rows.trainer.callbacks if type(c).__name__ == "TokenBudget")
+    assert model.format_warmup_budgets == [schedule.b0, 4, schedule.b_min]
     assert not any(type(c).__name__ == "TokenBudget" for c in stage.trainer.callbacks)
     assert any(type(c).__name__ == "HuggingFaceExport" for c in stage.trainer.callbacks)
-    assert stage.trainer.val_check_interval == 5 and stage.trainer.check_val_every_n_epoch is None
+    assert stage.trainer.val_check_interval == 50 and stage.trainer.check_val_every_n_epoch is None
 
 
 def test_format_stage_trains_demonstrations_only_validates_on_a_curve_and_exports_a_model_that_loads(format_stage):
