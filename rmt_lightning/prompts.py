@@ -50,11 +50,10 @@ def demonstration(thought: str, answer: str) -> str:
 
 
 def demonstration_ids(tokenizer, contexts: list[list[int]], continuations: list[list[bytes]], thought_template: str,
-                      budget: int | list[int]) -> list[list[int]]:
+                      budgets: list[int]) -> list[list[int]]:
     """Token ids of the format demonstration after each context: ``thought</think> \\boxed{next token}``, where
-    ``{context_tail}`` in ``thought_template`` stands for the context's last ``budget`` tokens (one budget for
-    all, or one per context) and ``{next_token}`` for the true next token (the first of its continuation)."""
-    budgets = budget if isinstance(budget, list) else [budget] * len(contexts)
+    ``{context_tail}`` in ``thought_template`` stands for the context's last B tokens (B: its entry of
+    ``budgets``) and ``{next_token}`` for the true next token (the first of its continuation)."""
     responses = []
     for context, continuation, tail in zip(contexts, continuations, budgets):
         target = continuation[0].decode("utf-8", errors="replace")
