@@ -39,7 +39,8 @@ def wilson_interval(accuracy: float, positions: int, z: float = Z_95) -> tuple[f
     """
     centre = (accuracy + z * z / (2 * positions)) / (1 + z * z / positions)
     half = z / (1 + z * z / positions) * math.sqrt(accuracy * (1 - accuracy) / positions + z * z / (4 * positions**2))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Rounding can put an end a hair past the estimate at 0 or 1 (0 of 500 gives a lower end of 4e-19).
+    return min(accuracy, max(0.0, centre - half)), max(accuracy, min(1.0, centre + half))
 
 
 def average_effective_positions(split_positions: dict[str, int]) -> float | None:
@@ -170,8 +171,9 @@ def _grouped_bars(axis, data: list[dict], key: str, title: str) -> None:
         values = [math.nan if entry[key][s] is None else entry[key][s] for s in SPLITS]
         intervals = [entry[f"{key}_interval"][s] for s in SPLITS]
         # NaN draws no error bar where there is no interval (no accuracy, or no positions recorded).
-        below = [math.nan if i is None else v - i[0] for v, i in zip(values, intervals)]
-        above = [math.nan if i is None else i[1] - v for v, i in zip(values, intervals)]
+        # matplotlib refuses negative error bars: an interval rebuilt from rounded percentages can miss its value.
+        below = [math.nan if i is None else max(0.0, v - i[0]) for v, i in zip(values, intervals)]
+        above = [math.nan if i is None else max(0.0, i[1] - v) for v, i in zip(values, intervals)]
         axis.bar(xs, values, width, yerr=[below, above], capsize=2, color=f"C{index % 10}", label=entry["method"])
     axis.set_xticks(range(len(SPLITS)), SPLITS)
     axis.set_ylabel("next-token accuracy (%)")

@@ -21,6 +21,9 @@ def test_wilson_interval_matches_known_values_and_stays_in_the_unit_interval():
     low, high = wilson_interval(0.0, 20)
     assert low == 0.0 and high == pytest.approx(0.1611, abs=1e-4)  # not empty at 0, as the normal interval is
     assert wilson_interval(1.0, 20)[1] == 1.0
+    # The ends hold the estimate exactly at 0 and 1, where rounding once gave 4e-19 > 0 (matplotlib then refused
+    # the chart's negative error bar and the comparison stopped after a row that scored 0%).
+    assert all(wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(1.0, n)[1] == 1.0 for n in (10, 420, 444.05, 500))
     width = [high - low for low, high in (wilson_interval(0.3, n) for n in (10, 40, 160))]
     assert width[0] > width[1] > width[2]  # fewer positions (a harder split), wider interval
 
@@ -83,6 +86,16 @@ def test_chart_data_holds_every_row_and_the_pictures_are_valid_png(tmp_path):
 
     assert_png(draw_comparison(data, tmp_path / "comparison.png"))
     assert_png(draw_curves(curves, tmp_path / "curves.png"))
+
+
+def test_a_row_that_scores_zero_everywhere_draws(tmp_path):
+    row = _row("RMT w/o curriculum", "reasoning", [0.0, 0.0, 0.0, 0.0], [42.0, 41.0, 40.0, 41.0], 1.0)
+    row["split_positions"] = {"easy": 500, "medium": 420, "hard": 320}
+    data = comparison_data([row])
+    assert all(data[0]["accuracy_interval"][s][0] == 0.0 for s in SPLITS)
+    # An interval that misses its value by rounding (as one rebuilt from a table's two decimals can) still draws.
+    data[0]["accuracy_interval"]["easy"] = (0.01, 0.8)
+    assert_png(draw_comparison(data, tmp_path / "comparison.png"))
 
 
 def test_read_scalars_of_a_missing_folder_is_empty(tmp_path):
