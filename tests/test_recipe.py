@@ -1,7 +1,8 @@
 """Recorded per-step figures of two short runs of configs/tiny.yaml, pinned so that a change meant to keep
 behaviour (a refactor) proves it does: one format warm-up step then three RL steps (budget 8, then 4), and two
 steps of NTP only. The random tiny model earns no reward here, so the RL term is the KL penalty; the GRPO terms
-with advantages are pinned by the hand-computed cases in test_method.py. Recorded on CPU with torch 2.13."""
+with advantages are pinned by the hand-computed cases in test_method.py. Recorded on CPU with torch 2.13,
+with the inverse-CDF sampler (rollout.invert_cdf)."""
 
 from pathlib import Path
 
@@ -13,10 +14,10 @@ from rmt_lightning.cli import build_cli
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 RMT = {
-        "train/loss": [6.2805934, 0.6246305, 0.6210962, 0.6235163],
-        "train/loss_rl": [2.55e-05, 6.4e-05, 6.69e-05],
-        "train/loss_ntp": [6.2460494, 6.2103224, 6.2344947],
-        "train/kl": [0.0025543, 0.0063956, 0.0066877],
+        "train/loss": [6.2805934, 0.62463015, 0.62110478, 0.62352967],
+        "train/loss_rl": [2.514e-05, 7.456e-05, 8.192e-05],
+        "train/loss_ntp": [6.2460499, 6.2103024, 6.2344775],
+        "train/kl": [0.00251398, 0.00745579, 0.00819188],
         "train/reward": [0.0, 0.0, 0.0],
         "train/budget": [8.0, 8.0, 4.0, 4.0],
         "train/reasoning_length": [16.0, 8.0, 8.0],

@@ -6,6 +6,7 @@ the token each row is scripted to write next, so sampling at temperature 0.8 is 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from rmt_lightning.models import BUILTIN_TINY, load_tokenizer
 from rmt_lightning.forward import completion_logprobs, positions_from_mask
 from rmt_lightning.prompts import DEFAULT_INSTRUCTION, build_prompt_ids, render_instruction
-from rmt_lightning.rollout import generate_group
+from rmt_lightning.rollout import _sample, generate_group, invert_cdf
 from rmt_lightning.tokens import TokenBytes
 
 PREFIX = "<think>\n"
@@ -361,6 +362,59 @@ def test_scripted_eos_near_think_cap_writes_scaffold_once(model, tokenizer):
     assert rollout.reasoning_lengths[0] == 2
 
 
+# ---------------------------------------------------------------- the sampler
+
+
+@pytest.mark.parametrize("block", [2, 4, 256])
+def test_invert_cdf_on_hand_built_rows(block):
+    """The first token whose cumulative mass exceeds u * total, at every block size (blocks of 2 and 4 split
+    and pad the six tokens); tokens of probability 0 are never drawn, whatever u in [0, 1) and rounding."""
+    probs = torch.tensor([[0.0, 0.0, 0.3, 0.7, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 2.0]])  # row 2: total 4
+    cases = {0.0: [2, 0], 0.2999: [2, 0], 0.3001: [3, 0], 0.5: [3, 5], 0.9999999999: [3, 5], 1 - 2**-53: [3, 5]}
+    for u, expected in cases.items():
+        assert invert_cdf(probs, torch.full((2, 1), u, dtype=torch.float64), block=block).tolist() == expected, u
+
+
+def test_invert_cdf_equals_one_cumulative_sum_over_the_vocabulary():
+    probs = torch.softmax(3 * torch.randn(64, 1000, generator=torch.Generator().manual_seed(4)), -1)
+    uniform = torch.rand((64, 1), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    cumulative = probs.double().cumsum(-1)
+    full = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True).squeeze(-1)
+    assert invert_cdf(probs, uniform, block=64).tolist() == full.tolist()
+
+
+def test_sampler_draws_the_tempered_nucleus_distribution():
+    """Frequencies of 40,000 draws per row match the softmax of hand-built logits at temperature 0.5; top_p
+    0.75 keeps the smallest set of largest tokens reaching it, renormalised, and never draws a token it cut;
+    argmax at temperature 0."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]])
+    logits = probs.clamp_min(1e-30).log() / 2  # softmax(logits / 0.5) == probs
+    draws = 40_000
+    repeated = logits.repeat_interleave(draws, dim=0)
+    tokens = _sample(repeated, 0.5, 1.0, torch.Generator().manual_seed(0)).view(2, draws)
+    frequencies = torch.stack([torch.bincount(row, minlength=4) for row in tokens]).double() / draws
+    # Four standard errors of a frequency of 0.5 over 40,000 draws: 0.01.
+    assert frequencies.numpy() == pytest.approx(probs.double().numpy(), abs=0.01)
+    assert int(frequencies[0, 3]) == 0
+    nucleus = _sample(repeated, 0.5, 0.75, torch.Generator().manual_seed(1)).view(2, draws)
+    kept = torch.bincount(nucleus[0], minlength=4).double() / draws
+    assert kept.numpy() == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.01)
+    # [0.1, 0.1, 0.1, 0.7]: the nucleus is 0.7 and one of the tied 0.1s, renormalised to 0.875 / 0.125.
+    assert (nucleus[1] == 3).double().mean().item() == pytest.approx(0.875, abs=0.01)
+    assert len(set(nucleus[1].tolist())) == 2
+    assert _sample(logits, 0.0, 1.0, None).tolist() == [0, 3]
+
+
+def test_sampler_stream_ignores_which_rows_are_present():
+    """Row r's draw depends on the generator and its own logits only: sampling rows [1, 3] of 4 with their
+    index gives what sampling all four gives for those rows."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    everything = _sample(logits, 1.0, 1.0, torch.Generator().manual_seed(3))
+    index = torch.tensor([1, 3])
+    some = _sample(logits[index], 1.0, 1.0, torch.Generator().manual_seed(3), rows=4, index=index)
+    assert some.tolist() == everything[index].tolist()
+
+
 # ---------------------------------------------------------------- real tiny model
 
 
@@ -370,8 +424,10 @@ def _reference_draws(model, prompts, group_size, steps, temperature, generator):
     draws = [[] for _ in rows]
     for _ in range(steps):
         logits = torch.stack([model(input_ids=torch.tensor([row])).logits[0, -1] for row in rows])
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1).tolist()
+        probs = torch.softmax(logits.float() / temperature, dim=-1).double().numpy()
+        uniform = torch.rand((len(rows), 1), dtype=torch.float64, generator=generator).numpy()
+        # Inverse-CDF draw, written independently of _sample: the first token whose cumulative mass exceeds u.
+        tokens = [int(np.searchsorted(np.cumsum(p), u[0] * p.sum(), side="right")) for p, u in zip(probs, uniform)]
         for r, t in enumerate(tokens):
             rows[r].append(t)
             draws[r].append(t)

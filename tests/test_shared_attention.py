@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from rmt_lightning import attention
-from rmt_lightning.attention import attend, merge_parts, shared_prompt_attention, shared_prompt_unsupported
+from rmt_lightning.attention import attend, merge_parts, shared_prompt_attention, shared_prompt_unsupported, two_part_attention
 from rmt_lightning.forward import completion_logprobs, prefill
 from rmt_lightning.kv_cache import SharedPromptCache, expand_cache
 from rmt_lightning.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
@@ -66,6 +67,38 @@ def test_attention_backward_recomputes_the_probabilities_exactly():
     visible = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     visible[0, ..., :3] = False
     assert torch.autograd.gradcheck(lambda q, k, v: attend(q, k, v, visible, 0.5), (query, keys, values))
+
+
+@pytest.mark.parametrize("dropped", [False, True], ids=["full-groups", "uneven-groups"])
+def test_decoding_step_single_softmax_equals_the_union_formula_and_the_merge(dropped):
+    """A decoding step (one query token per row, no graph) takes one softmax over both parts' scores; it equals
+    the plain formula over prompt + own keys and the log-sum-exp merge the loss forward uses. Two prompts (the
+    first left-padded by 2), 3 rows each, 4 query heads over 2 key/value heads; with ``dropped`` rows 1 and 2 of
+    the first prompt are gone (uneven groups: the slot layout)."""
+    gen = torch.Generator().manual_seed(6)
+    randn = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen)  # noqa: E731
+    prompt_k, prompt_v = randn(2, 2, 5, 8), randn(2, 2, 5, 8)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = SharedPromptCache(SimpleNamespace(layers=[SimpleNamespace(keys=prompt_k, values=prompt_v)]), prompt_mask, 3, 4)
+    rows = [0, 1, 2, 3, 4, 5]
+    if dropped:
+        rows = [0, 3, 4, 5]
+        cache.batch_select_indices(torch.tensor(rows))
+        assert cache.slot_index is not None
+    query, own_k, own_v = randn(len(rows), 4, 1, 8), randn(len(rows), 2, 3, 8), randn(len(rows), 2, 3, 8)
+    module = SimpleNamespace(layer_idx=0)
+    with torch.no_grad():
+        decoded, _ = two_part_attention(module, query, own_k, own_v, None, shared_prompt=cache)
+    with torch.enable_grad():
+        merged, _ = two_part_attention(module, query.clone().requires_grad_(), own_k, own_v, None, shared_prompt=cache)
+    for r, row in enumerate(rows):
+        p = row // 3
+        keys = torch.cat([prompt_k[p], own_k[r]], 1).repeat_interleave(2, 0)  # [heads, 5 + 3, 8]
+        values = torch.cat([prompt_v[p], own_v[r]], 1).repeat_interleave(2, 0)
+        visible = torch.cat([prompt_mask[p].bool(), torch.ones(3, dtype=torch.bool)])[None, None, :]
+        expected = _softmax_attention(query[r], keys, values, visible)  # [heads, 1, 8]
+        assert torch.allclose(decoded[r].transpose(0, 1), expected, atol=1e-12), row
+        assert torch.allclose(merged[r].transpose(0, 1), expected, atol=1e-12), row
 
 
 # ---------------------------------------------------------------- rollouts
