@@ -38,7 +38,8 @@ def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, comp
 def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
                 completion_ids: Tensor, completion_mask: Tensor, sampled_mask: Tensor, advantages: Tensor, *,
                 group_size: int, micro_batch_size: int, clip_eps: float, beta: float,
-                old_logprobs: Tensor | None = None, share_prompt_attention: bool = True) -> dict[str, float]:
+                old_logprobs: Tensor | None = None, share_prompt_attention: bool = True,
+                reference_logprobs: Tensor | None = None) -> dict:
     """GRPO loss (``method.grpo_token_loss_terms``) over the policy-sampled tokens of ``P`` prompts with ``G``
     completions each, ``micro_batch_size`` completions per pass; the loss of each pass is weighted by its share of
     the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
@@ -46,9 +47,18 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
 
     ``old_logprobs`` (``[P * G, C]``) is pi_old of the ratio: the log-probs of the policy that sampled the
     completions (``GroupRollout.logprobs``), for updates that reuse a rollout. None: the current policy's own,
-    detached, so the ratio is 1 (one update per rollout)."""
+    detached, so the ratio is 1 (one update per rollout).
+
+    ``reference_logprobs`` (``[P * G, C]``) are the reference model's log-probs of these completions from an
+    earlier update of the same rollout (the reference is frozen, so they are what its forward would give); None:
+    the reference runs. Where a reference is given, the result holds under ``"reference_logprobs"`` the ones
+    used, for the next update to reuse."""
     total_tokens = max(1, int(sampled_mask.sum()))
     sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
+    used_reference = None
+    if reference is not None:
+        used_reference = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device) \
+            if reference_logprobs is None else reference_logprobs
     prompts_per_pass = max(1, micro_batch_size // group_size)
     for first in range(0, prompt_ids.shape[0], prompts_per_pass):
         owners = slice(first, first + prompts_per_pass)
@@ -60,18 +70,22 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
         # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
         options = {"logprob_mask": sampled_mask[rows], "share_prompt_attention": share_prompt_attention}
         logprobs = model_logprobs(policy, trainer, *args, **options)
-        reference_logprobs = None
-        if reference is not None:
+        reference_rows = None
+        if reference is not None and reference_logprobs is not None:
+            reference_rows = reference_logprobs[rows]
+        elif reference is not None:
             with torch.no_grad():
-                reference_logprobs = model_logprobs(reference, trainer, *args, **options)
+                reference_rows = used_reference[rows] = model_logprobs(reference, trainer, *args, **options)
         old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
         terms = grpo_token_loss_terms(logprobs, old, advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
-                                      ref_logprobs=reference_logprobs, beta=beta)
+                                      ref_logprobs=reference_rows, beta=beta)
         share = tokens / total_tokens
         backward(terms.loss * share)
         sums["loss_rl"] += float(terms.loss.detach()) * share
         sums["kl"] += float(terms.kl) * share
         sums["ppo_clip_fraction"] += float(terms.clipped_fraction) * share
+    if used_reference is not None:
+        sums["reference_logprobs"] = used_reference
     return sums
 
 

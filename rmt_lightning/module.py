@@ -345,10 +345,11 @@ class RMTModule(L.LightningModule):
 
     # ---- losses (losses.py) -------------------------------------------------------------------------
 
-    def rl_backward(self, trajectory: Trajectory) -> dict[str, float]:
-        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms.
-        pi_old is the policy that sampled the completions when the rollout feeds several steps, else the
-        current one (ratio 1)."""
+    def rl_backward(self, trajectory: Trajectory, reference_logprobs: Tensor | None = None) -> dict:
+        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms
+        (and the reference log-probs, ``losses.rl_backward``). pi_old is the policy that sampled the completions
+        when the rollout feeds several steps, else the current one (ratio 1); ``reference_logprobs``, from an
+        earlier update of these completions, stand in for the reference's forward."""
         hp, rollout = self.hparams, trajectory.rollout
         prompt_ids, prompt_mask = pad_left(trajectory.prompts, self.tokenizer.pad_token_id)
         tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask,
@@ -357,7 +358,8 @@ class RMTModule(L.LightningModule):
         return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward,
                                   *(t.to(self.device) for t in tensors), group_size=hp.group_size,
                                   micro_batch_size=hp.rl_micro_batch_size, clip_eps=hp.clip_eps, beta=hp.beta,
-                                  old_logprobs=old_logprobs, share_prompt_attention=hp.share_prompt_attention)
+                                  old_logprobs=old_logprobs, share_prompt_attention=hp.share_prompt_attention,
+                                  reference_logprobs=reference_logprobs)
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
         """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
@@ -449,7 +451,10 @@ class RMTModule(L.LightningModule):
         update = batch.rollout_update or 0
         mini_batch = update % hp.mini_batches_per_rollout
         part = trajectory.positions(contiguous_share(len(batch.contexts), hp.mini_batches_per_rollout, mini_batch))
-        terms = self.rl_backward(part)
+        terms = self.rl_backward(part, trajectory.reference_logprobs.get(mini_batch))
+        reference_logprobs = terms.pop("reference_logprobs", None)
+        if reference_logprobs is not None and update < self.steps_per_rollout - hp.mini_batches_per_rollout:
+            trajectory.reference_logprobs[mini_batch] = reference_logprobs  # a later update trains this mini-batch again
         loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
         metrics = rl_step_metrics(part, terms, loss_ntp)
         metrics.update({"train/rollout_update": float(update), "timing/generate": generated - started})

@@ -3,7 +3,7 @@ read it and as a checkpoint keeps it when later steps reuse the rollout."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from torch import Tensor
 
@@ -28,6 +28,9 @@ class Trajectory:
     """``[P * G]`` group-normalised advantages."""
     drawn_at_step: int | None = None
     """The run's step that drew the positions (``PositionBatch.drawn_at_step``): which rollout this is."""
+    reference_logprobs: dict[int, Tensor] = field(default_factory=dict)
+    """The reference model's log-probs ``[rows, C]`` of each mini-batch's completions, by mini-batch, from its
+    first update; the rollout's later updates reuse them instead of running the frozen reference again."""
 
     def positions(self, part: slice) -> Trajectory:
         """The trajectory of the positions in ``part`` only: their prompts, their groups of completions, rewards

@@ -99,6 +99,37 @@ def test_the_clip_acts_on_the_second_update_of_a_rollout(tmp_path, monkeypatch):
     assert single.logged("train/ppo_clip_fraction") == [0.0, 0.0]
 
 
+def test_the_reference_runs_once_per_mini_batch_of_a_rollout_and_reusing_it_changes_nothing(tmp_path, monkeypatch):
+    """U = M = 2, one rollout of 4 steps (mini-batches 0, 1, 0, 1): the frozen reference runs at each mini-batch's
+    first update only, and every logged figure equals a run whose reference runs at every update."""
+    reference_passes, original_logprobs = [], losses.model_logprobs
+
+    def counting(model, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the reference's forward; the policy's keeps its graph
+            reference_passes[-1] += 1
+        return original_logprobs(model, *args, **kwargs)
+
+    class CountPerStep(L.Callback):
+        def on_train_batch_start(self, *args):
+            reference_passes.append(0)
+
+    monkeypatch.setattr(losses, "model_logprobs", counting)
+    reuse = {"updates_per_rollout": 2, "mini_batches_per_rollout": 2}
+    L.seed_everything(0)
+    _, _, reused = fit(tmp_path / "reused", reuse, {"batches_per_epoch": 4}, [CountPerStep()], max_steps=4)
+    reused_passes = list(reference_passes)
+    reference_passes.clear()
+
+    original_rl = RMTModule.rl_backward
+    monkeypatch.setattr(RMTModule, "rl_backward", lambda module, part, reference_logprobs=None: original_rl(module, part))
+    L.seed_everything(0)
+    _, _, recomputed = fit(tmp_path / "recomputed", reuse, {"batches_per_epoch": 4}, [CountPerStep()], max_steps=4)
+    assert reused_passes[0] >= 1 and reused_passes == [reused_passes[0], reused_passes[1], 0, 0], reused_passes
+    assert reference_passes == reused_passes[:2] * 2
+    for tag in ("train/loss", "train/loss_rl", "train/kl", "train/ppo_clip_fraction"):
+        assert reused.logged(tag) == recomputed.logged(tag), tag
+
+
 # ---- one draw per rollout; the counters count optimizer steps ------------------------------------------------
 
 STEPS, PER_EPOCH, WARMUP = 10, 5, 1
@@ -115,9 +146,9 @@ def test_the_steps_of_a_rollout_share_one_draw_and_every_counter_counts_optimize
     trained = []
     original_rl, original_ntp = RMTModule.rl_backward, RMTModule.ntp_backward
 
-    def rl_backward(module, part):
+    def rl_backward(module, part, reference_logprobs=None):
         trained.append({"part": part, "whole": module.reused_trajectory})
-        return original_rl(module, part)
+        return original_rl(module, part, reference_logprobs)
 
     def ntp_backward(module, documents, attention, ntp_mask, weight):
         trained[-1]["documents"] = documents.clone()
