@@ -118,7 +118,8 @@ def merge_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> T
 def _rows_layout(per_prompt: Tensor, slots: int, slot_index: Tensor | None) -> Tensor:
     """``[P, kv_heads, slots * group, n]`` (the rows of each prompt side by side) to ``[rows, kv_heads, group, n]``."""
     prompts, kv_heads, width, n = per_prompt.shape
-    per_row = per_prompt.view(prompts, kv_heads, slots, width // slots, n).transpose(1, 2).reshape(prompts * slots, kv_heads, -1, n)
+    per_row = per_prompt.view(prompts, kv_heads, slots, width // slots, n).transpose(1, 2)
+    per_row = per_row.reshape(prompts * slots, kv_heads, -1, n)
     return per_row if slot_index is None else per_row.index_select(0, slot_index)
 
 
@@ -135,10 +136,11 @@ def _decode(gathered: Tensor, own_query: Tensor, prompt_keys: Tensor, prompt_val
     """One decoding step of two-part attention with one softmax over both parts' scores side by side.
 
     ``gathered [P, kv_heads, slots * group, dim]`` is the step's query laid out per prompt, as the prompt part
-    reads it, ``own_query [rows, kv_heads, group, dim]`` the same laid out per row; the own part's scores ``[rows, kv_heads, group, t]`` are moved into that layout (cheap: ``t`` is
-    the completion's length). Equal to merging the two parts by their log-sum-exp (``merge_parts``, the path of
-    the loss forward) within float rounding, at about three quarters of its cost: one exponential per score
-    instead of two, and no merge. Returns ``[rows, heads, 1, dim]``.
+    reads it, and ``own_query [rows, kv_heads, group, dim]`` the same laid out per row. The own part's scores
+    ``[rows, kv_heads, group, t]`` are moved into the prompt's layout (cheap: ``t`` is the completion's length).
+    Equal to merging the two parts by their log-sum-exp (``merge_parts``, the path of the loss forward) within
+    float rounding, at less cost: one exponential per score instead of two, and no merge. Returns
+    ``[rows, heads, 1, dim]``.
     """
     prompts = gathered.shape[0]
     rows, kv_heads, group, dim = own_query.shape
@@ -176,8 +178,8 @@ def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
     gathered = gathered.reshape(prompts, kv_heads, slots * group * q, dim)
     decoding = q == 1 and dropout == 0 and not (torch.is_grad_enabled() and query.requires_grad)
     if decoding:
-        out = _decode(gathered, query.reshape(rows, kv_heads, group, dim), layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt, key, value,
-                      slots, shared_prompt.slot_index, scaling)
+        out = _decode(gathered, query.reshape(rows, kv_heads, group, dim), layer.prompt_keys, layer.prompt_values,
+                      shared_prompt.visible_prompt, key, value, slots, shared_prompt.slot_index, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
     out_p, lse_p = attend(gathered, layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt, scaling, dropout)
     out_p = out_p.view(prompts, kv_heads, slots, group, q, dim).transpose(1, 2).reshape(prompts * slots, heads, q, dim)

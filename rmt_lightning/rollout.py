@@ -86,7 +86,8 @@ def invert_cdf(probs: Tensor, uniform: Tensor, block: int = 256) -> Tensor:
     mass = block_mass.gather(-1, chosen)
     fraction = (target - (block_cdf.gather(-1, chosen) - mass)) / mass
     within_total = within_cdf[:, -1:]
-    rest = torch.minimum((fraction * within_total).clamp_min(0.0), torch.nextafter(within_total, torch.zeros_like(within_total)))
+    below_total = torch.nextafter(within_total, torch.zeros_like(within_total))
+    rest = torch.minimum((fraction * within_total).clamp_min(0.0), below_total)
     within = torch.searchsorted(within_cdf, rest, right=True)
     return (chosen * block + within).squeeze(-1)
 
