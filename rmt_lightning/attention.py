@@ -116,7 +116,8 @@ def merge_parts(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> T
 
 
 def _rows_layout(per_prompt: Tensor, slots: int, slot_index: Tensor | None) -> Tensor:
-    """``[P, kv_heads, slots * group, n]`` (the rows of each prompt side by side) to ``[rows, kv_heads, group, n]``."""
+    """``[P, kv_heads, slots * width, n]`` (the rows of each prompt side by side) to ``[rows, kv_heads, width, n]``;
+    ``width`` is what a row holds per key/value head (its ``group`` query heads, times its query tokens)."""
     prompts, kv_heads, width, n = per_prompt.shape
     per_row = per_prompt.view(prompts, kv_heads, slots, width // slots, n).transpose(1, 2)
     per_row = per_row.reshape(prompts * slots, kv_heads, -1, n)
@@ -124,7 +125,7 @@ def _rows_layout(per_prompt: Tensor, slots: int, slot_index: Tensor | None) -> T
 
 
 def _prompt_layout(per_row: Tensor, prompts: int, slots: int, slot_index: Tensor | None) -> Tensor:
-    """``[rows, kv_heads, group, n]`` to ``[P, kv_heads, slots * group, n]`` (empty slots hold zeros)."""
+    """``[rows, kv_heads, width, n]`` to ``[P, kv_heads, slots * width, n]`` (empty slots hold zeros)."""
     if slot_index is not None:
         per_row = per_row.new_zeros((prompts * slots, *per_row.shape[1:])).index_copy_(0, slot_index, per_row)
     _, kv_heads, group, n = per_row.shape
@@ -167,25 +168,19 @@ def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
     group = heads // kv_heads  # query heads per key/value head (grouped-query attention)
     scaling = dim**-0.5 if scaling is None else scaling
     prompts = shared_prompt.prompt_mask.shape[0]
-    slots = shared_prompt.rows_per_prompt
+    slots, slot_index = shared_prompt.rows_per_prompt, shared_prompt.slot_index
+    per_row_query = query.reshape(rows, kv_heads, group * q, dim)
 
     # Prompt part: the rows of each prompt side by side, so its keys and values are read once for all of them.
-    if shared_prompt.slot_index is None:
-        gathered = query
-    else:
-        gathered = query.new_zeros((prompts * slots, heads, q, dim)).index_copy_(0, shared_prompt.slot_index, query)
-    gathered = gathered.view(prompts, slots, kv_heads, group, q, dim).transpose(1, 2)
-    gathered = gathered.reshape(prompts, kv_heads, slots * group * q, dim)
+    gathered = _prompt_layout(per_row_query, prompts, slots, slot_index)
     decoding = q == 1 and dropout == 0 and not (torch.is_grad_enabled() and query.requires_grad)
     if decoding:
-        out = _decode(gathered, query.reshape(rows, kv_heads, group, dim), layer.prompt_keys, layer.prompt_values,
-                      shared_prompt.visible_prompt, key, value, slots, shared_prompt.slot_index, scaling)
+        out = _decode(gathered, per_row_query, layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt,
+                      key, value, slots, slot_index, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
     out_p, lse_p = attend(gathered, layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt, scaling, dropout)
-    out_p = out_p.view(prompts, kv_heads, slots, group, q, dim).transpose(1, 2).reshape(prompts * slots, heads, q, dim)
-    lse_p = lse_p.view(prompts, kv_heads, slots, group, q).transpose(1, 2).reshape(prompts * slots, heads, q)
-    if shared_prompt.slot_index is not None:
-        out_p, lse_p = out_p.index_select(0, shared_prompt.slot_index), lse_p.index_select(0, shared_prompt.slot_index)
+    out_p = _rows_layout(out_p, slots, slot_index).reshape(rows, heads, q, dim)
+    lse_p = _rows_layout(lse_p.unsqueeze(-1), slots, slot_index).reshape(rows, heads, q)
 
     # Own part: the row's completion so far; the queried tokens are its last q.
     length = key.shape[2]
@@ -193,7 +188,7 @@ def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
     if q > 1:
         causal = torch.arange(length, device=query.device) <= torch.arange(length - q, length, device=query.device)[:, None]
         causal = causal.repeat(group, 1)
-    out_c, lse_c = attend(query.reshape(rows, kv_heads, group * q, dim), key, value, causal, scaling, dropout)
+    out_c, lse_c = attend(per_row_query, key, value, causal, scaling, dropout)
     out_c, lse_c = out_c.view(rows, heads, q, dim), lse_c.view(rows, heads, q)
 
     out = merge_parts(out_p, lse_p, out_c, lse_c)

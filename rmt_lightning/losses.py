@@ -70,15 +70,12 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
         # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
         options = {"logprob_mask": sampled_mask[rows], "share_prompt_attention": share_prompt_attention}
         logprobs = model_logprobs(policy, trainer, *args, **options)
-        reference_rows = None
-        if reference is not None and reference_logprobs is not None:
-            reference_rows = reference_logprobs[rows]
-        elif reference is not None:
+        if reference is not None and reference_logprobs is None:
             with torch.no_grad():
-                reference_rows = used_reference[rows] = model_logprobs(reference, trainer, *args, **options)
+                used_reference[rows] = model_logprobs(reference, trainer, *args, **options)
         old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
         terms = grpo_token_loss_terms(logprobs, old, advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
-                                      ref_logprobs=reference_rows, beta=beta)
+                                      ref_logprobs=None if used_reference is None else used_reference[rows], beta=beta)
         share = tokens / total_tokens
         backward(terms.loss * share)
         sums["loss_rl"] += float(terms.loss.detach()) * share
