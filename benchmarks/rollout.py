@@ -1,7 +1,10 @@
 """Rollout tokens/s: ``generate_group`` (prefill once per prompt; its keys and values stored once for its G rows
 and read by shared-prompt attention) against ``model.generate(num_return_sequences=G)`` (the prompt repeated G
 times before the prefill) and against ``generate_group(share_prompt=False)`` (the cache copied to each row: the
-path before shared-prompt attention), same model, prompts, seeds and sampling settings, in one process.
+path before shared-prompt attention), same model, prompts, seeds and sampling settings, in one process. Ours decodes
+with the linear weights packed once per rollout for oneDNN on a CPU (``prepacked.py``); ``unpacked`` is ours
+without that (the path before it), and ``generate packed`` is ``generate`` under the same packing (prefill
+included), to tell what the shared prompt gains from what the packing gains.
 
     python benchmarks/rollout.py                       # tiny model sweep + SmolLM2-135M headline
     python benchmarks/rollout.py --models builtin:tiny-llama --contexts 256 --caps 32
@@ -23,6 +26,7 @@ from torch import nn
 
 from common import add_common_arguments, apply_threads, device, interleaved, print_table, quiet_transformers, write_json, corpus_prompts
 from rmt_lightning.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
+from rmt_lightning.prepacked import prepacked_linears
 from rmt_lightning.rollout import end_of_sequence_ids, generate_group
 
 
@@ -88,22 +92,28 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
         ids = torch.tensor(prompts, device=device())
         mask = torch.ones_like(ids)
         for cap in caps:
-            def ours(share_prompt=True):
+            def ours(share_prompt=True, prepack=True):
                 rollout = generate_group(ours_model, tokenizer, prompts, group_size, think_cap=cap, answer_allowance=0,
                                          temperature=1.0, generator=torch.Generator(device()).manual_seed(seed),
-                                         share_prompt=share_prompt)
+                                         share_prompt=share_prompt, prepack_weights=prepack)
                 return {"tokens": int(rollout.completion_mask.sum()), "cache_mb": meter.megabytes}
 
             def copied():
                 return ours(share_prompt=False)
 
-            def hf():
+            def unpacked():
+                return ours(prepack=False)
+
+            def hf(packed=False):
                 torch.manual_seed(seed)
-                with torch.no_grad():
+                with torch.no_grad(), prepacked_linears(model, ids.shape[0] * group_size, enabled=packed):
                     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
                                          top_k=0, max_new_tokens=cap, min_new_tokens=cap, num_return_sequences=group_size,
                                          pad_token_id=tokenizer.pad_token_id)
                 return {"tokens": int(out[:, ids.shape[1]:].numel()), "cache_mb": meter.megabytes}
+
+            def hf_packed():
+                return hf(packed=True)
 
             # Warm up each side on a short run (first-call costs: allocator, kernels, caches), then time the
             # real size interleaved.
@@ -112,8 +122,10 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
             with torch.no_grad():
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=2, min_new_tokens=2,
                                num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id)
-            result = interleaved({"ours": ours, "copied": copied, "generate": hf}, repeats=repeats, warmup=0)
+            sides = {"ours": ours, "unpacked": unpacked, "copied": copied, "generate": hf, "generate_packed": hf_packed}
+            result = interleaved(sides, repeats=repeats, warmup=0)
             o, c, h = result["ours"], result["copied"], result["generate"]
+            u, hp = result["unpacked"], result["generate_packed"]
             row = {
                 "model": name, "context": context, "cap": cap, "G": group_size, "prompts": prompts_per_batch,
                 "ours_tokens": o["extra"]["tokens"], "generate_tokens": h["extra"]["tokens"],
@@ -126,15 +138,21 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
                 "copied_runs_s": c["wall"], "copied_peak_mb": c["peak_mb"],
                 "ours_cache_mb": o["extra"]["cache_mb"], "copied_cache_mb": c["extra"]["cache_mb"],
                 "generate_cache_mb": h["extra"]["cache_mb"],
+                "unpacked_s": u["wall_median"], "unpacked_tok_s": u["extra"]["tokens"] / u["wall_median"],
+                "unpacked_runs_s": u["wall"], "generate_packed_s": hp["wall_median"],
+                "generate_packed_tok_s": hp["extra"]["tokens"] / hp["wall_median"], "generate_packed_runs_s": hp["wall"],
             }
             row["ratio"] = row["ours_tok_s"] / row["generate_tok_s"]
             row["copied_ratio"] = row["copied_tok_s"] / row["generate_tok_s"]
+            row["unpacked_ratio"] = row["unpacked_tok_s"] / row["generate_tok_s"]
+            row["ratio_vs_generate_packed"] = row["ours_tok_s"] / row["generate_packed_tok_s"]
             row["cache_ratio"] = row["ours_cache_mb"] / row["generate_cache_mb"]
             row["cpu_ratio"] = (o["extra"]["tokens"] / o["cpu_median"]) / (h["extra"]["tokens"] / h["cpu_median"])
             rows.append(row)
             print(f"  {name} context {context} cap {cap}: ours {row['ours_tok_s']:.1f} tok/s, copied cache "
                   f"{row['copied_tok_s']:.1f}, generate {row['generate_tok_s']:.1f} tok/s, ratio {row['ratio']:.2f} "
-                  f"(copied {row['copied_ratio']:.2f}); cache MB {row['ours_cache_mb']:.1f} / {row['copied_cache_mb']:.1f}"
+                  f"(copied {row['copied_ratio']:.2f}, unpacked {row['unpacked_ratio']:.2f}, against generate packed "
+                  f"{row['ratio_vs_generate_packed']:.2f}); cache MB {row['ours_cache_mb']:.1f} / {row['copied_cache_mb']:.1f}"
                   f" / {row['generate_cache_mb']:.1f}", flush=True)
     return rows
 
@@ -158,10 +176,12 @@ def main() -> None:
         rows += bench_model(name, args.contexts, args.caps, args.group_size, args.prompts, args.repeats, args.dtype, args.seed)
     print_table(
         f"rollout tokens/s, G={args.group_size}, {args.prompts} prompt(s) per batch: generate_group vs generate(num_return_sequences)",
-        ["model", "context", "cap", "ratio (ours/generate)", "copied cache / generate", "CPU-time ratio", "ours tok/s",
-         "copied tok/s", "generate tok/s", "cache MB ours", "cache MB copied", "cache MB generate", "ours peak MB",
+        ["model", "context", "cap", "ratio (ours/generate)", "copied cache / generate", "unpacked / generate",
+         "ours / generate packed", "CPU-time ratio", "ours tok/s", "copied tok/s", "generate tok/s", "cache MB ours",
+         "cache MB copied", "cache MB generate", "ours peak MB",
          "generate peak MB"],
-        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r["copied_ratio"], r["cpu_ratio"],
+        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r["copied_ratio"], r["unpacked_ratio"],
+          r["ratio_vs_generate_packed"], r["cpu_ratio"],
           r["ours_tok_s"], r["copied_tok_s"], r["generate_tok_s"], r["ours_cache_mb"], r["copied_cache_mb"],
           r["generate_cache_mb"], r["ours_peak_mb"], r["generate_peak_mb"]] for r in rows],
     )

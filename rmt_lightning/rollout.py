@@ -25,6 +25,7 @@ from .forward import Prefill, prefill
 from .kv_cache import SharedPromptCache, expand_cache
 from .method import extract_prediction
 from .padding import pad_right
+from .prepacked import prepacked_linears
 from .prompts import ANSWER_SCAFFOLD, BOX_SCAFFOLD, BOXED, RESPONSE_PREFIX, THINK_CLOSE, THINK_OPEN
 from .tokens import TokenBytes
 
@@ -295,6 +296,7 @@ def generate_group(
     share_prefix: bool = True,
     share_prompt: bool = True,
     record_logprobs: bool = False,
+    prepack_weights: bool = True,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
@@ -309,6 +311,10 @@ def generate_group(
     decoding writes in place. With ``compact_finished``, rows that are done
     are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
     costing compute; the samples are the same either way (see ``_sample``).
+
+    With ``prepack_weights``, on a CPU the decoding steps multiply by the linear weights reordered once for
+    oneDNN (``prepacked.prepacked_linears``; the prefill keeps the model's own path): faster, equal within float32
+    rounding, one more copy of those weights while the rollout runs.
 
     With ``record_logprobs`` the rollout keeps the log-prob of every sampled token under the untempered
     distribution (``GroupRollout.logprobs``): the old policy of updates that reuse the rollout.
@@ -339,7 +345,7 @@ def generate_group(
         active = list(range(len(rows)))
         active_index = torch.arange(len(rows), device=device)
         steps = 0
-        with cache.attending:
+        with cache.attending, prepacked_linears(model, len(rows), enabled=prepack_weights):
             while True:
                 # Past its own cap a process only steps along (padding) while another one is still generating.
                 step = {r: pad_id for r in active}
