@@ -12,6 +12,8 @@ scaled to a CPU. Rows:
 - ``..., copied cache``: RPT and RMT with ``share_prompt_attention=False`` (each completion reads its own copy of
   the prompt's keys and values: the path before shared-prompt attention), so the ratio before and after is
   measured in the same command;
+- ``..., unpacked``: RPT and RMT with ``prepack_weights=False`` (decoding multiplies by the weights as the model
+  holds them: the path before the weights were packed once per rollout for oneDNN);
 - ``RMT, final B, 2 updates per rollout``: ``updates_per_rollout=2``; its figure is the time per trained position
   (each rollout trains its positions twice) against the one-update RMT row's.
 Budget forcing is on in all (as in both configs), so thinking runs to its cap ``2B`` unless the model
@@ -33,13 +35,13 @@ from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer
 
 
 def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float, share_prompt: bool = True,
-        updates: int = 1) -> dict:
+        updates: int = 1, prepack: bool = True) -> dict:
     torch.manual_seed(args.seed)
     module = make_module(
         model_name_or_path=args.model, lr=2e-5, group_size=args.group_size, beta=0.01, ntp_weight=ntp_weight,
         length_reward_weight=length_reward_weight, answer_allowance=args.answer_allowance, budget_forcing=True,
         budget=budget, rl_micro_batch_size=args.micro_batch, sample_seed=args.seed,
-        share_prompt_attention=share_prompt, updates_per_rollout=updates,
+        share_prompt_attention=share_prompt, updates_per_rollout=updates, prepack_weights=prepack,
     )
     # Whole rollouts only: the warm-up and the timed steps each cover complete rollouts.
     warmup, steps = args.warmup * updates, args.steps * updates
@@ -77,13 +79,16 @@ def main() -> None:
     apply_threads(args.threads)
     final = token_budget(1.0, args.b0, args.b_min, args.gamma)
     batch = corpus_batch(load_tokenizer(args.model), args.prompts, args.context_tokens, seed=args.seed)
-    cases = {  # name: (budget, ntp weight, length reward weight, shared-prompt attention, updates per rollout)
-        "RPT, B=B_0": (args.b0, 0.0, 0.0, True, 1),
-        "RMT, final B": (final, 0.1, 0.1, True, 1),
-        "RMT, final B, NTP off": (final, 0.0, 0.1, True, 1),
-        "RPT, B=B_0, copied cache": (args.b0, 0.0, 0.0, False, 1),
-        "RMT, final B, copied cache": (final, 0.1, 0.1, False, 1),
-        "RMT, final B, 2 updates per rollout": (final, 0.1, 0.1, True, 2),
+    cases = {  # name: (budget, ntp weight, length reward weight, shared-prompt attention, updates per rollout,
+        # weights packed for decoding)
+        "RPT, B=B_0": (args.b0, 0.0, 0.0, True, 1, True),
+        "RMT, final B": (final, 0.1, 0.1, True, 1, True),
+        "RMT, final B, NTP off": (final, 0.0, 0.1, True, 1, True),
+        "RPT, B=B_0, copied cache": (args.b0, 0.0, 0.0, False, 1, True),
+        "RMT, final B, copied cache": (final, 0.1, 0.1, False, 1, True),
+        "RPT, B=B_0, unpacked": (args.b0, 0.0, 0.0, True, 1, False),
+        "RMT, final B, unpacked": (final, 0.1, 0.1, True, 1, False),
+        "RMT, final B, 2 updates per rollout": (final, 0.1, 0.1, True, 2, True),
     }
     runs = {name: [] for name in cases}
     for _ in range(args.rounds):
@@ -92,8 +97,9 @@ def main() -> None:
             print(f"  {name}: {runs[name][-1]['step_s']:.2f} s/step", flush=True)
     rows = []
     for name, results in runs.items():
-        # Each row against the RPT row of its own attention path.
-        baseline = runs["RPT, B=B_0, copied cache" if "copied" in name else "RPT, B=B_0"]
+        # Each row against the RPT row of its own path.
+        path = next((suffix for suffix in (", copied cache", ", unpacked") if name.endswith(suffix)), "")
+        baseline = runs["RPT, B=B_0" + path]
         base = statistics.median(r["step_s"] for r in baseline)
         base_cpu = statistics.median(r["step_cpu_s"] for r in baseline)
         step = statistics.median(r["step_s"] for r in results)

@@ -8,6 +8,7 @@ it is less sensitive to other processes competing for the cores.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -213,7 +214,8 @@ def write_json(name: str, payload: dict) -> Path:
     """Write ``results/<name>.json`` (or under ``$RMT_BENCH_OUT``) with the machine description added."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    payload = {"benchmark": name, "machine": machine(), "argv": sys.argv, **payload}
+    written = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    payload = {"benchmark": name, "written": written, "machine": machine(), "argv": sys.argv, **payload}
     payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}", flush=True)

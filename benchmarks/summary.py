@@ -2,7 +2,8 @@
 
     python benchmarks/summary.py            # prints markdown and writes results/summary.md
 
-Ratios come first, each with its target and whether it was met; the raw figures follow per benchmark.
+Ratios come first, each with its target and whether it was met; the raw figures follow per benchmark. Where
+several files measured the same case, the one later in ``ROLLOUTS`` / ``BUDGET_STEPS`` (the newer run) is shown.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+ROLLOUTS = ("rollout", "rollout_p4", "rollout_p1_quiet", "rollout_p1_decode", "rollout_p1_packed")
+"""Rollout result files, oldest first: a later file's row replaces an earlier one of the same case."""
+BUDGET_STEPS = ("budget_step", "budget_step_quiet", "budget_step_decode", "budget_step_packed")
+"""Budget-step result files, oldest first: the newest one that exists is shown."""
+
+
 def _short(model: str) -> str:
     return model.removeprefix("builtin:")
 
@@ -26,19 +33,24 @@ def main() -> None:
     machine = None
     # Targets of SmolLM2's rows (context, new tokens): the tiny model is too small for them to mean anything.
     rollout_targets = {(1024, 32): 4.0, (1024, 256): 2.5, (256, 256): 1.5}
-    for name in ("rollout", "rollout_p4"):
+    cases: dict[tuple, dict] = {}
+    for name in ROLLOUTS:
         rollout = _load(name)
         if not rollout:
             continue
-        machine = machine or rollout["machine"]
+        machine = rollout["machine"]
         for r in rollout["rows"]:
-            goal = rollout_targets.get((r["context"], r["cap"])) if "smollm2" in r["model"] else None
-            target = f">= {goal:g}x" if goal else "-"
-            met = ("yes" if r["ratio"] >= goal else "no") if goal else "-"
-            before = f" (copied cache {r['copied_ratio']:.2f}x)" if "copied_ratio" in r else ""
-            lines.append(f"| rollout tokens/s, ours / generate | {_short(r['model'])}, {r['prompts']} prompt(s), context "
-                         f"{r['context']}, cap {r['cap']}, G {r['G']} | {r['ratio']:.2f}x{before} | {target} | {met} | "
-                         f"{fmt(r['ours_peak_mb'], 0)} / {fmt(r['generate_peak_mb'], 0)} |")
+            cases[r["model"], r["prompts"], r["context"], r["cap"], r["G"]] = {**r, "file": name}
+    for r in cases.values():
+        goal = rollout_targets.get((r["context"], r["cap"])) if "smollm2" in r["model"] else None
+        target = f">= {goal:g}x" if goal else "-"
+        met = ("yes" if r["ratio"] >= goal else "no") if goal else "-"
+        before = f" (copied cache {r['copied_ratio']:.2f}x)" if "copied_ratio" in r else ""
+        if "unpacked_ratio" in r:
+            before += f" (unpacked {r['unpacked_ratio']:.2f}x; against generate packed {r['ratio_vs_generate_packed']:.2f}x)"
+        lines.append(f"| rollout tokens/s, ours / generate | {_short(r['model'])}, {r['prompts']} prompt(s), context "
+                     f"{r['context']}, cap {r['cap']}, G {r['G']} ({r['file']}) | {r['ratio']:.2f}x{before} | {target} | {met} | "
+                     f"{fmt(r['ours_peak_mb'], 0)} / {fmt(r['generate_peak_mb'], 0)} |")
     rl = _load("rl_step")
     if rl:
         machine = machine or rl["machine"]
@@ -53,7 +65,7 @@ def main() -> None:
             lines.append(f"| entropy scoring tokens/s, ours / bare forward | {_short(r['model'])}, {r['windows']} windows | "
                          f"{r['ratio']:.2f}x | >= 0.8x | {'yes' if r['ratio'] >= 0.8 else 'no'} | "
                          f"{fmt(r['ours_peak_mb'], 0)} / {fmt(r['bare_peak_mb'], 0)} |")
-    budget = _load("budget_step")
+    budget = next((found for found in map(_load, reversed(BUDGET_STEPS)) if found), None)
     if budget:
         machine = machine or budget["machine"]
         a = budget["args"]
@@ -67,7 +79,8 @@ def main() -> None:
                              f"{'yes' if r['position_ratio_to_one_update'] < 1 else 'no'} | {fmt(r['peak_mb'], 0)} / - |")
                 continue
             met = "yes" if r["ratio"] <= 0.35 else "no"
-            against = "RPT at B_0, copied cache" if "copied" in r["row"] else "RPT at B_0"
+            path = next((suffix for suffix in (", copied cache", ", unpacked") if r["row"].endswith(suffix)), "")
+            against = "RPT at B_0" + path
             lines.append(f"| step time, {r['row']} / {against} | {_short(a['model'])}, B_0 {a['b0']} -> {r['budget']}, "
                          f"P {a['prompts']}, G {a['group_size']} | {r['ratio']:.2f}x | <= 0.35x | {met} | "
                          f"{fmt(r['peak_mb'], 0)} / {fmt(base['peak_mb'], 0)} |")
