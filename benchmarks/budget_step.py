@@ -40,7 +40,7 @@ def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float
     module = make_module(
         model_name_or_path=args.model, lr=2e-5, group_size=args.group_size, beta=0.01, ntp_weight=ntp_weight,
         length_reward_weight=length_reward_weight, answer_allowance=args.answer_allowance, budget_forcing=True,
-        budget=budget, rl_micro_batch_size=args.micro_batch, sample_seed=args.seed,
+        budget=budget, rl_micro_batch_size=args.micro_batch, sample_seed=args.seed, dtype=args.dtype,
         share_prompt_attention=share_prompt, updates_per_rollout=updates, prepack_weights=prepack,
     )
     # Whole rollouts only: the warm-up and the timed steps each cover complete rollouts.
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the three rows, interleaved")
+    parser.add_argument("--dtype", default="float32", help="the policy's and reference's dtype (bfloat16 on a GPU)")
     add_common_arguments(parser)
     parser.add_argument("--out", default="budget_step")
     args = parser.parse_args()

@@ -19,7 +19,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from common import PeakMemory, add_common_arguments, apply_threads, print_table, quiet_transformers, write_json
 from harness import corpus_batch, make_module, run_steps
 
-PHASES = ("rollout", "score", "rl_backward", "ntp_backward")
+PHASES = ("rollout", "rewards", "rl_backward", "ntp_backward", "update_or_skip")
+"""RMTModule methods marked as phases: the rollout, the rewards, the RL and NTP losses with their backward, the
+optimizer step (or the skip)."""
 
 
 def _mark(obj, name: str) -> None:

@@ -42,6 +42,8 @@ def _why_not(model: nn.Module) -> str | None:
     """Why the linear layers of ``model`` cannot be packed (None: they can)."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return "this PyTorch build has no oneDNN linear"
+    if not torch.distributed.is_available():
+        return None
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     if any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules()):
