@@ -58,6 +58,12 @@ def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float
     }
 
 
+def _path(row: str) -> str:
+    """The suffix naming a row's path (copied cache, unpacked weights; "" for the default): each row is compared
+    with the RPT row of its own path."""
+    return next((suffix for suffix in (", copied cache", ", unpacked") if row.endswith(suffix)), "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=BUILTIN_SMOLLM2)
@@ -73,6 +79,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the three rows, interleaved")
     parser.add_argument("--dtype", default="float32", help="the policy's and reference's dtype (bfloat16 on a GPU)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                        help="run only these rows (names as in the table; each row's RPT baseline is added)")
     add_common_arguments(parser)
     parser.add_argument("--out", default="budget_step")
     args = parser.parse_args()
@@ -91,6 +99,13 @@ def main() -> None:
         "RMT, final B, unpacked": (final, 0.1, 0.1, True, 1, False),
         "RMT, final B, 2 updates per rollout": (final, 0.1, 0.1, True, 2, True),
     }
+    if args.only:
+        unknown = sorted(set(args.only) - set(cases))
+        if unknown:
+            parser.error(f"--only: unknown row(s) {unknown}; valid: {sorted(cases)}")
+        wanted = set(args.only) | {"RPT, B=B_0" + _path(name) for name in args.only}
+        wanted |= {"RMT, final B"} if any("updates per rollout" in name for name in args.only) else set()
+        cases = {name: case for name, case in cases.items() if name in wanted}
     runs = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, case in cases.items():
@@ -98,15 +113,14 @@ def main() -> None:
             print(f"  {name}: {runs[name][-1]['step_s']:.2f} s/step", flush=True)
     rows = []
     for name, results in runs.items():
-        # Each row against the RPT row of its own path.
-        path = next((suffix for suffix in (", copied cache", ", unpacked") if name.endswith(suffix)), "")
-        baseline = runs["RPT, B=B_0" + path]
+        baseline = runs["RPT, B=B_0" + _path(name)]
         base = statistics.median(r["step_s"] for r in baseline)
         base_cpu = statistics.median(r["step_cpu_s"] for r in baseline)
         step = statistics.median(r["step_s"] for r in results)
         cpu = statistics.median(r["step_cpu_s"] for r in results)
         position = statistics.median(r["position_s"] for r in results)
-        one_update = statistics.median(r["position_s"] for r in runs["RMT, final B"])
+        one_update = (statistics.median(r["position_s"] for r in runs["RMT, final B"]) if "RMT, final B" in runs
+                      else float("nan"))
         rows.append({
             "row": name, "budget": results[0]["budget"], "cap": 2 * results[0]["budget"] + args.answer_allowance,
             "ratio": step / base, "cpu_ratio": cpu / base_cpu, "step_s": step, "position_s": position,

@@ -3,10 +3,10 @@
 A decoding step multiplies a few rows (the batch's completions) by every weight matrix of the model. On a CPU,
 ``torch.nn.functional.linear`` hands that to MKL's sgemm, which reorders the weight into its blocked layout at
 every call: at 8 rows that reordering costs about as much as the product itself. The weights do not change during
-a rollout, so ``prepacked_linears`` reorders each ``nn.Linear`` weight once into oneDNN's layout (the
-``torch.ops.mkldnn`` linear that PyTorch's compiler uses for frozen CPU models) and the decoding steps multiply by
-that copy: SmolLM2-135M's matmuls at 8 rows take about 40% less time (docs/results.md). The copies are freed when the
-rollout ends; while it runs they take as much memory again as the linear weights.
+a rollout, so ``prepacked_linears`` reorders each large enough ``nn.Linear`` weight once into oneDNN's layout
+(the ``torch.ops.mkldnn`` linear that PyTorch's compiler uses for frozen CPU models) and the decoding steps
+multiply by that copy: SmolLM2-135M's matmuls at 8 rows take about 40% less time (docs/results.md). The copies
+are freed when the rollout ends; while it runs they take as much memory again as the weights they copy.
 
 Another kernel sums in another order: results equal ``F.linear``'s within float32 rounding (about 1e-6 of the
 logits' scale), so a sampled or greedy token can differ from the unpacked path's where two logits tie that closely.
@@ -60,10 +60,11 @@ def _packable(module: nn.Module) -> bool:
 
 @contextmanager
 def prepacked_linears(model: nn.Module, rows: int, enabled: bool = True) -> Iterator[int]:
-    """Within the block (which must run without gradients), every plain float32 CPU ``nn.Linear`` of ``model``
-    with at least ``MIN_PACKED_WEIGHT`` weights multiplies by its weight packed once for oneDNN for ``rows`` rows at a time (any other number works).
-    Yields how many layers were packed: 0 when ``enabled`` is False or nothing applies (a GPU, other dtypes,
-    FSDP-sharded weights, a PyTorch without oneDNN); the model is left as it was either way."""
+    """Within the block, every plain float32 CPU ``nn.Linear`` of ``model`` with at least ``MIN_PACKED_WEIGHT``
+    weights multiplies by its weight packed once for oneDNN, laid out for ``rows`` rows at a time (any number
+    works), wherever gradients are off; with gradients on it takes its own path. Yields how many layers were
+    packed: 0 when ``enabled`` is False or nothing applies (a GPU, other dtypes, FSDP-sharded weights, a PyTorch
+    without oneDNN). The layers are restored on leaving the block, also when it raises."""
     linears = [module for module in model.modules() if _packable(module)] if enabled else []
     reason = _why_not(model) if linears else None
     if reason is not None:
