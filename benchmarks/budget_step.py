@@ -28,7 +28,8 @@ import statistics
 
 import torch
 
-from common import PeakMemory, add_common_arguments, apply_threads, print_table, quiet_transformers, write_json
+from common import (PeakMemory, add_common_arguments, apply_threads, budget_row_path, print_table, quiet_transformers,
+                    write_json)
 from harness import corpus_batch, make_module, run_steps
 from rmt_lightning.method import token_budget
 from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer
@@ -58,12 +59,6 @@ def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float
     }
 
 
-def _path(row: str) -> str:
-    """The suffix naming a row's path (copied cache, unpacked weights; "" for the default): each row is compared
-    with the RPT row of its own path."""
-    return next((suffix for suffix in (", copied cache", ", unpacked") if row.endswith(suffix)), "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=BUILTIN_SMOLLM2)
@@ -77,7 +72,7 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the three rows, interleaved")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the rows, interleaved")
     parser.add_argument("--dtype", default="float32", help="the policy's and reference's dtype (bfloat16 on a GPU)")
     parser.add_argument("--only", nargs="+", default=None, metavar="ROW",
                         help="run only these rows (names as in the table; each row's RPT baseline is added)")
@@ -87,7 +82,6 @@ def main() -> None:
     quiet_transformers()
     apply_threads(args.threads)
     final = token_budget(1.0, args.b0, args.b_min, args.gamma)
-    batch = corpus_batch(load_tokenizer(args.model), args.prompts, args.context_tokens, seed=args.seed)
     cases = {  # name: (budget, ntp weight, length reward weight, shared-prompt attention, updates per rollout,
         # weights packed for decoding)
         "RPT, B=B_0": (args.b0, 0.0, 0.0, True, 1, True),
@@ -103,9 +97,10 @@ def main() -> None:
         unknown = sorted(set(args.only) - set(cases))
         if unknown:
             parser.error(f"--only: unknown row(s) {unknown}; valid: {sorted(cases)}")
-        wanted = set(args.only) | {"RPT, B=B_0" + _path(name) for name in args.only}
+        wanted = set(args.only) | {"RPT, B=B_0" + budget_row_path(name) for name in args.only}
         wanted |= {"RMT, final B"} if any("updates per rollout" in name for name in args.only) else set()
         cases = {name: case for name, case in cases.items() if name in wanted}
+    batch = corpus_batch(load_tokenizer(args.model), args.prompts, args.context_tokens, seed=args.seed)
     runs = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, case in cases.items():
@@ -113,7 +108,7 @@ def main() -> None:
             print(f"  {name}: {runs[name][-1]['step_s']:.2f} s/step", flush=True)
     rows = []
     for name, results in runs.items():
-        baseline = runs["RPT, B=B_0" + _path(name)]
+        baseline = runs["RPT, B=B_0" + budget_row_path(name)]
         base = statistics.median(r["step_s"] for r in baseline)
         base_cpu = statistics.median(r["step_cpu_s"] for r in baseline)
         step = statistics.median(r["step_s"] for r in results)

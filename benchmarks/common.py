@@ -192,6 +192,12 @@ def rmt_contexts(tokenizer, count: int, context_tokens: int, seed: int = 0) -> t
 # ---------------------------------------------------------------- output
 
 
+def budget_row_path(row: str) -> str:
+    """The suffix naming a budget-step row's path (", copied cache", ", unpacked"; "" for the default): each row is
+    compared with the RPT row of its own path."""
+    return next((suffix for suffix in (", copied cache", ", unpacked") if row.endswith(suffix)), "")
+
+
 def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"

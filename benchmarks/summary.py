@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from common import RESULTS_DIR, fmt
+from common import RESULTS_DIR, budget_row_path, fmt
 
 
 def _load(name: str) -> dict | None:
@@ -79,8 +79,7 @@ def main() -> None:
                              f"{'yes' if r['position_ratio_to_one_update'] < 1 else 'no'} | {fmt(r['peak_mb'], 0)} / - |")
                 continue
             met = "yes" if r["ratio"] <= 0.35 else "no"
-            path = next((suffix for suffix in (", copied cache", ", unpacked") if r["row"].endswith(suffix)), "")
-            against = "RPT at B_0" + path
+            against = "RPT at B_0" + budget_row_path(r["row"])
             lines.append(f"| step time, {r['row']} / {against} | {_short(a['model'])}, B_0 {a['b0']} -> {r['budget']}, "
                          f"P {a['prompts']}, G {a['group_size']} | {r['ratio']:.2f}x | <= 0.35x | {met} | "
                          f"{fmt(r['peak_mb'], 0)} / {fmt(base['peak_mb'], 0)} |")
