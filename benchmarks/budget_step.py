@@ -3,6 +3,7 @@ on the same batch, same model, same G, in one process.
 
     python benchmarks/budget_step.py                    # SmolLM2-135M, B_0 64 -> final 12 (gamma 0.2)
     python benchmarks/budget_step.py --b0 8 --gamma 0.25 --b_min 2     # the quickstart's schedule
+    python benchmarks/budget_step.py --group_size 8 --micro_batch 16   # the paper's G (two prompts per pass)
 
 The final budget is ``token_budget`` at progress 1 (``max(b_min, floor(b0 * gamma))``), the paper's schedule
 scaled to a CPU. Rows:
