@@ -20,8 +20,10 @@ def _load(name: str) -> dict | None:
 
 ROLLOUTS = ("rollout", "rollout_p4", "rollout_p1_quiet", "rollout_p1_decode", "rollout_p1_packed")
 """Rollout result files, oldest first: a later file's row replaces an earlier one of the same case."""
-BUDGET_STEPS = ("budget_step", "budget_step_quiet", "budget_step_decode", "budget_step_packed")
-"""Budget-step result files, oldest first: the newest one that exists is shown."""
+BUDGET_STEPS = ("budget_step", "budget_step_quiet", "budget_step_decode", "budget_step_packed", "budget_step_packed_rounds",
+                "budget_step_g8")
+"""Budget-step result files, oldest first: a later file's row replaces an earlier one of the same case (model, B_0,
+P, G, row)."""
 
 
 def _short(model: str) -> str:
@@ -65,24 +67,29 @@ def main() -> None:
             lines.append(f"| entropy scoring tokens/s, ours / bare forward | {_short(r['model'])}, {r['windows']} windows | "
                          f"{r['ratio']:.2f}x | >= 0.8x | {'yes' if r['ratio'] >= 0.8 else 'no'} | "
                          f"{fmt(r['ours_peak_mb'], 0)} / {fmt(r['bare_peak_mb'], 0)} |")
-    budget = next((found for found in map(_load, reversed(BUDGET_STEPS)) if found), None)
-    if budget:
+    steps: dict[tuple, tuple[dict, dict, dict, str]] = {}
+    for name in BUDGET_STEPS:
+        budget = _load(name)
+        if not budget:
+            continue
         machine = machine or budget["machine"]
         a = budget["args"]
-        base = next(r for r in budget["rows"] if r["row"].startswith("RPT"))
+        by_row = {r["row"]: r for r in budget["rows"]}
         for r in budget["rows"]:
-            if r["row"].startswith("RPT"):
-                continue
-            if "updates per rollout" in r["row"]:
-                lines.append(f"| time per trained position, {r['row']} / 1 update | {_short(a['model'])}, B {r['budget']}, "
-                             f"P {a['prompts']}, G {a['group_size']} | {r['position_ratio_to_one_update']:.2f}x | < 1x | "
-                             f"{'yes' if r['position_ratio_to_one_update'] < 1 else 'no'} | {fmt(r['peak_mb'], 0)} / - |")
-                continue
-            met = "yes" if r["ratio"] <= 0.35 else "no"
-            against = "RPT at B_0" + budget_row_path(r["row"])
-            lines.append(f"| step time, {r['row']} / {against} | {_short(a['model'])}, B_0 {a['b0']} -> {r['budget']}, "
-                         f"P {a['prompts']}, G {a['group_size']} | {r['ratio']:.2f}x | <= 0.35x | {met} | "
-                         f"{fmt(r['peak_mb'], 0)} / {fmt(base['peak_mb'], 0)} |")
+            if not r["row"].startswith("RPT"):
+                baseline = by_row["RPT, B=B_0" + budget_row_path(r["row"])]
+                steps[a["model"], a["b0"], a["prompts"], a["group_size"], r["row"]] = (r, a, baseline, name)
+    for r, a, base, name in steps.values():
+        case = f"{_short(a['model'])}, B_0 {a['b0']} -> {r['budget']}, P {a['prompts']}, G {a['group_size']} ({name})"
+        if "updates per rollout" in r["row"]:
+            lines.append(f"| time per trained position, {r['row']} / 1 update | {case} | "
+                         f"{r['position_ratio_to_one_update']:.2f}x | < 1x | "
+                         f"{'yes' if r['position_ratio_to_one_update'] < 1 else 'no'} | {fmt(r['peak_mb'], 0)} / - |")
+            continue
+        met = "yes" if r["ratio"] <= 0.35 else "no"
+        against = "RPT at B_0" + budget_row_path(r["row"])
+        lines.append(f"| step time, {r['row']} / {against} | {case} | {r['ratio']:.2f}x | <= 0.35x | {met} | "
+                     f"{fmt(r['peak_mb'], 0)} / {fmt(base['peak_mb'], 0)} |")
     text = "\n".join(lines)
     if machine:
         text = (f"Measured on: {machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('torch_threads')} torch "
