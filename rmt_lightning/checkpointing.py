@@ -52,6 +52,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         if "://" not in str(path):
             verify_checkpoint_file(path, full=True)
+        # To the CPU first, as Lightning's own loader does, whatever device saved it: a GPU checkpoint then loads on
+        # a host without one, and every process of a resumed run does not put rank 0's tensors on rank 0's GPU.
+        # The strategy then moves the weights and optimizer states to where it trains.
+        map_location = "cpu" if map_location is None else map_location
         try:
             # Checkpoints hold only tensors and plain values: nothing in one may run code when it is loaded.
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)

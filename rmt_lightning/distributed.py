@@ -21,19 +21,29 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     return classes
 
 
-def shard_model(model: nn.Module, device_mesh=None) -> nn.Module:
-    """Apply FSDP2 ``fully_shard`` to each decoder layer of a Hugging Face model, then to the model itself.
-
-    The mesh defaults to one dimension over all processes: RMT shards data-parallel only, whatever shape
-    Lightning's ``ModelParallelStrategy`` gave its own mesh.
-    """
+def data_parallel_mesh(device_mesh, device_type: str):
+    """The one-dimensional mesh over every process that RMT shards on (data-parallel only): Lightning's own
+    mesh when it is one-dimensional or its tensor-parallel dimension has size 1, else a new mesh over all
+    processes on ``device_type`` (the strategy's root device's type; Lightning's ``ModelParallelStrategy``
+    puts a node's devices on the tensor-parallel dimension by default)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    if device_mesh is not None and device_mesh.ndim == 1:
+        return device_mesh
+    names = (device_mesh.mesh_dim_names or ()) if device_mesh is not None else ()
+    if "data_parallel" in names and "tensor_parallel" in names and device_mesh["tensor_parallel"].size() == 1:
+        return device_mesh["data_parallel"]
+    return init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def shard_model(model: nn.Module, device_mesh=None, device_type: str | None = None) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to each decoder layer of a Hugging Face model, then to the model itself, on
+    ``data_parallel_mesh(device_mesh, device_type)``; the shards go to the mesh's device. ``device_type`` defaults
+    to where the parameters are."""
     from torch.distributed.fsdp import fully_shard
 
     classes = tuple(decoder_layer_classes(model))
-    if device_mesh is None or device_mesh.ndim != 1:
-        device_type = next(model.parameters()).device.type
-        device_mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    device_mesh = data_parallel_mesh(device_mesh, device_type or next(model.parameters()).device.type)
     for layer in [m for m in model.modules() if isinstance(m, classes)]:
         fully_shard(layer, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)
@@ -73,9 +83,11 @@ def shard_models(strategy, device_mesh, policy: nn.Module, reference: nn.Module 
         if reference is not None:
             reference = wrap_fsdp1(reference, strategy.root_device, **settings)
     elif device_mesh is not None:
-        shard_model(policy, device_mesh)
+        # On the root device's type: the models are still on the CPU here, and are sharded onto the mesh's device.
+        mesh = data_parallel_mesh(device_mesh, strategy.root_device.type)
+        shard_model(policy, mesh)
         if reference is not None:
-            shard_model(reference, device_mesh)
+            shard_model(reference, mesh)
     return policy, reference
 
 

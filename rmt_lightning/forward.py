@@ -129,7 +129,16 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     # The first completion token is predicted by its prompt's last position, shared by the group.
     first = token_logprobs(start.last_logits.repeat_interleave(group_size, 0), completion_ids[:, 0])
     parts = [torch.where(keep[:, 0], first, torch.zeros_like(first)).unsqueeze(1)]
-    if completion_ids.shape[1] > 1:
+    width = completion_ids.shape[1]
+    # Under FSDP the pass over the rest of the completions is a collective: a process whose completions are
+    # one token wide still runs it when another process needs it, on one column of padding that scores nothing.
+    rest_needed = width > 1 if all_agree is None else not all_agree(width <= 1)
+    if rest_needed and width == 1:
+        completion_ids = torch.cat([completion_ids, completion_ids[:, :1]], dim=1)
+        completion_mask = torch.cat([completion_mask, torch.zeros_like(completion_mask[:, :1])], dim=1)
+        keep = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)
+        out_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    if rest_needed:
         cached = start.attention.repeat_interleave(group_size, 0)
         attention = torch.cat([cached, completion_mask], dim=1)[:, :-1]
         positions = positions_from_mask(attention)[:, cached.shape[1]:]
@@ -147,7 +156,12 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
             logits = model(input_ids=completion_ids[:, :-1], position_ids=positions, cache=cache, use_cache=True,
                            **inputs).logits
             rest = out_logprobs[:, 1:].masked_scatter(rest_keep, token_logprobs(pick(logits), completion_ids[:, 1:][rest_keep]))
-        parts.append(rest)
+        if width == 1:
+            # The padding column is dropped, but the pass stays in the graph (at weight 0) so that backward, a
+            # collective under FSDP too, reaches every layer on this process as on the others.
+            parts[0] = parts[0] + logits.sum() * 0.0 if torch.is_grad_enabled() else parts[0]
+        else:
+            parts.append(rest)
     return torch.cat(parts, dim=1)
 
 

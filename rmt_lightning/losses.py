@@ -35,6 +35,32 @@ def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, comp
                                share_prompt_attention=share_prompt_attention)
 
 
+def _micro_batches(prompts: int, group_size: int, micro_batch_size: int):
+    """``(owners, rows)`` of each pass over ``prompts`` prompts with ``group_size`` completions each: the prompts'
+    slice and their completions' slice, ``micro_batch_size`` completions (whole groups) per pass."""
+    prompts_per_pass = max(1, micro_batch_size // group_size)
+    for first in range(0, prompts, prompts_per_pass):
+        yield slice(first, first + prompts_per_pass), slice(first * group_size, (first + prompts_per_pass) * group_size)
+
+
+@torch.no_grad()
+def policy_logprobs(policy, trainer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                    completion_mask: Tensor, sampled_mask: Tensor, *, group_size: int, micro_batch_size: int,
+                    share_prompt_attention: bool = True) -> Tensor:
+    """Log-probs ``[P * G, C]`` of the sampled tokens under ``policy``, without gradients, by the passes
+    ``rl_backward`` makes over the same tensors (same micro-batches, forward and precision): taken before the
+    policy moves, they are the ``old_logprobs`` of later updates, whose ratio is then exactly 1 wherever the
+    policy has not changed."""
+    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    for owners, rows in _micro_batches(prompt_ids.shape[0], group_size, micro_batch_size):
+        if int(sampled_mask[rows].sum()) == 0 and world_size(trainer) == 1:
+            continue
+        out[rows] = model_logprobs(policy, trainer, prompt_ids[owners], prompt_mask[owners], completion_ids[rows],
+                                   completion_mask[rows], group_size, logprob_mask=sampled_mask[rows],
+                                   share_prompt_attention=share_prompt_attention)
+    return out
+
+
 def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
                 completion_ids: Tensor, completion_mask: Tensor, sampled_mask: Tensor, advantages: Tensor, *,
                 group_size: int, micro_batch_size: int, clip_eps: float, beta: float,
@@ -43,11 +69,11 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
     """GRPO loss (``method.grpo_token_loss_terms``) over the policy-sampled tokens of ``P`` prompts with ``G``
     completions each, ``micro_batch_size`` completions per pass; the loss of each pass is weighted by its share of
     the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
-    ``ppo_clip_fraction``.
+    ``ppo_clip_fraction``, and under ``"policy_logprobs"`` the policy's log-probs ``[P * G, C]`` (detached).
 
-    ``old_logprobs`` (``[P * G, C]``) is pi_old of the ratio: the log-probs of the policy that sampled the
-    completions (``GroupRollout.logprobs``), for updates that reuse a rollout. None: the current policy's own,
-    detached, so the ratio is 1 (one update per rollout).
+    ``old_logprobs`` (``[P * G, C]``) is pi_old of the ratio, for updates that reuse a rollout: the log-probs the
+    policy that sampled the completions gave by this same forward (``policy_logprobs``, or ``"policy_logprobs"``
+    of the rollout's first update). None: the current policy's own, detached, so the ratio is exactly 1.
 
     ``reference_logprobs`` (``[P * G, C]``) are the reference model's log-probs of these completions from an
     earlier update of the same rollout (the reference is frozen, so they are what its forward would give); None:
@@ -55,14 +81,12 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
     used, for the next update to reuse."""
     total_tokens = max(1, int(sampled_mask.sum()))
     sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
+    used_policy = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     used_reference = None
     if reference is not None:
         used_reference = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device) \
             if reference_logprobs is None else reference_logprobs
-    prompts_per_pass = max(1, micro_batch_size // group_size)
-    for first in range(0, prompt_ids.shape[0], prompts_per_pass):
-        owners = slice(first, first + prompts_per_pass)
-        rows = slice(first * group_size, (first + prompts_per_pass) * group_size)
+    for owners, rows in _micro_batches(prompt_ids.shape[0], group_size, micro_batch_size):
         tokens = int(sampled_mask[rows].sum())
         if tokens == 0 and world_size(trainer) == 1:
             continue
@@ -70,6 +94,7 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
         # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
         options = {"logprob_mask": sampled_mask[rows], "share_prompt_attention": share_prompt_attention}
         logprobs = model_logprobs(policy, trainer, *args, **options)
+        used_policy[rows] = logprobs.detach()
         if reference is not None and reference_logprobs is None:
             with torch.no_grad():
                 used_reference[rows] = model_logprobs(reference, trainer, *args, **options)
@@ -81,6 +106,7 @@ def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], 
         sums["loss_rl"] += float(terms.loss.detach()) * share
         sums["kl"] += float(terms.kl) * share
         sums["ppo_clip_fraction"] += float(terms.clipped_fraction) * share
+    sums["policy_logprobs"] = used_policy
     if used_reference is not None:
         sums["reference_logprobs"] = used_reference
     return sums

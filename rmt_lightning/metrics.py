@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from .data.batches import PositionBatch
@@ -12,7 +13,6 @@ from .trajectory import Trajectory
 
 PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})
 """What the progress bar shows: the loss of a format warm-up step, of an NTP-only step, or an RL step's reward and budget."""
-
 
 
 def rl_step_metrics(trajectory: Trajectory, terms: dict[str, float], loss_ntp: float) -> dict[str, float]:
@@ -46,6 +46,13 @@ def curriculum_metrics(batch: PositionBatch) -> dict[str, float]:
     return metrics
 
 
+def as_tensors(figures: dict[str, float], device: torch.device) -> dict[str, Tensor]:
+    """``figures`` as scalar tensors on ``device``, in one copy: what a step logs, on the device its reduction
+    across processes runs on (Lightning would put plain numbers on the module's own device)."""
+    values = torch.tensor([float(v) for v in figures.values()], dtype=torch.float32).to(device)
+    return dict(zip(figures, values.unbind()))
+
+
 def show_in_progress_bar(module, shown: dict[str, float], batch_size: int) -> None:
     """Show what this step trained on the progress bar, and nothing left from a step of another kind."""
     # Lightning keeps showing a key after the last step that logged it (and the warm-up is over once RL starts),
@@ -53,7 +60,8 @@ def show_in_progress_bar(module, shown: dict[str, float], batch_size: int) -> No
     for key in PROGRESS_BAR_KEYS - shown.keys():
         module.trainer._results.pop(f"training_step.{key}", None)
         module.trainer.progress_bar_metrics.pop(key, None)
-    module.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
+    module.log_dict(as_tensors(shown, module.root_device), prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                    batch_size=batch_size)
 
 
 def completion_samples(tokenizer, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor, limit: int) -> list[dict]:

@@ -21,9 +21,9 @@ from .models import BUILTIN_SMOLLM2, enable_gradient_checkpointing, load_causal_
 from . import losses
 from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
 from .rollout import GroupRollout, generate_group
-from .distributed import agreement, all_ranks, gather_objects, gradients_finite, is_fsdp1, shard_models, world_size
+from .distributed import agreement, all_ranks, gather_objects, gradients_finite, is_fsdp1, is_sharded, shard_models, world_size
 from .padding import pad_left, pad_right
-from .metrics import completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
+from .metrics import as_tensors, completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
 from .tokens import TokenBytes
 from .trajectory import Trajectory
 
@@ -190,6 +190,7 @@ class RMTModule(L.LightningModule):
         self.last_samples: list[dict] = []
         self.last_sampled_entropies: Tensor | None = None
         self.last_reasoning_lengths: Tensor | None = None
+        self._policy_sharded = self._reference_sharded = False
         self.reused_trajectory: Trajectory | None = None
         """The trajectory the next steps of its rollout train on (kept only with several steps per rollout)."""
         self.eval_metrics = torch.nn.ModuleDict({stage: EvaluationMetrics() for stage in EVAL_STAGES})
@@ -217,6 +218,12 @@ class RMTModule(L.LightningModule):
             reference.to(parse_dtype(hp.reference_dtype))
         strategy = self._trainer.strategy if self._trainer is not None else None
         self.policy, reference = shard_models(strategy, self.device_mesh, self.policy, reference)
+        if is_fsdp1(self.policy):
+            # FSDP1 placed the wrapped models; Lightning leaves a module with FSDP inside it where it is, so the
+            # module's own device (what Lightning's logging and torchmetrics read) is set here.
+            self.to(strategy.root_device)
+        self._policy_sharded = is_sharded(self.policy)
+        self._reference_sharded = reference is not None and is_sharded(reference)
         # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints, strict
         # loading of sharded checkpoints), out of the DDP wrapper and out of Lightning's precision and device
         # handling. It follows the policy's device when it is used.
@@ -280,11 +287,20 @@ class RMTModule(L.LightningModule):
             # generators), so the resumed steps see the generators the interrupted run would have.
             restore_rng_states(checkpoint["rng_states"])
 
+    @property
+    def root_device(self) -> torch.device:
+        """The device this process computes on: the strategy's root device, under every strategy. Everything the
+        module creates or moves goes there (``self.device`` is not enough: under FSDP1 the models are wrapped inside
+        the module, so Lightning never moves the module itself)."""
+        return self._trainer.strategy.root_device if self._trainer is not None else self.device
+
     def _reference_model(self):
-        if self.reference is not None and self.device_mesh is None:
-            device = next(self.reference.parameters()).device
-            if device != self.device:
-                self.reference.to(self.device)
+        """The frozen reference, where the policy is: not a registered submodule, so nothing moves it with the
+        module; a sharded one was placed by its sharding."""
+        if self.reference is not None and not self._reference_sharded:
+            policy_device = next(self.policy.parameters()).device
+            if next(self.reference.parameters()).device != policy_device:
+                self.reference.to(policy_device)
         return self.reference
 
     # ---- rollout and rewards -----------------------------------------------------------------------
@@ -300,7 +316,7 @@ class RMTModule(L.LightningModule):
 
     def _generator(self) -> torch.Generator:
         seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.root_device).manual_seed(seed)
 
     def rollout(self, prompts: list[list[int]], budget: int, group_size: int | None = None,
                 temperature: float | None = None, record_logprobs: bool = False) -> GroupRollout:
@@ -314,7 +330,8 @@ class RMTModule(L.LightningModule):
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
-            all_finished=agreement(self._trainer), record_logprobs=record_logprobs,
+            # Only sharded weights make a forward a collective that every process must run (not under DDP).
+            all_finished=agreement(self._trainer) if self._policy_sharded else None, record_logprobs=record_logprobs,
             share_prompt=hp.share_prompt_attention, prepack_weights=hp.prepack_weights,
         )
 
@@ -325,10 +342,9 @@ class RMTModule(L.LightningModule):
                                   hp.r_max, hp.length_reward_weight, hp.length_reward_only_when_correct)
 
     def collect_trajectory(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> Trajectory:
-        """Prompts, G completions each, their rewards and their group-normalised advantages; with several steps
-        per rollout, also the log-prob of each sampled token when it was sampled (the later steps' pi_old)."""
+        """Prompts, G completions each, their rewards and their group-normalised advantages."""
         prompts = self._prompts(contexts, budget)
-        rollout = self.rollout(prompts, budget, record_logprobs=self.steps_per_rollout > 1)
+        rollout = self.rollout(prompts, budget)
         rewards, correct, length = self.rewards(rollout, continuations, budget)
         advantages = group_advantages(rewards, eps=self.hparams.advantage_eps).flatten()
         return Trajectory(prompts, rollout, rewards, correct, length, advantages)
@@ -350,21 +366,36 @@ class RMTModule(L.LightningModule):
 
     # ---- losses (losses.py) -------------------------------------------------------------------------
 
-    def rl_backward(self, trajectory: Trajectory, reference_logprobs: Tensor | None = None) -> dict:
-        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms
-        (and the reference log-probs, ``losses.rl_backward``). pi_old is the policy that sampled the completions
-        when the rollout feeds several steps, else the current one (ratio 1); ``reference_logprobs``, from an
-        earlier update of these completions, stand in for the reference's forward."""
-        hp, rollout = self.hparams, trajectory.rollout
+    def _completion_tensors(self, trajectory: Trajectory) -> tuple[Tensor, ...]:
+        """What the losses read of a trajectory, on the root device: prompt ids and mask (left-padded), completion
+        ids, mask and sampled mask."""
+        rollout = trajectory.rollout
         prompt_ids, prompt_mask = pad_left(trajectory.prompts, self.tokenizer.pad_token_id)
-        tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask,
-                   trajectory.advantages)
-        old_logprobs = rollout.logprobs.to(self.device) if self.steps_per_rollout > 1 else None
+        tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask)
+        return tuple(t.to(self.root_device) for t in tensors)
+
+    def rl_backward(self, trajectory: Trajectory, old_logprobs: Tensor | None = None,
+                    reference_logprobs: Tensor | None = None) -> dict:
+        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms
+        and the policy's and reference's log-probs (``losses.rl_backward``). ``old_logprobs`` are pi_old (None: the
+        current policy, ratio 1); ``reference_logprobs``, from an earlier update of these completions, stand in
+        for the reference's forward."""
+        hp = self.hparams
+        old_logprobs, reference_logprobs = (None if t is None else t.to(self.root_device)
+                                            for t in (old_logprobs, reference_logprobs))
         return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward,
-                                  *(t.to(self.device) for t in tensors), group_size=hp.group_size,
-                                  micro_batch_size=hp.rl_micro_batch_size, clip_eps=hp.clip_eps, beta=hp.beta,
-                                  old_logprobs=old_logprobs, share_prompt_attention=hp.share_prompt_attention,
-                                  reference_logprobs=reference_logprobs)
+                                  *self._completion_tensors(trajectory), trajectory.advantages.to(self.root_device),
+                                  group_size=hp.group_size, micro_batch_size=hp.rl_micro_batch_size,
+                                  clip_eps=hp.clip_eps, beta=hp.beta, old_logprobs=old_logprobs,
+                                  share_prompt_attention=hp.share_prompt_attention, reference_logprobs=reference_logprobs)
+
+    def policy_logprobs(self, trajectory: Trajectory) -> Tensor:
+        """The current policy's log-probs of the trajectory's sampled tokens, by the loss's own forward, without
+        gradients (``losses.policy_logprobs``)."""
+        hp = self.hparams
+        return losses.policy_logprobs(self.policy, self._trainer, *self._completion_tensors(trajectory),
+                                      group_size=hp.group_size, micro_batch_size=hp.rl_micro_batch_size,
+                                      share_prompt_attention=hp.share_prompt_attention)
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
         """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
@@ -385,7 +416,7 @@ class RMTModule(L.LightningModule):
         pad = self.tokenizer.pad_token_id
         tensors = (*pad_left(self._prompts(contexts, budgets), pad), *pad_right(responses, pad))
         return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward,
-                                              *(t.to(self.device) for t in tensors))
+                                              *(t.to(self.root_device) for t in tensors))
 
     def update_or_skip(self, loss: float) -> None:
         """Clip the gradients and step the optimizer and the LR schedule, or, when the loss or a gradient is not
@@ -443,20 +474,37 @@ class RMTModule(L.LightningModule):
         metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
                         "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
         self.last_sampled_entropies = batch.entropies.detach().cpu()
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(contexts))
+        self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
+                      batch_size=len(contexts))
         show_in_progress_bar(self, shown, batch_size=len(contexts))
 
     def rl_step(self, batch: PositionBatch, budget: int) -> tuple[float, dict[str, float]]:
         """The RL step's backward: the trajectory (collected, or kept from an earlier step of its rollout), GRPO on
         this step's mini-batch of it and lambda NTP on its share of the documents; returns the loss and figures."""
         hp, started = self.hparams, time.perf_counter()
+        kept = self.reused_trajectory
         trajectory = self.trajectory_for(batch, budget)
         generated = time.perf_counter()
         # Update u of a rollout trains its mini-batch u % M: M steps make one pass over the rollout.
         update = batch.rollout_update or 0
         mini_batch = update % hp.mini_batches_per_rollout
-        part = trajectory.positions(contiguous_share(len(batch.contexts), hp.mini_batches_per_rollout, mini_batch))
-        terms = self.rl_backward(part, trajectory.reference_logprobs.get(mini_batch))
+        share = lambda m: trajectory.positions(contiguous_share(len(batch.contexts), hp.mini_batches_per_rollout, m))  # noqa: E731
+        part = share(mini_batch)
+        reused = self.steps_per_rollout > 1
+        if reused and trajectory is not kept:
+            # The policy is still the one that sampled this rollout: pi_old of the other mini-batches is taken now,
+            # by the loss's own forward (pi_old and pi in one precision and path: the ratio is exactly 1 wherever
+            # the policy has not moved). This mini-batch's is its own forward's, below.
+            for other in range(hp.mini_batches_per_rollout):
+                if other != mini_batch:
+                    trajectory.old_logprobs[other] = self.policy_logprobs(share(other))
+        old_logprobs = trajectory.old_logprobs.get(mini_batch) if reused else None
+        if old_logprobs is None and trajectory is kept:
+            old_logprobs = part.rollout.logprobs  # kept by a checkpoint written before pi_old came from the loss path
+        terms = self.rl_backward(part, old_logprobs, trajectory.reference_logprobs.get(mini_batch))
+        policy_logprobs = terms.pop("policy_logprobs")
+        if reused and old_logprobs is None:
+            trajectory.old_logprobs[mini_batch] = policy_logprobs  # pi_old of this mini-batch's later updates
         reference_logprobs = terms.pop("reference_logprobs", None)
         if reference_logprobs is not None and update < self.steps_per_rollout - hp.mini_batches_per_rollout:
             trajectory.reference_logprobs[mini_batch] = reference_logprobs  # a later update trains this mini-batch again

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
 from .rollout import GroupRollout
@@ -31,6 +32,9 @@ class Trajectory:
     reference_logprobs: dict[int, Tensor] = field(default_factory=dict)
     """The reference model's log-probs ``[rows, C]`` of each mini-batch's completions, by mini-batch, from its
     first update; the rollout's later updates reuse them instead of running the frozen reference again."""
+    old_logprobs: dict[int, Tensor] = field(default_factory=dict)
+    """pi_old of the rollout's updates: the log-probs ``[rows, C]`` of each mini-batch's sampled tokens under the
+    policy that sampled them, by mini-batch, taken by the loss's own forward before the policy moved."""
 
     def positions(self, part: slice) -> Trajectory:
         """The trajectory of the positions in ``part`` only: their prompts, their groups of completions, rewards
@@ -46,8 +50,9 @@ class Trajectory:
                           self.advantages[rows], self.drawn_at_step)
 
     def state_dict(self) -> dict:
-        """The trajectory as tensors, lists, numbers and strings (a checkpoint loads it with ``weights_only``)."""
-        return asdict(self)
+        """The trajectory as CPU tensors, lists, numbers and strings (a checkpoint loads it with ``weights_only``
+        on any host, and gathering it from every rank moves no accelerator memory)."""
+        return apply_to_collection(asdict(self), Tensor, lambda t: t.detach().cpu())
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Trajectory:

@@ -6,6 +6,7 @@ Lightning relaunches this same script for the other ranks.
 Usage: python tests/distributed_probe.py OUT_DIR CKPT_PATH|none [CLI arguments of ``fit``]
 """
 
+import contextlib
 import json
 import math
 import os
@@ -56,14 +57,62 @@ class CPUFSDPStrategy(FSDPStrategy):
             return super().optimizer_state(optimizer)
 
 
+class DeviceSpy:
+    """Records the device of every generator the module makes, every tensor it hands the losses and every value
+    it logs, while the module's own ``device`` reads as ``meta``: any code that takes its device from
+    ``LightningModule.device`` instead of the strategy's root device shows up as ``meta`` (or fails)."""
+
+    def __init__(self):
+        self.seen = {"generator": set(), "loss_inputs": set(), "logged": set()}
+
+    def _tensors(self, kind, values):
+        for value in values:
+            self.seen[kind].add(str(value.device) if isinstance(value, torch.Tensor) else type(value).__name__)
+
+    def patches(self):
+        from rmt_lightning import losses
+        from rmt_lightning.module import RMTModule
+
+        spy = self
+
+        def recording(function):
+            def wrapper(*args, **kwargs):
+                spy._tensors("loss_inputs", [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
+                return function(*args, **kwargs)
+            return wrapper
+
+        make_generator, log_dict = RMTModule._generator, RMTModule.log_dict
+
+        def generator(module):
+            made = make_generator(module)
+            spy.seen["generator"].add(str(made.device))
+            return made
+
+        def logged(module, values, *args, **kwargs):
+            spy._tensors("logged", values.values())
+            return log_dict(module, values, *args, **kwargs)
+
+        yield mock.patch.object(RMTModule, "device", new_callable=mock.PropertyMock, return_value=torch.device("meta"))
+        yield mock.patch.object(RMTModule, "_generator", generator)
+        yield mock.patch.object(RMTModule, "log_dict", logged)
+        for name in ("rl_backward", "ntp_backward", "demonstrations_backward", "policy_logprobs"):
+            yield mock.patch.object(losses, name, recording(getattr(losses, name)))
+
+
 class Probe(L.Callback):
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, devices: DeviceSpy | None = None):
         self.out_dir = out_dir
         self.record = {"steps": []}
+        self.devices = devices
 
     def on_train_start(self, trainer, pl_module):
         self.record["start_step"] = trainer.global_step
         self.record["world_size"] = trainer.world_size
+        self.record["root_device"] = str(trainer.strategy.root_device)
+        params = [pl_module.policy.parameters()] + ([pl_module.reference.parameters()] if pl_module.reference else [])
+        self.record["parameter_devices"] = sorted({str(p.device) for group in params for p in group})
+        mesh = getattr(next(pl_module.policy.parameters()), "device_mesh", None)
+        self.record["mesh_device_type"] = None if mesh is None else mesh.device_type
         self.record["policy_sharded"] = is_sharded(pl_module.policy)
         self.record["policy_before"] = _checksums(pl_module.policy)
         if pl_module.reference is not None:
@@ -91,6 +140,8 @@ class Probe(L.Callback):
             self.record["reference_after"] = _checksums(pl_module.reference)
         if torch.cuda.is_available():
             self.record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+        if self.devices is not None:
+            self.record["devices_seen"] = {kind: sorted(found) for kind, found in self.devices.seen.items()}
         path = os.path.join(self.out_dir, f"probe_rank{trainer.global_rank}.json")
         with open(path, "w") as f:
             json.dump(self.record, f)
@@ -122,10 +173,14 @@ def assert_trained(records: list[dict]) -> None:
 def main() -> None:
     out_dir, ckpt_path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    cli = build_cli(args, run=False)
-    cli.trainer.callbacks.append(Probe(out_dir))
-    ckpt_path = None if ckpt_path == "none" else ckpt_path
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    devices = DeviceSpy()
+    with contextlib.ExitStack() as patches:
+        for patch in devices.patches():
+            patches.enter_context(patch)
+        cli = build_cli(args, run=False)
+        cli.trainer.callbacks.append(Probe(out_dir, devices))
+        ckpt_path = None if ckpt_path == "none" else ckpt_path
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
 
 
 if __name__ == "__main__":

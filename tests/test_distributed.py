@@ -56,6 +56,19 @@ def runs(request, tmp_path_factory):
     return strategy, workdir, first, resumed
 
 
+def test_everything_the_module_makes_is_on_the_strategys_root_device(runs):
+    """Every generator the module makes, tensor it hands the losses and value it logs, and every weight of the
+    policy and the reference, is on the strategy's root device, on every rank, also after a resume; the probe runs
+    with the module's own ``device`` reading ``meta``, so code that takes the module's device instead of the root
+    device fails this (under FSDP1 on a GPU the two differ). FSDP2 shards on a mesh of the root device's type."""
+    strategy, _, first, resumed = runs
+    for record in first + resumed:
+        root = record["root_device"]
+        assert record["parameter_devices"] == [root]
+        assert record["devices_seen"] == {"generator": [root], "loss_inputs": [root], "logged": [root]}
+        assert record["mesh_device_type"] == (torch.device(root).type if strategy == "fsdp2" else None)
+
+
 def _single_process_draws(workdir: Path, epochs: int) -> list[list[list[int]]]:
     """What one process draws with the same seed for the global batch of both ranks (2 x batch_size)."""
     cli = build_cli(["--config", TINY, "--data.batch_size", "4", "--data.cache_dir", str(workdir / "cache")], run=False)

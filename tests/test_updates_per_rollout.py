@@ -67,18 +67,32 @@ def record_log_ratios(monkeypatch) -> list[float]:
 
 
 def test_the_second_update_of_a_rollout_sees_a_ratio_away_from_one(tmp_path, monkeypatch):
-    """pi_old is the sampling policy: at the rollout's first update the ratio is 1 up to the arithmetic of
-    sampling (cached decoding) against the loss's forward, at its second the first update has moved the policy.
-    With one update per rollout pi_old is the current policy itself: the ratio is exactly 1."""
+    """pi_old is the sampling policy, by the loss's own forward: at the rollout's first update the ratio is
+    exactly 1, at its second the first update has moved the policy. With one update per rollout pi_old is the
+    current policy itself: the ratio is exactly 1."""
     L.seed_everything(0)
     ratios = record_log_ratios(monkeypatch)
     fit(tmp_path / "two", {"updates_per_rollout": 2, "rl_micro_batch_size": 2 * G}, max_steps=2)
     first, second = ratios
-    assert first < 1e-4 and second > 1e-2, ratios
+    assert first == 0.0 and second > 1e-2, ratios
 
     ratios.clear()
     fit(tmp_path / "one", {"rl_micro_batch_size": 2 * G}, max_steps=2)
     assert ratios == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_pi_old_comes_from_the_losss_forward_so_the_ratio_is_exactly_one_while_the_policy_has_not_moved(
+        precision, tmp_path, monkeypatch):
+    """U = M = 2 at lr 0: the policy never moves, so every update of the rollout, of either mini-batch, sees a
+    ratio of exactly 1, also under bf16-mixed, where the rollout decodes in bf16 and the loss runs in autocast:
+    pi_old is taken by the loss's own forward (mini-batch 1's before the first optimizer step), never by the
+    decoding's."""
+    ratios = record_log_ratios(monkeypatch)
+    L.seed_everything(0)
+    fit(tmp_path, {"updates_per_rollout": 2, "mini_batches_per_rollout": 2, "lr": 0.0}, {"batches_per_epoch": 4},
+        max_steps=4, precision=precision)
+    assert len(ratios) >= 4 and ratios == [0.0] * len(ratios), ratios
 
 
 def spread_rewards(module, rollout, continuations, budget):
@@ -105,7 +119,7 @@ def test_the_reference_runs_once_per_mini_batch_of_a_rollout_and_reusing_it_chan
     reference_passes, original_logprobs = [], losses.model_logprobs
 
     def counting(model, *args, **kwargs):
-        if not torch.is_grad_enabled():  # the reference's forward; the policy's keeps its graph
+        if not model.training:  # the reference's forward (the policy's, pi_old's among them, run in training mode)
             reference_passes[-1] += 1
         return original_logprobs(model, *args, **kwargs)
 
@@ -121,7 +135,8 @@ def test_the_reference_runs_once_per_mini_batch_of_a_rollout_and_reusing_it_chan
     reference_passes.clear()
 
     original_rl = RMTModule.rl_backward
-    monkeypatch.setattr(RMTModule, "rl_backward", lambda module, part, reference_logprobs=None: original_rl(module, part))
+    monkeypatch.setattr(RMTModule, "rl_backward",
+                        lambda module, part, old_logprobs=None, reference_logprobs=None: original_rl(module, part, old_logprobs))
     L.seed_everything(0)
     _, _, recomputed = fit(tmp_path / "recomputed", reuse, {"batches_per_epoch": 4}, [CountPerStep()], max_steps=4)
     assert reused_passes[0] >= 1 and reused_passes == [reused_passes[0], reused_passes[1], 0, 0], reused_passes
@@ -142,13 +157,13 @@ def test_the_steps_of_a_rollout_share_one_draw_and_every_counter_counts_optimize
     starts a third (cut short by the end of the run); a draw is the one its first step makes without reuse, at
     that step's curriculum progress. global_step, the budget per step, the LR schedule and the periodic checkpoints
     count the 10 optimizer steps. Step u of a rollout trains mini-batch u % 2 (a whole group of G completions, with
-    the sampling policy's log-probs) and its half of the documents."""
+    the sampling policy's log-probs as pi_old) and its half of the documents."""
     trained = []
     original_rl, original_ntp = RMTModule.rl_backward, RMTModule.ntp_backward
 
-    def rl_backward(module, part, reference_logprobs=None):
-        trained.append({"part": part, "whole": module.reused_trajectory})
-        return original_rl(module, part, reference_logprobs)
+    def rl_backward(module, part, old_logprobs=None, reference_logprobs=None):
+        trained.append({"part": part, "whole": module.reused_trajectory, "old": old_logprobs})
+        return original_rl(module, part, old_logprobs, reference_logprobs)
 
     def ntp_backward(module, documents, attention, ntp_mask, weight):
         trained[-1]["documents"] = documents.clone()
@@ -177,7 +192,11 @@ def test_the_steps_of_a_rollout_share_one_draw_and_every_counter_counts_optimize
     for t, step in zip(range(WARMUP, STEPS), trained):
         part, whole, half = step["part"], step["whole"], steps.seen[t]["update"] % 2
         assert part.prompts == whole.prompts[half : half + 1] and len(part.rollout.texts) == G
-        assert torch.equal(part.rollout.logprobs, whole.rollout.logprobs[half * G : (half + 1) * G])
+        # pi_old: the first update's own forward for mini-batch 0, else the sampling policy's, kept on the trajectory.
+        if steps.seen[t]["update"] == 0:
+            assert step["old"] is None
+        else:
+            assert torch.equal(step["old"], whole.old_logprobs[half]) and step["old"].shape == (G, part.rollout.completion_ids.shape[1])
         assert torch.equal(part.advantages, whole.advantages[half * G : (half + 1) * G])
         documents = steps.seen[t]["documents"]
         assert torch.equal(step["documents"], torch.tensor_split(documents, 2)[half] if len(documents) > 1 else documents)

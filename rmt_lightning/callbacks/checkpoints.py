@@ -101,14 +101,14 @@ class PreemptionCheckpoint(L.Callback):
         if self.received is None:
             self.received = signum
 
-    def _agreed_signal(self, trainer, device: torch.device) -> int:
+    def _agreed_signal(self, trainer) -> int:
         if trainer.world_size == 1:
             return self.received or 0
-        mark = torch.tensor(float(self.received or 0), device=device)
+        mark = torch.tensor(float(self.received or 0), device=trainer.strategy.root_device)
         return int(trainer.strategy.reduce(mark, reduce_op="max"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        signum = self._agreed_signal(trainer, pl_module.device)
+        signum = self._agreed_signal(trainer)
         if not signum:
             return
         path = self.folder / PREEMPTED_NAME
