@@ -62,8 +62,14 @@ class DeviceSpy:
     it logs, while the module's own ``device`` reads as ``meta``: any code that takes its device from
     ``LightningModule.device`` instead of the strategy's root device shows up as ``meta`` (or fails)."""
 
+    COLLECTIVES = ("all_reduce", "barrier", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_object",
+                   "reduce_scatter_tensor")
+
     def __init__(self):
         self.seen = {"generator": set(), "loss_inputs": set(), "logged": set()}
+        self.collectives = {"calls": 0, "in_rollouts": 0}
+        """Calls of torch.distributed's collectives: all of them, and those made while a rollout generates."""
+        self._in_rollout = False
 
     def _tensors(self, kind, values):
         for value in values:
@@ -92,6 +98,27 @@ class DeviceSpy:
             spy._tensors("logged", values.values())
             return log_dict(module, values, *args, **kwargs)
 
+        import rmt_lightning.module as module_file
+
+        def counted(function):
+            def wrapper(*args, **kwargs):
+                spy.collectives["calls"] += 1
+                spy.collectives["in_rollouts"] += spy._in_rollout
+                return function(*args, **kwargs)
+            return wrapper
+
+        generate_group = module_file.generate_group
+
+        def generating(*args, **kwargs):
+            spy._in_rollout = True
+            try:
+                return generate_group(*args, **kwargs)
+            finally:
+                spy._in_rollout = False
+
+        for name in self.COLLECTIVES:
+            yield mock.patch.object(torch.distributed, name, counted(getattr(torch.distributed, name)))
+        yield mock.patch.object(module_file, "generate_group", generating)
         yield mock.patch.object(RMTModule, "device", new_callable=mock.PropertyMock, return_value=torch.device("meta"))
         yield mock.patch.object(RMTModule, "_generator", generator)
         yield mock.patch.object(RMTModule, "log_dict", logged)
@@ -142,6 +169,7 @@ class Probe(L.Callback):
             self.record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         if self.devices is not None:
             self.record["devices_seen"] = {kind: sorted(found) for kind, found in self.devices.seen.items()}
+            self.record["collectives"] = dict(self.devices.collectives)
         path = os.path.join(self.out_dir, f"probe_rank{trainer.global_rank}.json")
         with open(path, "w") as f:
             json.dump(self.record, f)

@@ -69,6 +69,16 @@ def test_everything_the_module_makes_is_on_the_strategys_root_device(runs):
         assert record["mesh_device_type"] == (torch.device(root).type if strategy == "fsdp2" else None)
 
 
+def test_ddp_rollouts_make_no_collective(runs):
+    """Under DDP a rollout's forwards are each process's own: no agreement per decoding step (each was a barrier
+    and an all-reduce), while the step itself still reduces (gradients, logged figures)."""
+    strategy, _, first, _ = runs
+    if strategy != "ddp":
+        pytest.skip("sharded weights: see tests/test_decoding_weights.py")
+    for record in first:
+        assert record["collectives"]["in_rollouts"] == 0 and record["collectives"]["calls"] > 0, record["collectives"]
+
+
 def _single_process_draws(workdir: Path, epochs: int) -> list[list[list[int]]]:
     """What one process draws with the same seed for the global batch of both ranks (2 x batch_size)."""
     cli = build_cli(["--config", TINY, "--data.batch_size", "4", "--data.cache_dir", str(workdir / "cache")], run=False)
