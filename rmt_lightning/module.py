@@ -94,8 +94,10 @@ class RMTModule(L.LightningModule):
             of them, not only at the budget of the warm-up steps.
         updates_per_rollout: Passes over each rollout (TRL's ``num_iterations``, PPO's epochs): every pass
             trains each of its mini-batches once. With more than one update per rollout, pi_old of the ratio is
-            the policy that sampled the completions (their log-probs recorded while sampling), so the ratio
-            moves away from 1 and ``clip_eps`` acts.
+            the policy that sampled the completions (their log-probs taken by the loss's own forward before the
+            first update, so pi_old and pi share one path and precision), so the ratio moves away from 1 and
+            ``clip_eps`` acts. With several mini-batches, that costs one forward without gradients over the
+            other mini-batches at the rollout's first step.
         mini_batches_per_rollout: Mini-batches each rollout's positions are cut into (whole groups of G
             completions, with an equal share of the NTP documents), one optimizer step each; it must divide
             ``data.batch_size``. A rollout feeds ``updates_per_rollout * mini_batches_per_rollout`` optimizer
@@ -272,6 +274,14 @@ class RMTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         count_the_next_epoch_after_resume(self.trainer)
+
+    def on_fit_start(self) -> None:
+        # Runs after the strategy's setup, where the precision plugin casts the weights (bf16-true, 16-true), and
+        # before the first step: the dtypes read here are the ones the optimizer updates.
+        from .precision import warn_if_updates_round_away
+
+        if self.global_rank == 0:
+            warn_if_updates_round_away(self.policy.parameters(), self.hparams.lr)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         as_batch_end_checkpoint(checkpoint)
