@@ -60,6 +60,34 @@ def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float
     }
 
 
+def summarise(args, runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per case run so far, against the RPT row of its own path (cases whose baseline has not run yet are
+    left out)."""
+    rows = []
+    for name, results in runs.items():
+        baseline = runs.get("RPT, B=B_0" + budget_row_path(name))
+        if not results or not baseline:
+            continue
+        base = statistics.median(r["step_s"] for r in baseline)
+        base_cpu = statistics.median(r["step_cpu_s"] for r in baseline)
+        step = statistics.median(r["step_s"] for r in results)
+        cpu = statistics.median(r["step_cpu_s"] for r in results)
+        position = statistics.median(r["position_s"] for r in results)
+        one_update = (statistics.median(r["position_s"] for r in runs["RMT, final B"]) if runs.get("RMT, final B")
+                      else float("nan"))
+        rows.append({
+            "row": name, "budget": results[0]["budget"], "cap": 2 * results[0]["budget"] + args.answer_allowance,
+            "ratio": step / base, "cpu_ratio": cpu / base_cpu, "step_s": step, "position_s": position,
+            "position_ratio_to_one_update": position / one_update,
+            "generate_s": statistics.median(r["generate_s"] for r in results),
+            "update_s": statistics.median(r["update_s"] for r in results),
+            "completion_length": statistics.mean(r["completion_length"] for r in results),
+            "reasoning_length": statistics.mean(r["reasoning_length"] for r in results),
+            "peak_mb": max((r["peak_mb"] or 0) for r in results),
+        })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=BUILTIN_SMOLLM2)
@@ -107,26 +135,9 @@ def main() -> None:
         for name, case in cases.items():
             runs[name].append(run(args, batch, *case))
             print(f"  {name}: {runs[name][-1]['step_s']:.2f} s/step", flush=True)
-    rows = []
-    for name, results in runs.items():
-        baseline = runs["RPT, B=B_0" + budget_row_path(name)]
-        base = statistics.median(r["step_s"] for r in baseline)
-        base_cpu = statistics.median(r["step_cpu_s"] for r in baseline)
-        step = statistics.median(r["step_s"] for r in results)
-        cpu = statistics.median(r["step_cpu_s"] for r in results)
-        position = statistics.median(r["position_s"] for r in results)
-        one_update = (statistics.median(r["position_s"] for r in runs["RMT, final B"]) if "RMT, final B" in runs
-                      else float("nan"))
-        rows.append({
-            "row": name, "budget": results[0]["budget"], "cap": 2 * results[0]["budget"] + args.answer_allowance,
-            "ratio": step / base, "cpu_ratio": cpu / base_cpu, "step_s": step, "position_s": position,
-            "position_ratio_to_one_update": position / one_update,
-            "generate_s": statistics.median(r["generate_s"] for r in results),
-            "update_s": statistics.median(r["update_s"] for r in results),
-            "completion_length": statistics.mean(r["completion_length"] for r in results),
-            "reasoning_length": statistics.mean(r["reasoning_length"] for r in results),
-            "peak_mb": max((r["peak_mb"] or 0) for r in results),
-        })
+            write_json(args.out, {"args": vars(args), "final_budget": final, "rows": summarise(args, runs),
+                                  "runs": runs}, complete=False)
+    rows = summarise(args, runs)
     print_table(
         f"step time at the final budget vs B fixed at B_0 ({args.model.removeprefix('builtin:')}, B_0={args.b0}, "
         f"gamma={args.gamma}, final B={final}, P={args.prompts}, G={args.group_size})",

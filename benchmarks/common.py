@@ -216,15 +216,23 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> str:
     return text
 
 
-def write_json(name: str, payload: dict) -> Path:
-    """Write ``results/<name>.json`` (or under ``$RMT_BENCH_OUT``) with the machine description added."""
+def write_json(name: str, payload: dict, complete: bool = True) -> Path:
+    """Write ``results/<name>.json`` (or under ``$RMT_BENCH_OUT``) with the machine description added.
+
+    A benchmark rewrites its file with ``complete=False`` after each row, so a run stopped by a time limit leaves
+    the rows it finished; the file is replaced whole, never left half written.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     written = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    payload = {"benchmark": name, "written": written, "machine": machine(), "argv": sys.argv, **payload}
+    payload = {"benchmark": name, "written": written, "complete": complete, "machine": machine(), "argv": sys.argv,
+               **payload}
     payload["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    print(f"wrote {path}", flush=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(partial, path)
+    if complete:
+        print(f"wrote {path}", flush=True)
     return path
 
 

@@ -75,6 +75,7 @@ def main() -> None:
         row["cpu_ratio"] = b["cpu_median"] / o["cpu_median"]
         rows.append(row)
         print(f"  {name}: ratio {row['ratio']:.2f}", flush=True)
+        write_json(args.out, {"args": vars(args), "rows": rows}, complete=False)
         del model
     print_table(
         f"entropy scoring tokens/s (window {args.window}, stride {args.stride}, batch {args.batch_size}): "

@@ -8,6 +8,7 @@ included), to tell what the shared prompt gains from what the packing gains.
 
     python benchmarks/rollout.py                       # tiny model sweep + SmolLM2-135M headline
     python benchmarks/rollout.py --models builtin:tiny-llama --contexts 256 --caps 32
+    python benchmarks/rollout.py --dtype bfloat16 --sides ours copied generate   # on a GPU, where nothing is packed
 
 Both sides decode exactly ``cap`` new tokens per row: the end-of-sequence token is suppressed in both
 (``min_new_tokens`` for ``generate``; a wrapper that masks its logit for ``generate_group``, whose small cost
@@ -79,8 +80,14 @@ class SuppressEnd(nn.Module):
         return out
 
 
+SIDES = ("ours", "unpacked", "copied", "generate", "generate_packed")
+"""What a row times; ``unpacked`` and ``generate_packed`` equal ``ours`` and ``generate`` wherever nothing is packed
+(a GPU, half precision), so a GPU run leaves them out with ``--sides``."""
+
+
 def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int, prompts_per_batch: int,
-                repeats: int, dtype: str, seed: int) -> list[dict]:
+                repeats: int, dtype: str, seed: int, sides: tuple[str, ...] = SIDES, on_row=None) -> list[dict]:
+    """Rows of ``name`` for every context and cap; ``on_row(row)`` is called as each row is finished."""
     tokenizer = load_tokenizer(name)
     model = load_causal_lm(name, dtype=parse_dtype(dtype)).to(device()).eval()
     eos_ids = end_of_sequence_ids(model, tokenizer)
@@ -122,38 +129,39 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
             with torch.no_grad():
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=2, min_new_tokens=2,
                                num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id)
-            sides = {"ours": ours, "unpacked": unpacked, "copied": copied, "generate": hf, "generate_packed": hf_packed}
-            result = interleaved(sides, repeats=repeats, warmup=0)
-            o, c, h = result["ours"], result["copied"], result["generate"]
-            u, hp = result["unpacked"], result["generate_packed"]
-            row = {
-                "model": name, "context": context, "cap": cap, "G": group_size, "prompts": prompts_per_batch,
-                "ours_tokens": o["extra"]["tokens"], "generate_tokens": h["extra"]["tokens"],
-                "ours_s": o["wall_median"], "generate_s": h["wall_median"],
-                "ours_tok_s": o["extra"]["tokens"] / o["wall_median"], "generate_tok_s": h["extra"]["tokens"] / h["wall_median"],
-                "ours_cpu_s": o["cpu_median"], "generate_cpu_s": h["cpu_median"],
-                "ours_peak_mb": o["peak_mb"], "generate_peak_mb": h["peak_mb"],
-                "ours_runs_s": o["wall"], "generate_runs_s": h["wall"],
-                "copied_s": c["wall_median"], "copied_tok_s": c["extra"]["tokens"] / c["wall_median"],
-                "copied_runs_s": c["wall"], "copied_peak_mb": c["peak_mb"],
-                "ours_cache_mb": o["extra"]["cache_mb"], "copied_cache_mb": c["extra"]["cache_mb"],
-                "generate_cache_mb": h["extra"]["cache_mb"],
-                "unpacked_s": u["wall_median"], "unpacked_tok_s": u["extra"]["tokens"] / u["wall_median"],
-                "unpacked_runs_s": u["wall"], "generate_packed_s": hp["wall_median"],
-                "generate_packed_tok_s": hp["extra"]["tokens"] / hp["wall_median"], "generate_packed_runs_s": hp["wall"],
-            }
+            runs = {"ours": ours, "unpacked": unpacked, "copied": copied, "generate": hf, "generate_packed": hf_packed}
+            result = interleaved({side: runs[side] for side in sides}, repeats=repeats, warmup=0)
+            row = {"model": name, "context": context, "cap": cap, "G": group_size, "prompts": prompts_per_batch}
+            # A side left out leaves its keys out (summary.py tells a row's paths by which keys it has).
+            o, h = result["ours"], result["generate"]
+            row.update({"ours_tokens": o["extra"]["tokens"], "generate_tokens": h["extra"]["tokens"]})
+            for side, r in result.items():
+                row[f"{side}_s"] = r["wall_median"]
+                row[f"{side}_tok_s"] = r["extra"]["tokens"] / r["wall_median"]
+                row[f"{side}_runs_s"] = r["wall"]
+            for side in ("ours", "generate", "copied"):
+                if side in result:
+                    row[f"{side}_peak_mb"] = result[side]["peak_mb"]
+                    row[f"{side}_cache_mb"] = result[side]["extra"]["cache_mb"]
+            row["ours_cpu_s"], row["generate_cpu_s"] = o["cpu_median"], h["cpu_median"]
             row["ratio"] = row["ours_tok_s"] / row["generate_tok_s"]
-            row["copied_ratio"] = row["copied_tok_s"] / row["generate_tok_s"]
-            row["unpacked_ratio"] = row["unpacked_tok_s"] / row["generate_tok_s"]
-            row["ratio_vs_generate_packed"] = row["ours_tok_s"] / row["generate_packed_tok_s"]
+            for side in ("copied", "unpacked"):
+                if side in result:
+                    row[f"{side}_ratio"] = row[f"{side}_tok_s"] / row["generate_tok_s"]
+            if "generate_packed" in result:
+                row["ratio_vs_generate_packed"] = row["ours_tok_s"] / row["generate_packed_tok_s"]
             row["cache_ratio"] = row["ours_cache_mb"] / row["generate_cache_mb"]
             row["cpu_ratio"] = (o["extra"]["tokens"] / o["cpu_median"]) / (h["extra"]["tokens"] / h["cpu_median"])
             rows.append(row)
-            print(f"  {name} context {context} cap {cap}: ours {row['ours_tok_s']:.1f} tok/s, copied cache "
-                  f"{row['copied_tok_s']:.1f}, generate {row['generate_tok_s']:.1f} tok/s, ratio {row['ratio']:.2f} "
-                  f"(copied {row['copied_ratio']:.2f}, unpacked {row['unpacked_ratio']:.2f}, against generate packed "
-                  f"{row['ratio_vs_generate_packed']:.2f}); cache MB {row['ours_cache_mb']:.1f} / {row['copied_cache_mb']:.1f}"
-                  f" / {row['generate_cache_mb']:.1f}", flush=True)
+            others = ", ".join(f"{label} {row[key]:.2f}" for label, key in (
+                ("copied", "copied_ratio"), ("unpacked", "unpacked_ratio"),
+                ("against generate packed", "ratio_vs_generate_packed")) if key in row)
+            caches = " / ".join(f"{row[f'{side}_cache_mb']:.1f}" for side in ("ours", "copied", "generate")
+                                if f"{side}_cache_mb" in row)
+            print(f"  {name} context {context} cap {cap}: ours {row['ours_tok_s']:.1f} tok/s, generate "
+                  f"{row['generate_tok_s']:.1f} tok/s, ratio {row['ratio']:.2f} ({others}); cache MB {caches}", flush=True)
+            if on_row is not None:
+                on_row(row)
     return rows
 
 
@@ -166,23 +174,34 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1, help="prompts per batch (each gets G rows)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32", help="bfloat16 on a GPU")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="what to time (ours and generate always; on a GPU: ours copied generate)")
     add_common_arguments(parser)
     parser.add_argument("--out", default="rollout")
     args = parser.parse_args()
+    if not {"ours", "generate"} <= set(args.sides):
+        parser.error(f"--sides must include ours and generate, whose ratio each row reports; got {args.sides}")
+    sides = tuple(side for side in SIDES if side in args.sides)
     quiet_transformers()
     apply_threads(args.threads)
     rows = []
+
+    def save(row):
+        rows.append(row)
+        write_json(args.out, {"args": vars(args), "rows": rows}, complete=False)
+
     for name in args.models:
-        rows += bench_model(name, args.contexts, args.caps, args.group_size, args.prompts, args.repeats, args.dtype, args.seed)
+        bench_model(name, args.contexts, args.caps, args.group_size, args.prompts, args.repeats, args.dtype, args.seed,
+                    sides, on_row=save)
     print_table(
         f"rollout tokens/s, G={args.group_size}, {args.prompts} prompt(s) per batch: generate_group vs generate(num_return_sequences)",
         ["model", "context", "cap", "ratio (ours/generate)", "copied cache / generate", "unpacked / generate",
          "ours / generate packed", "CPU-time ratio", "ours tok/s", "copied tok/s", "generate tok/s", "cache MB ours",
          "cache MB copied", "cache MB generate", "ours peak MB",
          "generate peak MB"],
-        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r["copied_ratio"], r["unpacked_ratio"],
-          r["ratio_vs_generate_packed"], r["cpu_ratio"],
-          r["ours_tok_s"], r["copied_tok_s"], r["generate_tok_s"], r["ours_cache_mb"], r["copied_cache_mb"],
+        [[r["model"].removeprefix("builtin:"), r["context"], r["cap"], r["ratio"], r.get("copied_ratio"),
+          r.get("unpacked_ratio"), r.get("ratio_vs_generate_packed"), r["cpu_ratio"],
+          r["ours_tok_s"], r.get("copied_tok_s"), r["generate_tok_s"], r["ours_cache_mb"], r.get("copied_cache_mb"),
           r["generate_cache_mb"], r["ours_peak_mb"], r["generate_peak_mb"]] for r in rows],
     )
     write_json(args.out, {"args": vars(args), "rows": rows})

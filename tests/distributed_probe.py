@@ -180,7 +180,9 @@ def run_probe(workdir: Path, out: Path, args: list[str], processes: int = 2, ckp
     and return the record of each of the ``processes`` ranks."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), str(out), ckpt, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # The repository first, then whatever the caller put on the path (packages installed beside the interpreter's).
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in range(processes)]
