@@ -116,6 +116,11 @@ class RMTModule(L.LightningModule):
             per rollout for oneDNN (``prepacked.py``): about 40% off the matmuls of a float32 decoding step,
             at the memory of one more copy of those weights while a rollout runs. Results equal the unpacked
             path's within float32 rounding. No effect on GPUs, other dtypes or FSDP-sharded weights.
+        gather_weights_for_rollouts: Under FSDP1/FSDP2, a rollout gathers the whole model's weights on every process
+            once (``decoding_weights.py``), so its decoding steps are not collectives: every process then holds the
+            full weights while it generates (under ``bf16-mixed`` as gathered, and once more in bf16). False keeps
+            them sharded and gathers them layer by layer at every decoding step (slower; for models whose full
+            weights do not fit on one device). No effect without FSDP.
         sample_seed: Seed of completion sampling (per step and rank).
         log_samples: Completions kept per step for the completions table.
         max_consecutive_skips: A step whose loss or gradients are not finite (NaN/inf) is skipped (no update,
@@ -170,6 +175,7 @@ class RMTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         share_prompt_attention: bool = True,
         prepack_weights: bool = True,
+        gather_weights_for_rollouts: bool = True,
         sample_seed: int = 0,
         log_samples: int = 4,
         max_consecutive_skips: int = 5,
@@ -343,6 +349,7 @@ class RMTModule(L.LightningModule):
             # Only sharded weights make a forward a collective that every process must run (not under DDP).
             all_finished=agreement(self._trainer) if self._policy_sharded else None, record_logprobs=record_logprobs,
             share_prompt=hp.share_prompt_attention, prepack_weights=hp.prepack_weights,
+            gather_weights=hp.gather_weights_for_rollouts,
         )
 
     def rewards(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:

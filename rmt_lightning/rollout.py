@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .attention import shared_prompt_attention, use_shared_prompt
+from .decoding_weights import decoding_weights
 from .forward import Prefill, prefill
 from .kv_cache import SharedPromptCache, expand_cache
 from .method import extract_prediction
@@ -297,6 +298,7 @@ def generate_group(
     share_prompt: bool = True,
     record_logprobs: bool = False,
     prepack_weights: bool = True,
+    gather_weights: bool = True,
 ) -> GroupRollout:
     """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
 
@@ -312,18 +314,29 @@ def generate_group(
     are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
     costing compute; the samples are the same either way (see ``_sample``).
 
-    With ``prepack_weights``, on a CPU the decoding steps multiply by the linear weights reordered once for
+    With ``prepack_weights``, on a CPU the decoding steps multiply by the float32 linear weights reordered once for
     oneDNN (``prepacked.prepacked_linears``; the prefill keeps the model's own path): faster, equal within float32
-    rounding, one more copy of those weights while the rollout runs.
+    rounding, one more copy of those weights while the rollout runs. Weights cast for autocast (below) are not
+    float32, so they are not packed.
 
     With ``record_logprobs`` the rollout keeps the log-prob of every sampled token under the untempered
     distribution (``GroupRollout.logprobs``): the old policy of updates that reuse the rollout.
 
-    ``all_finished(local_done) -> bool``, when given, decides when to stop from every process's state: under
-    FSDP each decoding step is a collective, so a process whose rows are done keeps stepping (on one row of
-    padding) until the others are done too.
+    The prefill and the decoding steps run on weights prepared once for the rollout
+    (``decoding_weights.decoding_weights``). Under autocast with a lower-precision dtype than the weights (Lightning's
+    ``bf16-mixed``), the weights are cast once to it and autocast is off, so the key/value cache is in that dtype:
+    one more copy of the weights, in that dtype, while the rollout runs. Under FSDP2 or FSDP1, with
+    ``gather_weights``, the weights are gathered once for the rollout instead of at every step: every process
+    holds the whole model's weights while the rollout runs (as gathered, and once more in the compute dtype where
+    they are cast). ``gather_weights=False`` keeps them sharded, gathered at every step, where memory is too
+    short for that.
+
+    ``all_finished(local_done) -> bool``, when given, decides when to stop from every process's state: each
+    decoding step of a sharded model whose weights are not gathered is a collective, so a process whose rows are
+    done keeps stepping (on one row of padding) until the others are done too; it also makes the processes agree
+    on the prefill's path. Once the weights are gathered the forwards are no longer collectives: it is not called,
+    and each process stops when its own rows are done.
     """
-    device = next(model.parameters()).device
     encode = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     rules = _Rules(think_cap, answer_allowance, budget_forcing, response_prefix,
                    frozenset(end_of_sequence_ids(model, tokenizer)), encode(ANSWER_SCAFFOLD), encode(BOX_SCAFFOLD),
@@ -336,46 +349,51 @@ def generate_group(
     was_training = model.training
     model.eval()
     try:
-        # all_finished is an AND over processes: it also makes them agree on the prefill's path.
-        start = prefill(model, prompts, pad_id, device, share_prefix=share_prefix, all_agree=all_finished)
-        cache = _RolloutCache(model, start, group_size, cap, share_prompt)
-        logits = start.last_logits.repeat_interleave(group_size, dim=0)
-        next_position = start.positions.repeat_interleave(group_size) + 1
-        # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
-        active = list(range(len(rows)))
-        active_index = torch.arange(len(rows), device=device)
-        steps = 0
-        with cache.attending, prepacked_linears(model, len(rows), enabled=prepack_weights):
-            while True:
-                # Past its own cap a process only steps along (padding) while another one is still generating.
-                step = {r: pad_id for r in active}
-                if steps < cap:
-                    steps += 1
-                    drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
-                    logprobs = _logprobs_of(logits, drawn) if record_logprobs else [0.0] * len(active)
-                    for r, draw, logprob in zip(active, drawn.tolist(), logprobs):
-                        if not rows[r].done:
-                            step[r] = rows[r].advance(draw, rules, logprob)
-                if steps >= cap:
-                    for r in active:
-                        rows[r].stop_at_the_cap()
-                finished = all(rows[r].done for r in active)
-                if all_finished(finished) if all_finished is not None else finished:
-                    break
-                done_rows = sum(rows[r].done for r in active)
-                if compact_finished and done_rows and 4 * done_rows >= len(active):
-                    # A process whose rows are all done keeps one row to step along with the others.
-                    keep = [b for b, r in enumerate(active) if not rows[r].done] or [0]
-                    if len(keep) < len(active):
-                        keep_index = torch.tensor(keep, device=device)
-                        cache.select(keep_index)
-                        next_position = next_position.index_select(0, keep_index)
-                        active = [active[b] for b in keep]
-                        active_index = active_index.index_select(0, keep_index)
-                tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
-                out = model(input_ids=tokens, position_ids=next_position.unsqueeze(1), use_cache=True, **cache.inputs(steps))
-                logits = out.logits[:, -1]
-                next_position = next_position + 1
+        with decoding_weights(model, gather=gather_weights) as weights:
+            if weights.gathered:
+                all_finished = None
+            # Read once gathered: FSDP1 with offloaded parameters gathers them onto its compute device.
+            device = next(model.parameters()).device
+            # all_finished is an AND over processes: it also makes them agree on the prefill's path.
+            start = prefill(model, prompts, pad_id, device, share_prefix=share_prefix, all_agree=all_finished)
+            cache = _RolloutCache(model, start, group_size, cap, share_prompt)
+            logits = start.last_logits.repeat_interleave(group_size, dim=0)
+            next_position = start.positions.repeat_interleave(group_size) + 1
+            # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
+            active = list(range(len(rows)))
+            active_index = torch.arange(len(rows), device=device)
+            steps = 0
+            with cache.attending, prepacked_linears(model, len(rows), enabled=prepack_weights):
+                while True:
+                    # Past its own cap a process only steps along (padding) while another one is still generating.
+                    step = {r: pad_id for r in active}
+                    if steps < cap:
+                        steps += 1
+                        drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
+                        logprobs = _logprobs_of(logits, drawn) if record_logprobs else [0.0] * len(active)
+                        for r, draw, logprob in zip(active, drawn.tolist(), logprobs):
+                            if not rows[r].done:
+                                step[r] = rows[r].advance(draw, rules, logprob)
+                    if steps >= cap:
+                        for r in active:
+                            rows[r].stop_at_the_cap()
+                    finished = all(rows[r].done for r in active)
+                    if all_finished(finished) if all_finished is not None else finished:
+                        break
+                    done_rows = sum(rows[r].done for r in active)
+                    if compact_finished and done_rows and 4 * done_rows >= len(active):
+                        # A process whose rows are all done keeps one row to step along with the others.
+                        keep = [b for b, r in enumerate(active) if not rows[r].done] or [0]
+                        if len(keep) < len(active):
+                            keep_index = torch.tensor(keep, device=device)
+                            cache.select(keep_index)
+                            next_position = next_position.index_select(0, keep_index)
+                            active = [active[b] for b in keep]
+                            active_index = active_index.index_select(0, keep_index)
+                    tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
+                    out = model(input_ids=tokens, position_ids=next_position.unsqueeze(1), use_cache=True, **cache.inputs(steps))
+                    logits = out.logits[:, -1]
+                    next_position = next_position + 1
     finally:
         model.train(was_training)
     return _to_rollout(rows, pad_id, response_prefix, record_logprobs)

@@ -170,3 +170,17 @@ def test_a_rank_with_one_token_wide_completions_runs_the_pass_the_other_ranks_ru
     # FSDP averages the ranks' gradients: the one-token-wide rank's pass adds nothing and loses nothing.
     for name, grad in results[0]["grads"].items():
         torch.testing.assert_close(grad, (expected_grads[0][name] + expected_grads[1][name]) / 2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_the_module_hands_rollouts_its_gathering_choice_and_no_agreement_when_unsharded(monkeypatch, gather):
+    import rmt_lightning.module as module_file
+    from rmt_lightning import RMTModule
+
+    captured = {}
+    monkeypatch.setattr(module_file, "generate_group", lambda *args, **kwargs: captured.update(kwargs))
+    module = RMTModule(model_name_or_path=BUILTIN_TINY, gather_weights_for_rollouts=gather)
+    module.configure_model()
+    module.rollout([[5, 6, 7]], budget=2)
+    assert captured["gather_weights"] is gather and captured["all_finished"] is None
+    assert captured["generator"].device == torch.device("cpu")
