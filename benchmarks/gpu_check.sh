@@ -213,7 +213,7 @@ main() {
         local entropy=(--documents 2 --doc_tokens 64 --window 32 --stride 16 --batch_size 2 --repeats 1)
     else
         local rollout=(--contexts 256 1024 --caps 32 256 --group_size 8 --repeats 3)
-        local big_rollout=(--contexts 1024 --caps 256 --group_size 8 --repeats 2)
+        local big_rollout=(--contexts 1024 --caps 256 --group_size 8 --repeats 1)
         local budget=(--only "RMT, final B" "RMT, final B, copied cache")
         local entropy=(--documents 32)
     fi

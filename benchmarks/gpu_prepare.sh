@@ -19,7 +19,7 @@ LIMIT_MB=55
 # needs for LightningCLI's signatures, and datasets with its pure-Python needs. anyio, idna, h11, tqdm and fsspec
 # are in the image at versions nobody has read there, below the minimums of the wheels carried with them for all
 # anyone knows: their wheels are small, so they travel at the versions tested here.
-PACKAGES=(transformers huggingface_hub httpx2 httpcore2 truststore anyio idna h11 kernels tomlkit tqdm
+PACKAGES=(transformers huggingface_hub httpx2 httpcore2 truststore anyio idna h11 kernels tomlkit tqdm regex
           jsonargparse docstring_parser typeshed_client datasets dill multiprocess fsspec)
 
 # The Python packages of the GPU machines' image ('cuda', as read on 2026-11-17). A requirement that neither this

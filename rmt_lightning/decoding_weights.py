@@ -23,12 +23,22 @@ them in the compute dtype.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+_reported: set[str] = set()
+
+
+def _report_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        log.warning(message)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,16 @@ def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
     return [m for m in modules if id(m) not in inside]
 
 
+def _param_groups(state) -> list:
+    """An FSDP2 state's parameter groups: ``_fsdp_param_groups`` in recent PyTorch, one ``_fsdp_param_group``
+    (or None) in earlier releases."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
 def _fsdp2_can_gather(modules: list[nn.Module]) -> bool:
     """Every parameter group idle (no forward or backward under way) and sharded over an FSDP mesh, the case
     ``set_reshard_after_forward`` covers. Saving and restoring the settings reads FSDP2's internals: a PyTorch
@@ -67,12 +87,13 @@ def _fsdp2_can_gather(modules: list[nn.Module]) -> bool:
         from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, TrainingState
     except ImportError:
         return False
-    internals = ("_lazy_init", "_auto_reshard_after_forward", "_fsdp_param_groups")
+    internals = ("_lazy_init", "_auto_reshard_after_forward")
     for module in modules:
         state = module._get_fsdp_state()
-        if not all(hasattr(state, name) for name in internals):
+        if not all(hasattr(state, name) for name in internals) or not (
+                hasattr(state, "_fsdp_param_groups") or hasattr(state, "_fsdp_param_group")):
             return False
-        for group in state._fsdp_param_groups:
+        for group in _param_groups(state):
             if not isinstance(group.mesh_info, FSDPMeshInfo) or group._training_state != TrainingState.IDLE:
                 return False
     return True
@@ -91,10 +112,10 @@ def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
     for root in _outermost(modules):
         root._get_fsdp_state()._lazy_init()
     states = [module._get_fsdp_state() for module in modules]
-    settings = [(state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+    settings = [(state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in _param_groups(state)])
                 for state in states]
     # A root keeps its weights unsharded after a forward: those stay as they were found.
-    were_sharded = [not all(g.is_unsharded for g in state._fsdp_param_groups) for state in states]
+    were_sharded = [not all(g.is_unsharded for g in _param_groups(state)) for state in states]
     try:
         for module in modules:
             module.set_reshard_after_forward(False, recurse=False)
@@ -116,7 +137,7 @@ def _fsdp2_gathered(modules: list[nn.Module]) -> Iterator[None]:
 def _restore_fsdp2(states, settings) -> None:
     for state, (auto, mesh_infos) in zip(states, settings):
         state._auto_reshard_after_forward = auto
-        for group, mesh_info in zip(state._fsdp_param_groups, mesh_infos):
+        for group, mesh_info in zip(_param_groups(state), mesh_infos):
             group.post_forward_mesh_info = mesh_info
 
 
@@ -228,6 +249,10 @@ def decoding_weights(model: nn.Module, gather: bool = True) -> Iterator[Decoding
         elif gather and fsdp1 and not fsdp2 and _fsdp1_can_gather(fsdp1):
             stack.enter_context(_fsdp1_gathered(model, fsdp1))
             gathered, fsdp1_dtype = True, _fsdp1_param_dtype(fsdp1)
+        if gather and (fsdp1 or fsdp2) and not gathered:
+            _report_once("a rollout's FSDP weights cannot be gathered once here (a forward or backward under way, "
+                         "FSDP1 and FSDP2 mixed, or FSDP internals this PyTorch names otherwise): each decoding step "
+                         "gathers them, and the processes agree at every step")
         cast = None
         if gathered or not (fsdp1 or fsdp2):
             dtype, device_type = _compute_dtype(model, fsdp1_dtype)

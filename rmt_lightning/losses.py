@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .distributed import agreement, max_over_ranks, world_size
+from .distributed import agreement, is_sharded, max_over_ranks, world_size
 from .forward import completion_logprobs, head_positions
 from .method import grpo_token_loss_terms, token_logprobs
 
@@ -29,9 +29,11 @@ def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, comp
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    # Under FSDP the processes must agree on running the shared prompt prefix as a pass of its own.
+    # Under FSDP every forward is a collective: the processes agree on which passes they run (the shared prompt
+    # prefix as a pass of its own, the pass over the completions after their first token). Under DDP they need not.
+    all_agree = agreement(trainer) if is_sharded(model) else None
     return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                               not checkpointing, logprob_mask=logprob_mask, all_agree=agreement(trainer),
+                               not checkpointing, logprob_mask=logprob_mask, all_agree=all_agree,
                                share_prompt_attention=share_prompt_attention)
 
 

@@ -7,6 +7,7 @@ import math
 import time
 
 import lightning as L
+from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 import numpy as np
 import torch
 from torch import Tensor
@@ -227,9 +228,10 @@ class RMTModule(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         self.policy, reference = shard_models(strategy, self.device_mesh, self.policy, reference)
         if is_fsdp1(self.policy):
-            # FSDP1 placed the wrapped models; Lightning leaves a module with FSDP inside it where it is, so the
-            # module's own device (what Lightning's logging and torchmetrics read) is set here.
-            self.to(strategy.root_device)
+            # FSDP1 placed the wrapped models and Lightning leaves a module with FSDP inside it where it is, so the
+            # module's own device (what Lightning's own code reads) is set here, without moving anything: a move
+            # would put FSDP1's CPU-offloaded parameters on the GPU.
+            _update_properties(self, device=strategy.root_device)
         self._policy_sharded = is_sharded(self.policy)
         self._reference_sharded = reference is not None and is_sharded(reference)
         # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints, strict
@@ -335,10 +337,9 @@ class RMTModule(L.LightningModule):
         return torch.Generator(device=self.root_device).manual_seed(seed)
 
     def rollout(self, prompts: list[list[int]], budget: int, group_size: int | None = None,
-                temperature: float | None = None, record_logprobs: bool = False) -> GroupRollout:
+                temperature: float | None = None) -> GroupRollout:
         """G completions per prompt under budget ``budget`` (thinking cap 2B, plus the answer allowance);
-        ``group_size`` and ``temperature`` replace the training values (evaluation uses its own);
-        ``record_logprobs`` keeps the sampled tokens' log-probs (``GroupRollout.logprobs``)."""
+        ``group_size`` and ``temperature`` replace the training values (evaluation uses its own)."""
         hp = self.hparams
         return generate_group(
             self.policy, self.tokenizer, prompts, group_size or hp.group_size,
@@ -347,7 +348,7 @@ class RMTModule(L.LightningModule):
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
             # Only sharded weights make a forward a collective that every process must run (not under DDP).
-            all_finished=agreement(self._trainer) if self._policy_sharded else None, record_logprobs=record_logprobs,
+            all_finished=agreement(self._trainer) if self._policy_sharded else None,
             share_prompt=hp.share_prompt_attention, prepack_weights=hp.prepack_weights,
             gather_weights=hp.gather_weights_for_rollouts,
         )

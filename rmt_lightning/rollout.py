@@ -53,7 +53,9 @@ class GroupRollout:
     """Budget forcing wrote ``</think> \\boxed{`` for this row."""
     logprobs: Tensor | None = None
     """``[N, C]`` log-prob of each sampled token under the policy's untempered distribution when it was sampled
-    (0 elsewhere); recorded with ``record_logprobs``, as the ``pi_old`` of updates that reuse the rollout."""
+    (0 elsewhere), by the decoding's own arithmetic; recorded with ``record_logprobs``. Updates that reuse a
+    rollout take pi_old by the loss's forward instead (``Trajectory.old_logprobs``); trajectories kept by
+    checkpoints written before that still hold these."""
 
     @cached_property
     def predictions(self) -> list[str | None]:
@@ -320,7 +322,7 @@ def generate_group(
     float32, so they are not packed.
 
     With ``record_logprobs`` the rollout keeps the log-prob of every sampled token under the untempered
-    distribution (``GroupRollout.logprobs``): the old policy of updates that reuse the rollout.
+    distribution, as the decoding computed it (``GroupRollout.logprobs``).
 
     The prefill and the decoding steps run on weights prepared once for the rollout
     (``decoding_weights.decoding_weights``). Under autocast with a lower-precision dtype than the weights (Lightning's

@@ -3,7 +3,7 @@ read it and as a checkpoint keeps it when later steps reuse the rollout."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
@@ -52,7 +52,10 @@ class Trajectory:
     def state_dict(self) -> dict:
         """The trajectory as CPU tensors, lists, numbers and strings (a checkpoint loads it with ``weights_only``
         on any host, and gathering it from every rank moves no accelerator memory)."""
-        return apply_to_collection(asdict(self), Tensor, lambda t: t.detach().cpu())
+        # Shallow, not asdict: its deep copy would first copy every tensor where it is (on the GPU).
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["rollout"] = {f.name: getattr(self.rollout, f.name) for f in fields(self.rollout)}
+        return apply_to_collection(state, Tensor, lambda t: t.detach().cpu())
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Trajectory:

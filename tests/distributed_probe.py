@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from unittest import mock
 import lightning as L
 import lightning.pytorch.strategies.fsdp as lightning_fsdp
 import torch
+import torch.multiprocessing as mp
 from lightning.pytorch.strategies import FSDPStrategy
 
 from rmt_lightning.cli import build_cli
@@ -68,7 +70,10 @@ class DeviceSpy:
     def __init__(self):
         self.seen = {"generator": set(), "loss_inputs": set(), "logged": set()}
         self.collectives = {"calls": 0, "in_rollouts": 0}
-        """Calls of torch.distributed's collectives: all of them, and those made while a rollout generates."""
+        """Calls of torch.distributed's collectives: all of them, and the all-reduces and barriers (how processes
+        agree, as ``distributed.all_ranks`` does) made while a rollout generates. FSDP's own gathers are not
+        counted there: gathering the weights once per rollout is expected (tests/test_decoding_weights.py counts
+        those per rollout)."""
         self._in_rollout = False
 
     def _tensors(self, kind, values):
@@ -100,10 +105,10 @@ class DeviceSpy:
 
         import rmt_lightning.module as module_file
 
-        def counted(function):
+        def counted(function, agreement: bool):
             def wrapper(*args, **kwargs):
                 spy.collectives["calls"] += 1
-                spy.collectives["in_rollouts"] += spy._in_rollout
+                spy.collectives["in_rollouts"] += spy._in_rollout and agreement
                 return function(*args, **kwargs)
             return wrapper
 
@@ -117,7 +122,8 @@ class DeviceSpy:
                 spy._in_rollout = False
 
         for name in self.COLLECTIVES:
-            yield mock.patch.object(torch.distributed, name, counted(getattr(torch.distributed, name)))
+            agreement = name in ("all_reduce", "barrier")
+            yield mock.patch.object(torch.distributed, name, counted(getattr(torch.distributed, name), agreement))
         yield mock.patch.object(module_file, "generate_group", generating)
         yield mock.patch.object(RMTModule, "device", new_callable=mock.PropertyMock, return_value=torch.device("meta"))
         yield mock.patch.object(RMTModule, "_generator", generator)
@@ -186,6 +192,30 @@ def run_probe(workdir: Path, out: Path, args: list[str], processes: int = 2, ckp
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     return [json.loads((out / f"probe_rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(target, *args, processes: int = 2, timeout: float = 300) -> None:
+    """Run ``target(rank, port, *args)`` in ``processes`` spawned processes, the ranks of one process group; fails
+    when one is still running after ``timeout`` seconds (waiting on a collective another rank skipped) or fails."""
+    context = mp.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=target, args=(rank, port, *args)) for rank in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=timeout)
+    hung = [rank for rank, worker in enumerate(workers) if worker.is_alive()]
+    for rank in hung:
+        workers[rank].kill()
+    assert not hung, f"rank(s) {hung} still waiting after {timeout} s: one rank skipped a collective the others ran"
+    assert all(worker.exitcode == 0 for worker in workers), [worker.exitcode for worker in workers]
 
 
 def assert_trained(records: list[dict]) -> None:

@@ -6,15 +6,14 @@ their own lengths, the weights sharded again afterwards with the same values, an
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from distributed_probe import run_ranks
 from rmt_lightning import prepacked
 from rmt_lightning.decoding_weights import DecodingWeights, decoding_weights
 from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
@@ -154,11 +153,6 @@ def test_prepacking_still_applies_to_float32_decoding_and_not_to_the_cast_weight
 
 # ---- FSDP2 and FSDP1: two gloo processes ---------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class _Collectives(TorchDispatchMode):
     """Counts the collectives issued on this process: every path to the backend (``torch.distributed``'s functions,
@@ -293,18 +287,7 @@ def _sharded_worker(rank: int, port: int, out: str, sharding: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("sharding", ["fsdp1", "fsdp2"])
 def test_sharded_rollouts_gather_once_and_decode_without_collectives(tmp_path, tokenizer, sharding):
-    context = mp.get_context("spawn")
-    port = _free_port()
-    workers = [context.Process(target=_sharded_worker, args=(rank, port, str(tmp_path), sharding)) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
-    hung = [w for w in workers if w.is_alive()]
-    for worker in hung:
-        worker.kill()
-    assert not hung, "a rank waited for the other"
-    assert all(w.exitcode == 0 for w in workers)
+    run_ranks(_sharded_worker, str(tmp_path), sharding, timeout=300)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     prompts = _prompts(tokenizer)[:1]

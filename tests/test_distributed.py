@@ -7,7 +7,6 @@ not deadlock when one rank generates far longer than the other.
 Lightning allows FSDP1 on GPUs only; the tests run it on CPU through ``distributed_probe.CPUFSDPStrategy``."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,8 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from distributed_probe import assert_trained, run_probe
+from distributed_probe import assert_trained, run_probe, run_ranks
 from rmt_lightning.cli import build_cli
 from rmt_lightning.distributed import shard_model, wrap_fsdp1
 from rmt_lightning.method import token_budget
@@ -69,12 +67,12 @@ def test_everything_the_module_makes_is_on_the_strategys_root_device(runs):
         assert record["mesh_device_type"] == (torch.device(root).type if strategy == "fsdp2" else None)
 
 
-def test_ddp_rollouts_make_no_collective(runs):
-    """Under DDP a rollout's forwards are each process's own: no agreement per decoding step (each was a barrier
-    and an all-reduce), while the step itself still reduces (gradients, logged figures)."""
-    strategy, _, first, _ = runs
-    if strategy != "ddp":
-        pytest.skip("sharded weights: see tests/test_decoding_weights.py")
+def test_rollouts_make_no_agreement_per_decoding_step(runs):
+    """Under DDP a rollout's forwards are each process's own; under FSDP1 and FSDP2 its weights are gathered once
+    (those all-gathers are counted in tests/test_decoding_weights.py), so no process waits for the others at each
+    decoding step: no all-reduce or barrier while a rollout generates (each wait was one of each). The step itself
+    still reduces."""
+    _, _, first, _ = runs
     for record in first:
         assert record["collectives"]["in_rollouts"] == 0 and record["collectives"]["calls"] > 0, record["collectives"]
 
@@ -191,11 +189,6 @@ def test_full_checkpoint_validates_and_exports_in_one_process(runs, tmp_path):
 
 # ---- generation with uneven lengths under FSDP1 and FSDP2 --------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _uneven_generation(rank: int, port: int, out: str, sharding: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -233,18 +226,7 @@ def _uneven_generation(rank: int, port: int, out: str, sharding: str) -> None:
 
 @pytest.mark.parametrize("sharding", ["fsdp1", "fsdp2"])
 def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process_and_clips_globally(tmp_path, sharding):
-    context = mp.get_context("spawn")
-    port = _free_port()
-    workers = [context.Process(target=_uneven_generation, args=(rank, port, str(tmp_path), sharding)) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
-    hung = [w for w in workers if w.is_alive()]
-    for worker in hung:
-        worker.kill()
-    assert not hung, "sharded generation deadlocked"
-    assert all(w.exitcode == 0 for w in workers)
+    run_ranks(_uneven_generation, str(tmp_path), sharding, timeout=300)
     short, long = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert short["mask"].sum(1).tolist() == [2, 2]
     assert long["mask"].sum(1).tolist() == [40, 40]

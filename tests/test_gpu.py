@@ -26,14 +26,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _train(tmp_path: Path, devices: int, *args: str) -> list[dict]:
     return run_probe(tmp_path, tmp_path / "probe", [
         "--config", TINY, "--trainer.accelerator", "gpu", "--trainer.devices", str(devices),
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1",
         "--data.cache_dir", str(tmp_path / "cache"), *args,
     ], processes=devices)
 
 
 def _assert_trained(records: list[dict]) -> None:
+    """Trained (``assert_trained``), on the GPU, with everything the module makes on the root device; one
+    validation batch ran (reasoning mode included, under inference mode where Lightning uses it); no rollout made a
+    collective of its own (under FSDP its weights were gathered once, not at every decoding step)."""
     assert_trained(records)
-    assert all(record["steps"] and record["peak_gpu_memory_bytes"] > 0 for record in records)
+    for record in records:
+        root = record["root_device"]
+        assert record["steps"] and record["peak_gpu_memory_bytes"] > 0 and root.startswith("cuda")
+        assert record["parameter_devices"] == [root]
+        assert record["devices_seen"] == {"generator": [root], "loss_inputs": [root], "logged": [root]}
+        assert record["collectives"]["in_rollouts"] == 0, record["collectives"]
 
 
 @pytest.mark.parametrize("strategy", sorted(GPU_STRATEGIES))

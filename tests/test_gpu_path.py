@@ -12,7 +12,6 @@ rank runs. (tests/test_gpu.py runs the loop on a real GPU where there is one.)
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -20,9 +19,8 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from distributed_probe import run_probe
+from distributed_probe import free_port, run_probe, run_ranks
 from rmt_lightning.checkpointing import AtomicCheckpointIO
 from rmt_lightning.distributed import shard_models
 from rmt_lightning.forward import completion_logprobs
@@ -33,11 +31,6 @@ from rmt_lightning.trajectory import Trajectory
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_single_device_run_makes_everything_on_the_root_device(tmp_path):
@@ -50,7 +43,7 @@ def test_a_single_device_run_makes_everything_on_the_root_device(tmp_path):
 
 @pytest.fixture
 def one_process_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -145,18 +138,7 @@ def _inputs(rank: int):
 
 
 def test_a_rank_with_one_token_wide_completions_runs_the_pass_the_other_ranks_run(tmp_path):
-    context = mp.get_context("spawn")
-    port = _free_port()
-    workers = [context.Process(target=_completion_pass, args=(rank, port, str(tmp_path))) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    hung = [w for w in workers if w.is_alive()]
-    for worker in hung:
-        worker.kill()
-    assert not hung, "a rank skipped a collective pass: the other waited forever"
-    assert all(w.exitcode == 0 for w in workers)
+    run_ranks(_completion_pass, str(tmp_path), timeout=120)
 
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     model = load_causal_lm(BUILTIN_TINY)
