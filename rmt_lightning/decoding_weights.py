@@ -243,12 +243,18 @@ def decoding_weights(model: nn.Module, gather: bool = True) -> Iterator[Decoding
     fsdp2, fsdp1 = _fsdp_modules(model)
     with ExitStack() as stack:
         gathered, fsdp1_dtype = False, None
-        if gather and fsdp2 and not fsdp1 and _fsdp2_can_gather(fsdp2):
-            stack.enter_context(_fsdp2_gathered(fsdp2))
-            gathered = True
-        elif gather and fsdp1 and not fsdp2 and _fsdp1_can_gather(fsdp1):
-            stack.enter_context(_fsdp1_gathered(model, fsdp1))
-            gathered, fsdp1_dtype = True, _fsdp1_param_dtype(fsdp1)
+        try:
+            if gather and fsdp2 and not fsdp1 and _fsdp2_can_gather(fsdp2):
+                stack.enter_context(_fsdp2_gathered(fsdp2))
+                gathered = True
+            elif gather and fsdp1 and not fsdp2 and _fsdp1_can_gather(fsdp1):
+                stack.enter_context(_fsdp1_gathered(model, fsdp1))
+                gathered, fsdp1_dtype = True, _fsdp1_param_dtype(fsdp1)
+        except torch.OutOfMemoryError as error:
+            raise torch.OutOfMemoryError(
+                f"the whole model's weights do not fit on this device to generate a rollout ({error}); set "
+                "model.gather_weights_for_rollouts false to gather them layer by layer at every decoding step"
+            ) from error
         if gather and (fsdp1 or fsdp2) and not gathered:
             _report_once("a rollout's FSDP weights cannot be gathered once here (a forward or backward under way, "
                          "FSDP1 and FSDP2 mixed, or FSDP internals this PyTorch names otherwise): each decoding step "

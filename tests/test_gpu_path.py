@@ -166,3 +166,21 @@ def test_the_module_hands_rollouts_its_gathering_choice_and_no_agreement_when_un
     module.rollout([[5, 6, 7]], budget=2)
     assert captured["gather_weights"] is gather and captured["all_finished"] is None
     assert captured["generator"].device == torch.device("cpu")
+
+
+def test_weights_too_large_to_gather_for_a_rollout_name_the_setting_that_avoids_it(one_process_group, monkeypatch):
+    from contextlib import contextmanager
+
+    from rmt_lightning import decoding_weights as preparing
+    from rmt_lightning.distributed import shard_model
+
+    @contextmanager
+    def out_of_memory(modules):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        yield
+
+    monkeypatch.setattr(preparing, "_fsdp2_gathered", out_of_memory)
+    model = shard_model(load_causal_lm(BUILTIN_TINY), None)
+    with pytest.raises(torch.OutOfMemoryError, match="gather_weights_for_rollouts false"):
+        with preparing.decoding_weights(model):
+            pass

@@ -247,6 +247,23 @@ def test_a_checkpoint_inside_a_rollouts_steps_resumes_exactly(resume_at, uninter
     assert max(float((module.policy.state_dict()[name] - value).abs().max()) for name, value in weights.items()) == 0.0
 
 
+def test_a_trajectory_kept_before_pi_old_came_from_the_losss_forward_resumes_on_its_recorded_logprobs(
+        uninterrupted, dropout_model, tmp_path):
+    """Checkpoints written before ``Trajectory.old_logprobs`` existed kept pi_old as the rollout's recorded
+    log-probs (``GroupRollout.logprobs``): such a checkpoint resumes on them. Emulated with the same values, laid out
+    as the rollout's rows, the resumed run logs the uninterrupted run's figures exactly."""
+    folder, weights, full = uninterrupted
+    checkpoint = torch.load(folder / "ckpt" / "periodic-step=00000003.ckpt", weights_only=True)
+    [kept] = checkpoint[REUSED_TRAJECTORIES]
+    old = kept.pop("old_logprobs")
+    kept["rollout"]["logprobs"] = torch.cat([old[m] for m in sorted(old)])
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    module, _, resumed = resumable_run(tmp_path, dropout_model, ckpt_path=str(tmp_path / "older.ckpt"))
+    for tag in ("train/loss", "train/loss_rl", "train/ppo_clip_fraction"):
+        assert resumed.logged(tag) == full.logged(tag)[3:], tag
+    assert max(float((module.policy.state_dict()[name] - value).abs().max()) for name, value in weights.items()) == 0.0
+
+
 def test_after_a_rollouts_last_step_nothing_is_kept_and_an_older_checkpoint_still_resumes(uninterrupted, dropout_model, tmp_path):
     """The checkpoint after a rollout's last update holds no trajectory; one without the key at all (written
     before updates could reuse rollouts) resumes too, collecting the rollout of its step again."""
