@@ -1,4 +1,4 @@
-"""Pack token-id lists of different lengths into ``[N, L]`` tensors with their attention masks."""
+"""Pack token-id lists (or arrays) of different lengths into ``[N, L]`` tensors with their attention masks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        if len(seq):
+            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, width - len(seq):] = 1
     return ids, mask
 
@@ -24,7 +24,7 @@ def pad_right(sequences: list[list[int]], pad_id: int, min_width: int = 0) -> tu
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        if len(seq):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
     return ids, mask

@@ -307,7 +307,7 @@ def ready_dm(make_dm) -> RMTDataModule:
 
 def test_datamodule_documents_and_split(ready_dm, tokenizer):
     dm = ready_dm
-    assert dm.documents == [tokenizer(counting_text(n), add_special_tokens=False)["input_ids"] for n in COUNTS]
+    assert [doc.tolist() for doc in dm.documents] == [tokenizer(counting_text(n), add_special_tokens=False)["input_ids"] for n in COUNTS]
     train_docs, val_docs = set(dm.train_candidates.doc.tolist()), set(dm.val_candidates.doc.tolist())
     assert len(val_docs) == VAL_DOCUMENTS
     assert train_docs.isdisjoint(val_docs)
@@ -332,7 +332,7 @@ def test_datamodule_train_batch_contents(ready_dm, tokenizer, thresholds):
     assert len(batch.positions) == 8
     assert (batch.positions > 6).any()  # some contexts are really left-truncated
     for i, (d, p) in enumerate(zip(batch.position_documents.tolist(), batch.positions.tolist())):
-        doc = dm.documents[d]
+        doc = dm.documents[d].tolist()
         assert d in set(dm.train_candidates.doc.tolist()) and 1 <= p < len(doc)
         assert batch.contexts[i] == doc[max(0, p - 6) : p]
         assert batch.continuations[i] == token_bytes.many(doc[p : p + 3])
@@ -343,7 +343,7 @@ def test_datamodule_train_batch_contents(ready_dm, tokenizer, thresholds):
     rl_positions = set(zip(batch.position_documents.tolist(), batch.positions.tolist()))
     assert batch.document_indices.tolist() == sorted({d for d, _ in rl_positions})
     for row, d in enumerate(batch.document_indices.tolist()):
-        doc = dm.documents[d]
+        doc = dm.documents[d].tolist()
         expected_tokens = doc + [pad] * (batch.documents.shape[1] - len(doc))
         assert batch.documents[row].tolist() == expected_tokens
         assert batch.document_attention_mask[row].tolist() == [1] * len(doc) + [0] * (len(expected_tokens) - len(doc))
@@ -451,3 +451,23 @@ def test_one_rule_tells_a_local_path_from_a_hub_id(source, local):
     from rmt_lightning.checks import names_a_local_path
 
     assert names_a_local_path(source) is local
+
+
+def test_the_corpus_is_read_into_a_token_store_once_and_max_tokens_takes_its_first_documents(tmp_path):
+    """Documents come from a memory-mapped token store under the cache folder, built once and mapped by every
+    later run; ``max_tokens`` reads only the corpus's first documents, up to that many tokens."""
+    from rmt_lightning.data.token_store import TokenStore
+
+    def datamodule(**kwargs):
+        return RMTDataModule(model_name_or_path=BUILTIN_TINY, embedded_documents=24, val_documents=4,
+                             cache_dir=str(tmp_path), max_document_tokens=1024, **kwargs)
+
+    whole = datamodule()._load_documents()
+    assert isinstance(whole, TokenStore) and len(whole) == 24 and whole[0].dtype.kind == "u"
+    [folder] = tmp_path.glob("tokens-*")
+    again = datamodule()._load_documents()
+    assert again.folder == whole.folder and again.manifest["digest"] == whole.manifest["digest"]
+    limit = int(whole.lengths[:10].sum())
+    first = datamodule(max_tokens=limit)._load_documents()
+    assert 5 <= len(first) <= 10 and [d.tolist() for d in first] == [whole[i].tolist() for i in range(len(first))]
+    assert len(list(tmp_path.glob("tokens-*"))) == 2  # its own store, beside the whole corpus's

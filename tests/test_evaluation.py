@@ -62,7 +62,7 @@ def test_ntp_accuracy_equals_an_independent_argmax_loop_and_tiers_follow_entropy
     model = load_causal_lm(trained_tiny).eval()
     probe = _data(tmp_path, model_name_or_path=trained_tiny)
     probe.setup("validate")
-    documents = probe.documents
+    documents = [doc.tolist() for doc in probe.documents]
     val_docs = sorted(set(probe.val_candidates.doc.tolist()))
     entropy = {}
     with torch.no_grad():

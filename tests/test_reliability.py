@@ -290,7 +290,8 @@ def test_damaged_entropy_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, da
     assert scored == [1], "the damaged cache was used instead of scoring again"
     second.setup("fit")  # reads the rebuilt file
     assert scored == [1], "the rebuilt cache was not used"
-    rebuilt = scoring.load_scores(path, second._cache_file(second.documents)[1], [len(d) for d in second.documents])
+    training = second._load_documents()
+    rebuilt = scoring.load_scores(path, second._cache_file(training)[1], training.lengths.tolist())
     for a, b in zip(expected, rebuilt, strict=True):
         assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
 

@@ -118,6 +118,11 @@ class DrawsWithProgress(Sampler):
         self.sampler.set_epoch(epoch)
 
 
+def _ids(tokens) -> list[int]:
+    """Token ids as a list of ints, from a list or an array mapped from a token store."""
+    return tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+
+
 class PositionBatches(Dataset):
     """Turns a list of candidate indices into one batch: contexts and continuations for RL, documents for NTP."""
 
@@ -136,8 +141,8 @@ class PositionBatches(Dataset):
         contexts, continuations = [], []
         for d, p in zip(doc.tolist(), pos.tolist()):
             tokens = self.documents[d]
-            contexts.append(tokens[max(0, p - self.max_context_tokens) : p])
-            continuations.append(self.token_bytes.many(tokens[p : p + self.continuation_tokens]))
+            contexts.append(_ids(tokens[max(0, p - self.max_context_tokens) : p]))
+            continuations.append(self.token_bytes.many(_ids(tokens[p : p + self.continuation_tokens])))
         unique_docs = sorted(set(doc.tolist()))
         documents, attention = pad_right([self.documents[d] for d in unique_docs], self.pad_token_id)
         ntp_mask = attention.bool()
@@ -148,7 +153,7 @@ class PositionBatches(Dataset):
         return PositionBatch(
             position_documents=doc,
             positions=pos,
-            next_token_ids=torch.tensor([self.documents[d][p] for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
+            next_token_ids=torch.tensor([int(self.documents[d][p]) for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
             tiers=self.candidates.tier[ids],
             entropies=self.candidates.entropy[ids],
             contexts=contexts,

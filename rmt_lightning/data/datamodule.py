@@ -18,10 +18,11 @@ from ..checks import InputError, as_input_error, at_least, check_fits_model, che
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities
 from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, max_positions, model_config, parse_dtype, resolve_model_source
 from ..tokens import TokenBytes
-from .corpus import EMBEDDED_CORPUS, check_corpus_source, load_texts, tokenize_documents
+from .corpus import EMBEDDED_CORPUS, check_corpus_source
 from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
 from .sampler import CurriculumBatchSampler, DrawRepeats
-from .scoring import cache_path, fingerprint, load_scores, proxy_identity, save_scores, score_entropy, window_plan
+from .scoring import cache_path, fingerprint_tokens, load_scores, proxy_identity, save_scores, score_entropy, window_plan
+from .token_store import Documents, TokenStore, open_or_build, read_settings
 
 
 class RMTDataModule(L.LightningDataModule):
@@ -35,6 +36,8 @@ class RMTDataModule(L.LightningDataModule):
         text_field: Record field holding the document text.
         text_template: ``str.format`` template joining several fields, e.g. ``"{question}\\n{answer}"``; overrides text_field.
         max_documents: Read at most this many documents (None: all).
+        max_tokens: Read documents until about this many tokens (None: all): the first tokens of a large hub
+            corpus, read by streaming, without downloading the rest.
         embedded_documents: Number of documents generated for ``embedded:math``.
         max_document_tokens: Documents longer than this are split into chunks of this many tokens.
         val_documents: Documents held out for validation (never sampled for training); with ``val_corpus``, the
@@ -51,7 +54,8 @@ class RMTDataModule(L.LightningDataModule):
         scoring_batch_size: Windows per proxy forward.
         scoring_dtype: Proxy precision: ``auto`` (bfloat16 on a CUDA device, float32 otherwise), float32,
             bfloat16 or float16. Part of the cache key.
-        cache_dir: Entropy cache folder (None: ``$RMT_LIGHTNING_CACHE/entropy`` or ``~/.cache/rmt_lightning/entropy``).
+        cache_dir: Cache folder of the corpora's token stores and entropy scores (None: ``$RMT_LIGHTNING_CACHE/entropy``
+            or ``~/.cache/rmt_lightning/entropy``).
         tier_thresholds: Entropy thresholds (nats): <= first never an RL candidate; then easy, medium, hard.
         curriculum: Draw tiers from the easy-to-hard schedule; False draws uniformly over all candidates (RPT).
         p1: Tier probabilities (easy, medium, hard) before ``t1``.
@@ -77,6 +81,7 @@ class RMTDataModule(L.LightningDataModule):
         text_field: str = "text",
         text_template: str | None = None,
         max_documents: int | None = None,
+        max_tokens: int | None = None,
         embedded_documents: int = 2000,
         max_document_tokens: int = 512,
         val_documents: int = 32,
@@ -126,7 +131,8 @@ class RMTDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._inputs_checked = False
         self.tokenizer = None
-        self.documents: list[list[int]] = []
+        self.documents: Documents = Documents([])
+        """The training corpus's documents, then ``val_corpus``'s, as token-id arrays mapped from their stores."""
         self.train_candidates: Candidates | None = None
         self.val_candidates: Candidates | None = None
         self.sampler: CurriculumBatchSampler | None = None
@@ -166,20 +172,21 @@ class RMTDataModule(L.LightningDataModule):
         check_fits_model(window, self.proxy_source, max_positions(model_config(self.proxy_source, hp.trust_remote_code)))
         self._inputs_checked = True
 
-    def _read(self, corpus: str, split: str, max_documents: int | None) -> list[list[int]]:
+    def _read(self, corpus: str, split: str, max_documents: int | None, max_tokens: int | None = None) -> TokenStore:
+        """The corpus's token store: built once (streaming its texts) for this tokenizer and these read settings,
+        then mapped by every run and process."""
         hp = self.hparams
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
-        texts = load_texts(
-            corpus, split=split, text_field=hp.text_field, text_template=hp.text_template,
-            max_documents=max_documents, subset=hp.subset, embedded_documents=hp.embedded_documents, seed=hp.seed,
-        )
-        return tokenize_documents(texts, self.tokenizer, hp.max_document_tokens)
+        settings = read_settings(corpus, split=split, text_field=hp.text_field, text_template=hp.text_template,
+                                 subset=hp.subset, max_documents=max_documents, max_tokens=max_tokens,
+                                 embedded_documents=hp.embedded_documents, seed=hp.seed)
+        return open_or_build(self.cache_folder, self.tokenizer, settings, max_document_tokens=hp.max_document_tokens)
 
-    def _load_documents(self) -> list[list[int]]:
+    def _load_documents(self) -> TokenStore:
         """The training corpus (with its held-out validation documents when there is no ``val_corpus``)."""
         hp = self.hparams
-        documents = self._read(hp.corpus, hp.split, hp.max_documents)
+        documents = self._read(hp.corpus, hp.split, hp.max_documents, hp.max_tokens)
         held_out = 0 if hp.val_corpus else hp.val_documents
         if len(documents) <= held_out:
             raise ValueError(
@@ -188,11 +195,11 @@ class RMTDataModule(L.LightningDataModule):
             )
         return documents
 
-    def _load_val_documents(self) -> list[list[int]]:
+    def _load_val_documents(self) -> TokenStore | None:
         """The first ``val_documents`` records of ``val_corpus`` (none without one)."""
         hp = self.hparams
         if not hp.val_corpus:
-            return []
+            return None
         if hp.val_corpus == hp.corpus and hp.val_split == hp.split:
             raise ValueError(
                 f"val_corpus '{hp.val_corpus}' is the training corpus, so validation would score trained-on text; "
@@ -208,7 +215,7 @@ class RMTDataModule(L.LightningDataModule):
         source = resolve_model_source(self.proxy_source)
         config = model_config(source, hp.trust_remote_code)
         settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k, "dtype": self.scoring_dtype}
-        key = fingerprint(documents, proxy_identity(source, config.to_json_string()), settings)
+        key = fingerprint_tokens(documents.manifest["digest"], proxy_identity(source, config.to_json_string()), settings)
         return cache_path(self.cache_folder, key), key
 
     def _scoring_device(self) -> torch.device:
@@ -225,7 +232,7 @@ class RMTDataModule(L.LightningDataModule):
     def _score(self, documents) -> list[Tensor]:
         hp = self.hparams
         path, key = self._cache_file(documents)
-        scores = load_scores(path, key, [len(d) for d in documents])
+        scores = load_scores(path, key, documents.lengths.tolist())
         if scores is not None:
             return scores
         proxy = load_causal_lm(self.proxy_source, dtype=parse_dtype(self.scoring_dtype), trust_remote_code=hp.trust_remote_code)
@@ -244,7 +251,7 @@ class RMTDataModule(L.LightningDataModule):
         self.check_inputs()
         self._score(self._load_documents())
         validation = self._load_val_documents()
-        if validation:
+        if validation is not None:
             self._score(validation)
 
     def setup(self, stage: str | None = None) -> None:
@@ -253,9 +260,9 @@ class RMTDataModule(L.LightningDataModule):
         hp = self.hparams
         training, validation = self._load_documents(), self._load_val_documents()
         # Scored separately, so the training corpus's cache is the same with or without a val_corpus.
-        scores = self._score(training) + (self._score(validation) if validation else [])
-        self.documents = training + validation
-        if validation:
+        scores = self._score(training) + (self._score(validation) if validation is not None else [])
+        self.documents = Documents([training] if validation is None else [training, validation])
+        if validation is not None:
             train_docs, val_docs = list(range(len(training))), list(range(len(training), len(self.documents)))
         else:
             order = torch.randperm(len(training), generator=torch.Generator().manual_seed(hp.seed)).tolist()

@@ -60,7 +60,7 @@ def window_batches(documents: Sequence[Sequence[int]], window: int, stride: int,
     jobs.sort(key=lambda job: job[2] - job[1])
     for begin in range(0, len(jobs), batch_size):
         batch = jobs[begin : begin + batch_size]
-        ids, mask = pad_right([list(documents[d][start:end]) for d, start, end, _ in batch], pad_token_id)
+        ids, mask = pad_right([documents[d][start:end] for d, start, end, _ in batch], pad_token_id)
         yield batch, ids, mask
 
 
@@ -111,7 +111,13 @@ def fingerprint(documents: Sequence[Sequence[int]], proxy_identity: str, setting
     for doc in documents:
         digest.update(len(doc).to_bytes(4, "little"))
         digest.update(torch.tensor(doc, dtype=torch.int64).numpy().tobytes())
-    payload = {"tokens": digest.hexdigest(), "proxy": proxy_identity, "version": CACHE_FORMAT_VERSION, **settings}
+    return fingerprint_tokens(digest.hexdigest(), proxy_identity, settings)
+
+
+def fingerprint_tokens(tokens_digest: str, proxy_identity: str, settings: dict) -> str:
+    """Cache key from a digest of the documents' tokens (a token store's ``digest``, computed when it was built:
+    a warm start reads no token to find its cache), the proxy's identity and the scoring settings."""
+    payload = {"tokens": tokens_digest, "proxy": proxy_identity, "version": CACHE_FORMAT_VERSION, **settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -226,6 +226,31 @@ class TokenStore:
         return self._digest
 
 
+class Documents:
+    """Several token stores read as one sequence of documents (a training corpus, then a validation corpus):
+    ``documents[i]`` is a read-only view of document ``i``'s token ids; nothing is copied."""
+
+    def __init__(self, stores: list[TokenStore]):
+        self.stores = list(stores)
+        self._starts = np.cumsum([0] + [len(store) for store in self.stores])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"document {index} of {len(self)}")
+        which = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.stores[which][index - int(self._starts[which])]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of each document (int64)."""
+        return np.concatenate([store.lengths for store in self.stores]) if self.stores else np.zeros(0, np.int64)
+
+
 def _new_content_hash(dtype: np.dtype):
     hasher = hashlib.sha256()
     hasher.update(f"{np.dtype(dtype).str}\n".encode())
