@@ -105,15 +105,6 @@ def score_entropy(
     return scores
 
 
-def fingerprint(documents: Sequence[Sequence[int]], proxy_identity: str, settings: dict) -> str:
-    """Cache key: a hash of the token ids, the proxy's identity and the scoring settings."""
-    digest = hashlib.sha256()
-    for doc in documents:
-        digest.update(len(doc).to_bytes(4, "little"))
-        digest.update(torch.tensor(doc, dtype=torch.int64).numpy().tobytes())
-    return fingerprint_tokens(digest.hexdigest(), proxy_identity, settings)
-
-
 def fingerprint_tokens(tokens_digest: str, proxy_identity: str, settings: dict) -> str:
     """Cache key from a digest of the documents' tokens (a token store's ``digest``, computed when it was built:
     a warm start reads no token to find its cache), the proxy's identity and the scoring settings."""
