@@ -4,6 +4,7 @@ entropy cache, the evaluation figures and converted models are all written this 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -63,3 +64,18 @@ def publish_folder(target: Path, write: Callable[[Path], None], marker: str | No
         raise
     fsync_folder(target.parent)
     return target
+
+
+@contextmanager
+def build_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock named after ``target`` (a hidden ``.<name>.lock`` file beside it) for the block:
+    processes that start together (the ranks of a node) build one ``target`` between them, the others wait,
+    then find it complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

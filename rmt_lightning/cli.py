@@ -1,4 +1,7 @@
-"""``python -m rmt_lightning fit|validate|test --config configs/<name>.yaml``: LightningCLI for RMT.
+"""``python -m rmt_lightning fit|validate|test|score --config configs/<name>.yaml``: LightningCLI for RMT.
+
+``score`` runs the corpus's entropy scoring alone (every process its share, on its own device), with the same
+config and overrides as ``fit``, as a cluster job of its own: ``fit`` then finds the cache warm.
 
 Before a run starts, before any model is loaded, every input is checked (``preflight``); a bad one ends the
 command with one line, ``error: ...``, and exit status 2. Checkpoints are written atomically, a preemption
@@ -15,14 +18,17 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
 from .checkpointing import remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file
 from .checks import InputError, check_mini_batches, check_rollout_fits, check_writable_directory
 from .data.datamodule import RMTDataModule
+from .data.scoring_pass import ScoringStopped
 from .module import NonFiniteLossError, RMTModule
 
 _LAST = re.compile(r"^last(-\d+)?\.ckpt$")
@@ -46,10 +52,43 @@ class RMTArgumentParser(LightningArgumentParser):
         sys.exit(2)
 
 
+class RMTTrainer(Trainer):
+    """Lightning's Trainer, with ``score``."""
+
+    def score(self, model=None, datamodule: RMTDataModule | None = None) -> None:
+        """Score the corpus's token entropy and build its curriculum index, then stop (fit finds them cached).
+
+        Every process scores its share of the corpus's shards on its own device (``--trainer.devices N
+        --trainer.num_nodes M``); shards that an earlier, stopped pass finished are kept. A stop signal (SIGTERM,
+        SIGUSR1) ends the pass after the shards in flight with exit status 128 + the signal's number; the same
+        command continues.
+        """
+        if datamodule is None:
+            raise InputError("score needs a datamodule (the corpus to score): --data ...")
+        call._call_and_handle_interrupt(self, self._score, datamodule)
+
+    def _score(self, datamodule: RMTDataModule) -> None:
+        # What fit does before its setup hook: the processes join, then one per node builds the token stores.
+        self.strategy.setup_environment()
+        datamodule.trainer = self
+        if self.local_rank == 0:
+            datamodule.prepare_data()
+        self.strategy.barrier("token stores built")
+        datamodule.score_corpus()
+        self.strategy.barrier("corpus scored")
+        if self.is_global_zero:
+            sizes = ", ".join(f"{name} {size:,}" for name, size in datamodule.tier_sizes().items())
+            rank_zero_info(f"entropy scored and indexed in {datamodule.cache_folder}: candidate positions {sizes}")
+
+
 class RMTCLI(LightningCLI):
     """LightningCLI that gives the datamodule the policy's name (the corpus is tokenized by its tokenizer),
     checks every input before a model is loaded, writes checkpoints atomically and checkpoints on preemption
     signals (``--preemption.signals``)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "score": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
@@ -97,6 +136,9 @@ class RMTCLI(LightningCLI):
 
     def before_test(self) -> None:
         self.preflight("test")
+
+    def before_score(self) -> None:
+        self.datamodule.check_inputs()
 
     def preflight(self, subcommand: str) -> None:
         """Check the output folders, the data and models, the sequence lengths and the checkpoint to resume
@@ -206,6 +248,7 @@ def build_cli(args=None, run: bool = True) -> RMTCLI:
         },
         save_config_kwargs={"overwrite": True},
         parser_class=RMTArgumentParser,
+        trainer_class=RMTTrainer,
         args=args,
         run=run,
     )
@@ -214,10 +257,10 @@ def build_cli(args=None, run: bool = True) -> RMTCLI:
 def main(args=None) -> None:
     """Entry point of ``python -m rmt_lightning``: a bad input or a diverged run ends with one line on stderr
     and exit status 2 (input) or 1 (NaN/inf losses), not a traceback; a preempted run with one line naming its
-    checkpoint and 128 + the signal's number."""
+    checkpoint (or, while scoring, its finished shards) and 128 + the signal's number."""
     try:
         build_cli(args)
-    except Preempted as stopped:
+    except (Preempted, ScoringStopped) as stopped:
         if stopped.global_rank == 0:
             sys.stderr.write(f"{stopped}\n")
         sys.exit(stopped.exit_status)

@@ -13,7 +13,7 @@ def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+            ids[row, width - len(seq):] = _as_ids(seq)
             mask[row, width - len(seq):] = 1
     return ids, mask
 
@@ -25,6 +25,12 @@ def pad_right(sequences: list[list[int]], pad_id: int, min_width: int = 0) -> tu
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            ids[row, : len(seq)] = _as_ids(seq)
             mask[row, : len(seq)] = 1
     return ids, mask
+
+
+def _as_ids(seq) -> Tensor:
+    # A token store's documents are read-only views of a memory map, which torch would wrap without copying (and
+    # warn about); they are copied as int64 here, as lists always were.
+    return torch.from_numpy(seq.astype("int64")) if hasattr(seq, "astype") else torch.as_tensor(seq, dtype=torch.long)

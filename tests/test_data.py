@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-import rmt_lightning.data.datamodule as datamodule_module
 from rmt_lightning.data.corpus import load_texts, tokenize_documents
 from rmt_lightning.data.datamodule import RMTDataModule
-from rmt_lightning.data.scoring import load_scores, save_scores, score_entropy, window_plan
+from rmt_lightning.data.scoring import score_entropy, window_plan
 from rmt_lightning.method import assign_tiers
 from rmt_lightning.models import BUILTIN_TINY
 from rmt_lightning.tokens import TokenBytes
@@ -217,43 +217,6 @@ def test_score_entropy_batching_does_not_change_scores(model):
         assert not torch.isnan(a[1:]).any()
 
 
-# ---- score cache -------------------------------------------------------------------------------------
-
-
-SCORES = [torch.tensor([float("nan"), 1.5, 0.25]), torch.tensor([float("nan"), 3.0]), torch.tensor([float("nan")])]
-LENGTHS = [3, 2, 1]
-
-
-def test_scores_round_trip_and_no_temporary_files(tmp_path):
-    path = tmp_path / "sub" / "entropy-abc.safetensors"
-    save_scores(path, "key-1", SCORES)
-    loaded = load_scores(path, "key-1", LENGTHS)
-    assert len(loaded) == 3
-    for a, b in zip(loaded, SCORES):
-        torch.testing.assert_close(a, b, equal_nan=True)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]
-    assert not list(tmp_path.rglob("*.tmp-*"))
-
-
-def test_load_scores_rejects_mismatches(tmp_path):
-    path = tmp_path / "entropy.safetensors"
-    assert load_scores(path, "key-1", LENGTHS) is None  # no file yet
-    save_scores(path, "key-1", SCORES)
-    assert load_scores(path, "key-2", LENGTHS) is None
-    assert load_scores(path, "key-1", [3, 2]) is None
-    assert load_scores(path, "key-1", [2, 3, 1]) is None
-
-
-@pytest.mark.parametrize("damage", ["truncate-half", "truncate-tail", "garbage", "empty"])
-def test_load_scores_damaged_file_gives_none(tmp_path, damage):
-    path = tmp_path / "entropy.safetensors"
-    save_scores(path, "key-1", SCORES)
-    data = path.read_bytes()
-    damaged = {"truncate-half": data[: len(data) // 2], "truncate-tail": data[:-4], "garbage": b"\xff" * len(data), "empty": b""}
-    path.write_bytes(damaged[damage])
-    assert load_scores(path, "key-1", LENGTHS) is None
-
-
 # ---- RMTDataModule -----------------------------------------------------------------------------------
 
 
@@ -308,20 +271,40 @@ def ready_dm(make_dm) -> RMTDataModule:
 def test_datamodule_documents_and_split(ready_dm, tokenizer):
     dm = ready_dm
     assert [doc.tolist() for doc in dm.documents] == [tokenizer(counting_text(n), add_special_tokens=False)["input_ids"] for n in COUNTS]
-    train_docs, val_docs = set(dm.train_candidates.doc.tolist()), set(dm.val_candidates.doc.tolist())
-    assert len(val_docs) == VAL_DOCUMENTS
-    assert train_docs.isdisjoint(val_docs)
-    assert train_docs | val_docs == set(range(len(COUNTS)))
+    val_docs = set(dm.val_candidates.doc.tolist())
+    assert len(val_docs) == VAL_DOCUMENTS and set(dm.train_index.held_out) == val_docs
+    candidate_docs = {int(d) for t in range(3) for d in dm.train_index.tier_positions(t)[0]}
+    assert candidate_docs and candidate_docs.isdisjoint(val_docs) and candidate_docs <= set(range(len(COUNTS)))
 
 
-def test_datamodule_tiers_follow_thresholds(ready_dm, thresholds):
-    candidates = ready_dm.train_candidates
-    eligible = candidates.tier >= 0
-    assert (candidates.entropy[eligible] > thresholds[0]).all()
-    assert (candidates.pos[eligible] > 0).all()
-    assert torch.equal(candidates.tier, assign_tiers(candidates.entropy, thresholds))
-    assert all(size > 0 for size in ready_dm.tier_sizes().values())
-    assert (candidates.tier == -1).any()
+def test_the_tier_index_holds_what_the_in_memory_candidates_table_held(ready_dm, cache_dir, thresholds):
+    """The mapped index equals ``Candidates.from_scores`` over the same shards: every tier's (document, position)
+    pairs in order, and their entropies."""
+    from rmt_lightning.data.batches import Candidates
+    from rmt_lightning.data.entropy_shards import load_shards
+
+    dm = ready_dm
+    training = dm.train_index.store
+    key = dm.train_index.manifest["scores_key"]
+    scores = load_shards(cache_dir / f"entropy-{key[:24]}", key, training.lengths.tolist())
+    held_out = set(dm.train_index.held_out)
+    reference = Candidates.from_scores(scores, [d for d in range(len(training)) if d not in held_out], thresholds)
+    members = reference.tier_members()
+    assert dm.train_index.sizes.tolist() == [len(m) for m in members]
+    for tier, ids in enumerate(members):
+        documents, positions = dm.train_index.tier_positions(tier)
+        assert documents.tolist() == reference.doc[ids].tolist() and positions.tolist() == reference.pos[ids].tolist()
+        assert torch.equal(torch.from_numpy(np.array(dm.train_index.entropies[tier])), reference.entropy[ids])
+        assert (positions > 0).all()
+    eligible = reference.tier >= 0
+    assert (reference.entropy[eligible] > thresholds[0]).all() and (~eligible).any()
+    assert all(size > 0 for size in dm.tier_sizes().values())
+    # The sampler's ids name the same positions through lookup as through the table.
+    flat_ids = torch.arange(len(dm.train_index))
+    doc, pos, tier, entropy = dm.train_index.lookup(flat_ids.tolist())
+    table_ids = torch.cat(members)
+    assert torch.equal(doc, reference.doc[table_ids]) and torch.equal(pos, reference.pos[table_ids])
+    assert torch.equal(tier, reference.tier[table_ids]) and torch.equal(entropy, reference.entropy[table_ids])
 
 
 def test_datamodule_train_batch_contents(ready_dm, tokenizer, thresholds):
@@ -333,7 +316,7 @@ def test_datamodule_train_batch_contents(ready_dm, tokenizer, thresholds):
     assert (batch.positions > 6).any()  # some contexts are really left-truncated
     for i, (d, p) in enumerate(zip(batch.position_documents.tolist(), batch.positions.tolist())):
         doc = dm.documents[d].tolist()
-        assert d in set(dm.train_candidates.doc.tolist()) and 1 <= p < len(doc)
+        assert d not in dm.train_index.held_out and 1 <= p < len(doc)
         assert batch.contexts[i] == doc[max(0, p - 6) : p]
         assert batch.continuations[i] == token_bytes.many(doc[p : p + 3])
         assert batch.next_token_ids[i].item() == doc[p]
@@ -368,38 +351,37 @@ def test_datamodule_val_batches_come_from_val_documents(ready_dm):
 def test_datamodule_reuses_cached_scores(make_dm, cache_dir, monkeypatch):
     first = make_dm(scoring_batch_size=2)  # batch size is not part of the key
     first.prepare_data()
-    files = sorted(cache_dir.glob("entropy-*.safetensors"))
-    assert files
+    first.score_corpus()
+    cached = sorted(cache_dir.glob("entropy-*")) + sorted(cache_dir.glob("index-*"))
+    assert len(cached) == 2 and all(path.is_dir() for path in cached)
 
-    def fail(*args, **kwargs):
-        raise AssertionError("score_entropy called although the scores are cached")
-
-    monkeypatch.setattr(datamodule_module, "score_entropy", fail)
+    monkeypatch.setattr("rmt_lightning.data.entropy_shards.score_entropy", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(RMTDataModule, "_load_proxy", lambda self: pytest.fail("proxy loaded although the index is built"))
     second = make_dm()
     second.prepare_data()
     second.setup("fit")
-    assert sorted(cache_dir.glob("entropy-*.safetensors")) == files
-    first.setup("fit")
-    assert torch.equal(second.train_candidates.tier, first.train_candidates.tier)
+    assert sorted(cache_dir.glob("entropy-*")) + sorted(cache_dir.glob("index-*")) == cached
+    assert second.train_index.folder == first.train_index.folder
+    assert second.tier_sizes() == first.tier_sizes()
 
 
 def test_datamodule_scoring_window_changes_cache_file(make_dm, cache_dir):
-    make_dm().prepare_data()
-    before = set(cache_dir.glob("entropy-*.safetensors"))
-    make_dm(scoring_window=16, scoring_stride=8).prepare_data()
-    after = set(cache_dir.glob("entropy-*.safetensors"))
+    make_dm().score_corpus()
+    before = set(cache_dir.glob("entropy-*"))
+    make_dm(scoring_window=16, scoring_stride=8).score_corpus()
+    after = set(cache_dir.glob("entropy-*"))
     assert len(after - before) == 1
-    assert not list(cache_dir.glob("*.tmp-*"))
+    assert not list(cache_dir.glob("**/.*partial*"))
 
 
 def test_scoring_dtype_auto_is_float32_off_cuda_and_shares_its_cache(make_dm, cache_dir, monkeypatch):
     auto = make_dm()
     assert auto.hparams.scoring_dtype == "auto" and auto.scoring_dtype == "float32"
-    auto.prepare_data()
-    files = sorted(cache_dir.glob("entropy-*.safetensors"))
-    monkeypatch.setattr(datamodule_module, "score_entropy", lambda *a, **k: pytest.fail("scored again"))
-    make_dm(scoring_dtype="float32").prepare_data()
-    assert sorted(cache_dir.glob("entropy-*.safetensors")) == files
+    auto.score_corpus()
+    files = sorted(cache_dir.glob("entropy-*"))
+    monkeypatch.setattr("rmt_lightning.data.entropy_shards.score_entropy", lambda *a, **k: pytest.fail("scored again"))
+    make_dm(scoring_dtype="float32").score_corpus()
+    assert sorted(cache_dir.glob("entropy-*")) == files
     with pytest.raises(ValueError, match="scoring_dtype"):
         make_dm(scoring_dtype="float64")
 

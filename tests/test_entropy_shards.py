@@ -230,3 +230,32 @@ def test_folder_of_another_key_or_plan_is_refused(model, tokenizer, documents, t
     # Lengths that are not the corpus the folder was planned for are refused too.
     with pytest.raises(ShardFolderError, match="cover"):
         load_shards(folder, KEY, lengths_of(documents)[:-1])
+
+
+def test_a_stop_signal_ends_the_pass_after_the_shard_in_flight_and_keeps_it(model, tokenizer, documents, tmp_path):
+    """SIGTERM while a shard is scored: that shard is finished and written, no other is started, the previous
+    handler is back afterwards, and the pass's bar counted the finished shard's tokens."""
+    import os
+    import signal
+
+    from rmt_lightning.data import entropy_shards
+    from rmt_lightning.data.scoring_pass import ScoringPass
+
+    before = signal.getsignal(signal.SIGTERM)
+    original, calls = entropy_shards.score_entropy, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    entropy_shards.score_entropy = signalled
+    try:
+        lengths = lengths_of(documents)
+        with ScoringPass(sum(lengths), show=False) as scoring:
+            done = run(model, tokenizer, documents, tmp_path, stop=scoring.stop, progress=scoring.progress)
+    finally:
+        entropy_shards.score_entropy = original
+    assert done == 1 and calls == [1] and scoring.agreed == signal.SIGTERM
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 1
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -360,7 +360,7 @@ def test_val_corpus_supplies_the_held_out_documents(tmp_path):
     first_test = json.loads(GSM8K.joinpath("test.jsonl").read_text().splitlines()[0])
     val_docs = sorted(set(data.val_candidates.doc.tolist()))
     assert val_docs == list(range(30, 35))  # after the 30 training documents, all of them trained on
-    assert len(data.train_candidates.doc.unique()) == 30
+    assert len(data.train_index.store) == 30 and data.train_index.held_out == []  # every training document trains
     assert tokenizer.decode(data.documents[30]).startswith(first_test["question"][:40])
     with pytest.raises(ValueError, match="is the training corpus"):
         _data(tmp_path, corpus=str(GSM8K / "train.jsonl"), val_corpus=str(GSM8K / "train.jsonl"), split="train",

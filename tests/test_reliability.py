@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,7 +28,6 @@ from rmt_lightning import RMTDataModule, RMTModule
 from rmt_lightning.checkpointing import AtomicCheckpointIO, verify_checkpoint_file
 from rmt_lightning.checks import InputError
 from rmt_lightning.cli import _LAST, build_cli, main
-from rmt_lightning.data import scoring
 from rmt_lightning.models import BUILTIN_TINY, build_builtin_tiny, load_tokenizer
 from rmt_lightning.module import NonFiniteLossError
 
@@ -259,41 +259,47 @@ def test_flags_given_with_a_checkpoint_win_over_its_hyperparameters(workspace, m
 
 
 @pytest.mark.parametrize("damage", ["flip-data-bytes", "truncate", "drop-checksum"])
-def test_damaged_entropy_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, damage):
+def test_damaged_entropy_shard_is_detected_and_scored_again(tmp_path, monkeypatch, damage):
+    """A shard damaged on disk (before the index was built from it) is reported, scored again and replaced; the
+    index built then equals the one the undamaged shard gave."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from rmt_lightning.data import entropy_shards
+
     def datamodule():
         return RMTDataModule(model_name_or_path=BUILTIN_TINY, embedded_documents=24, val_documents=4,
                              cache_dir=str(tmp_path), max_document_tokens=64, scoring_window=64, scoring_stride=32)
 
     first = datamodule()
-    first.prepare_data()
-    [path] = tmp_path.glob("entropy-*.safetensors")
+    first.score_corpus()
+    expected = {t: first.train_index.tier_positions(t) for t in range(3)}
+    [path] = tmp_path.glob("entropy-*/shard-*.safetensors")
     good = path.read_bytes()
-    expected = scoring.load_scores(path, first._cache_file(first._load_documents())[1], [len(d) for d in first._load_documents()])
+    shutil.rmtree(first.train_index.folder)  # as if the pass had been killed before indexing
     if damage == "flip-data-bytes":
         path.write_bytes(good[:-40] + bytes(b ^ 0x55 for b in good[-40:]))
     elif damage == "truncate":
         path.write_bytes(good[: len(good) * 2 // 3])
-    else:  # a file of an older format, or one written by hand, without the checksum
-        from safetensors.torch import load_file, save_file
-        from safetensors import safe_open
-
+    else:  # a file written by hand, without the checksum
         with safe_open(str(path), framework="pt") as handle:
-            key = handle.metadata()["key"]
-        save_file(load_file(str(path)), str(path), metadata={"key": key})
+            metadata = {k: v for k, v in handle.metadata().items() if k != "sha256"}
+        save_file(load_file(str(path)), str(path), metadata=metadata)
 
     scored = []
-    original = scoring.score_entropy
-    monkeypatch.setattr("rmt_lightning.data.datamodule.score_entropy", lambda *a, **k: scored.append(1) or original(*a, **k))
+    original = entropy_shards.score_entropy
+    monkeypatch.setattr(entropy_shards, "score_entropy", lambda *a, **k: scored.append(1) or original(*a, **k))
     second = datamodule()
-    with pytest.warns(UserWarning, match=f"entropy cache '{path}' is (incomplete or corrupted|unreadable)"):
-        second.prepare_data()
-    assert scored == [1], "the damaged cache was used instead of scoring again"
-    second.setup("fit")  # reads the rebuilt file
-    assert scored == [1], "the rebuilt cache was not used"
-    training = second._load_documents()
-    rebuilt = scoring.load_scores(path, second._cache_file(training)[1], training.lengths.tolist())
-    for a, b in zip(expected, rebuilt, strict=True):
-        assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+    with pytest.warns(UserWarning, match=f"entropy shard '{path}' is (incomplete or corrupted|unreadable)"):
+        second.score_corpus()
+    assert scored == [1], "the damaged shard was used instead of scoring again"
+    for tier in range(3):
+        assert all(np.array_equal(a, b) for a, b in zip(second.train_index.tier_positions(tier), expected[tier]))
+    third = datamodule()
+    third.setup("fit")  # maps the rebuilt index
+    assert scored == [1], "the rebuilt index was not used"
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------

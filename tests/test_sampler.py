@@ -211,3 +211,21 @@ def test_state_without_a_recorded_global_batch_size_still_loads() -> None:
     sampler = _sampler(total_batches=30)
     sampler.load_state_dict({"epoch": 1, "batches_yielded": 2, "seed": 0})
     assert sampler.state_dict()["batches_yielded"] == 2
+
+
+def test_tier_sizes_draw_the_same_positions_as_the_tier_tables_without_holding_an_id() -> None:
+    """A ``TierIndex`` names candidates by counting through the tiers; a sampler given only the sizes draws, batch
+    for batch, the same candidates as one given the tables (uniform and curriculum, over several ranks)."""
+    tables = _tiers(_entropies())
+    order = torch.cat(tables)  # id k of the sizes' numbering is candidate order[k] of the tables'
+    for curriculum in (True, False):
+        for rank in (0, 1):
+            common = dict(batch_size=8, curriculum=curriculum, rank=rank, world_size=2, total_batches=10)
+            by_tables = _sampler(**common)
+            by_sizes = _sampler(tier_candidates=None, tier_sizes=[len(t) for t in tables], **common)
+            assert by_sizes._tiers is None
+            for from_tables, from_sizes in zip(by_tables, by_sizes, strict=True):
+                assert [int(order[i]) for i in from_sizes] == from_tables
+                assert by_sizes.last_tiers == by_tables.last_tiers
+    with pytest.raises(ValueError, match="exactly one"):
+        _sampler(tier_sizes=[1, 2, 3])

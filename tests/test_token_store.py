@@ -363,3 +363,32 @@ def test_a_cache_folder_that_cannot_be_written_is_an_input_error(tokenizer, tmp_
 def test_bad_build_settings_are_input_errors(tokenizer, tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message):
         build(TEXTS, tokenizer, tmp_path / "store", **kwargs)
+
+
+def test_a_store_tokenized_elsewhere_is_a_corpus_when_its_tokenizer_matches(tokenizer, tmp_path):
+    """``write_token_store`` writes ids from another pipeline as a store; ``data.corpus`` may name its folder. A
+    store of another tokenizer or of longer documents is refused with the fix."""
+    from rmt_lightning.data.datamodule import RMTDataModule
+    from rmt_lightning.models import BUILTIN_TINY
+
+    documents = [np.arange(3, 3 + n) for n in (5, 9, 2, 7)]
+    batches = [(np.concatenate(documents[:2]), [5, 9]), (np.concatenate(documents[2:]), [2, 7])]
+    store = ts.write_token_store(iter(batches), tokenizer, tmp_path / "ids", description="elsewhere", max_document_tokens=9)
+    assert as_lists(store) == [d.tolist() for d in documents] and store.dtype == np.uint16
+    assert ts.is_token_store(str(store.folder)) and not ts.is_token_store(str(tmp_path))
+
+    def datamodule(**kwargs):
+        return RMTDataModule(corpus=str(store.folder), model_name_or_path=BUILTIN_TINY, val_documents=1,
+                             cache_dir=str(tmp_path / "cache"), **kwargs)
+
+    assert as_lists(datamodule(max_document_tokens=16)._load_documents()) == as_lists(store)
+    with pytest.raises(InputError, match="documents up to 9 tokens, longer than max_document_tokens=8"):
+        datamodule(max_document_tokens=8)._load_documents()
+    other = dict(store.manifest)
+    other["tokenizer"] = {**other["tokenizer"], "vocabulary_sha256": "0" * 16}
+    (store.folder / ts.MANIFEST_FILE).write_text(json.dumps(other))
+    with pytest.raises(InputError, match="not by this model's"):
+        datamodule(max_document_tokens=16)._load_documents()
+    with pytest.raises(InputError, match=r"lengths must be in \[1, max_document_tokens=4\]"):
+        ts.write_token_store(iter(batches), tokenizer, tmp_path / "long", description="x", max_document_tokens=4)
+    assert not (tmp_path / "long").exists()

@@ -13,6 +13,7 @@ from ..method import TIER_NAMES, assign_tiers
 from ..padding import pad_right
 from ..tokens import TokenBytes
 from .sampler import CurriculumBatchSampler
+from .tier_index import TierIndex
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Candidates:
     tier: Tensor
 
     @classmethod
-    def from_scores(cls, scores: list[Tensor], doc_indices: list[int], thresholds) -> "Candidates":
+    def from_scores(cls, scores, doc_indices: list[int], thresholds) -> "Candidates":
+        """The positions of ``doc_indices``, whose entropies are ``scores[d]`` (a list or a dict by document)."""
         docs, positions, entropies = [], [], []
         for d in doc_indices:
             entropy = scores[d]
@@ -86,6 +88,14 @@ class Candidates:
     def tier_members(self) -> list[Tensor]:
         """Candidate indices of each tier (easy, medium, hard)."""
         return [torch.nonzero(self.tier == t).flatten() for t in range(len(TIER_NAMES))]
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def lookup(self, ids) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(document, position, tier, entropy)`` of each candidate index in ``ids`` (as ``TierIndex.lookup``)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        return self.doc[ids], self.pos[ids], self.tier[ids], self.entropy[ids]
 
 
 class DrawsWithProgress(Sampler):
@@ -124,9 +134,10 @@ def _ids(tokens) -> list[int]:
 
 
 class PositionBatches(Dataset):
-    """Turns a list of candidate indices into one batch: contexts and continuations for RL, documents for NTP."""
+    """Turns a list of candidate ids into one batch: contexts and continuations for RL, documents for NTP. The
+    candidates are a ``TierIndex`` (training: mapped from disk) or a ``Candidates`` table (held-out positions)."""
 
-    def __init__(self, documents, candidates: Candidates, token_bytes: TokenBytes, pad_token_id: int, max_context_tokens: int, continuation_tokens: int):
+    def __init__(self, documents, candidates: Candidates | TierIndex, token_bytes: TokenBytes, pad_token_id: int, max_context_tokens: int, continuation_tokens: int):
         self.documents = documents
         self.candidates = candidates
         self.token_bytes = token_bytes
@@ -136,8 +147,7 @@ class PositionBatches(Dataset):
 
     def __getitem__(self, draw) -> PositionBatch:
         ids, where = draw if isinstance(draw, tuple) else (draw, {})
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        doc, pos = self.candidates.doc[ids], self.candidates.pos[ids]
+        doc, pos, tiers, entropies = self.candidates.lookup(ids)
         contexts, continuations = [], []
         for d, p in zip(doc.tolist(), pos.tolist()):
             tokens = self.documents[d]
@@ -154,8 +164,8 @@ class PositionBatches(Dataset):
             position_documents=doc,
             positions=pos,
             next_token_ids=torch.tensor([int(self.documents[d][p]) for d, p in zip(doc.tolist(), pos.tolist())], dtype=torch.long),
-            tiers=self.candidates.tier[ids],
-            entropies=self.candidates.entropy[ids],
+            tiers=tiers,
+            entropies=entropies,
             contexts=contexts,
             continuations=continuations,
             documents=documents,
@@ -166,4 +176,4 @@ class PositionBatches(Dataset):
         )
 
     def __len__(self) -> int:
-        return len(self.candidates.doc)
+        return len(self.candidates)

@@ -1,13 +1,17 @@
-"""RMTDataModule: corpus -> tokens -> proxy entropy (cached) -> tiers -> curriculum batches of RL positions
-(the batches themselves: batches.py)."""
+"""RMTDataModule: corpus -> token store -> proxy entropy (shards scored by every process) -> tier index ->
+curriculum batches of RL positions (the batches themselves: batches.py). Each stage is written once to the cache
+folder and mapped by every later run and process."""
 
 from __future__ import annotations
 
 import gc
+import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
@@ -21,8 +25,11 @@ from ..tokens import TokenBytes
 from .corpus import EMBEDDED_CORPUS, check_corpus_source
 from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
 from .sampler import CurriculumBatchSampler, DrawRepeats
-from .scoring import cache_path, fingerprint_tokens, load_scores, proxy_identity, save_scores, score_entropy, window_plan
-from .token_store import Documents, TokenStore, open_or_build, read_settings
+from .entropy_shards import entropy_folder, read_plan, score_shards
+from .scoring import fingerprint_tokens, proxy_identity, window_plan
+from .scoring_pass import ScoringPass, ScoringStopped
+from .tier_index import TierIndex, index_folder, index_key, open_or_build_index
+from .token_store import Documents, TokenStore, is_token_store, open_or_build, open_prebuilt, read_settings
 
 
 class RMTDataModule(L.LightningDataModule):
@@ -30,7 +37,8 @@ class RMTDataModule(L.LightningDataModule):
 
     Args:
         corpus: ``embedded:math`` (the project's generated word problems), a local jsonl/json/txt/parquet/csv
-            file, or a ``datasets`` hub name.
+            file, a ``datasets`` hub name, or the folder of a token store tokenized elsewhere
+            (``token_store.write_token_store``; read whole: ``max_documents`` and ``max_tokens`` do not apply).
         split: Split to read from a hub dataset (local files are read whole).
         subset: Configuration name of a hub dataset (e.g. ``main`` for ``openai/gsm8k``).
         text_field: Record field holding the document text.
@@ -40,6 +48,8 @@ class RMTDataModule(L.LightningDataModule):
             corpus, read by streaming, without downloading the rest.
         embedded_documents: Number of documents generated for ``embedded:math``.
         max_document_tokens: Documents longer than this are split into chunks of this many tokens.
+        tokenize_processes: Worker processes that tokenize the corpus into its token store, the first time it is
+            read (None: one per CPU core, at most 8). Not part of the store's key: any number gives the same store.
         val_documents: Documents held out for validation (never sampled for training); with ``val_corpus``, the
             number of records read from that corpus instead, and the training corpus is used whole.
         val_corpus: A separate corpus for validation and test (e.g. GSM8K's ``test.jsonl`` beside ``train.jsonl``),
@@ -52,9 +62,13 @@ class RMTDataModule(L.LightningDataModule):
         scoring_stride: Step between scoring windows; each window contributes its last ``stride`` positions.
         scoring_top_k: Entropy over the renormalised top-k probabilities (RPT used 16); None: full vocabulary.
         scoring_batch_size: Windows per proxy forward.
+        scoring_shard_tokens: Tokens per entropy shard (whole documents): the unit of work one process scores and
+            that a stop or a kill can lose; the processes share a corpus only when it has at least as many shards
+            as there are processes. Part of the cache key.
         scoring_dtype: Proxy precision: ``auto`` (bfloat16 on a CUDA device, float32 otherwise), float32,
             bfloat16 or float16. Part of the cache key.
-        cache_dir: Cache folder of the corpora's token stores and entropy scores (None: ``$RMT_LIGHTNING_CACHE/entropy``
+        cache_dir: Cache folder of the corpora's token stores, entropy shards and tier indexes (it must be shared by
+            the nodes of a multi-node run; None: ``$RMT_LIGHTNING_CACHE/entropy``
             or ``~/.cache/rmt_lightning/entropy``).
         tier_thresholds: Entropy thresholds (nats): <= first never an RL candidate; then easy, medium, hard.
         curriculum: Draw tiers from the easy-to-hard schedule; False draws uniformly over all candidates (RPT).
@@ -84,6 +98,7 @@ class RMTDataModule(L.LightningDataModule):
         max_tokens: int | None = None,
         embedded_documents: int = 2000,
         max_document_tokens: int = 512,
+        tokenize_processes: int | None = None,
         val_documents: int = 32,
         val_corpus: str | None = None,
         val_split: str = "test",
@@ -94,6 +109,7 @@ class RMTDataModule(L.LightningDataModule):
         scoring_stride: int = 256,
         scoring_top_k: int | None = None,
         scoring_batch_size: int = 8,
+        scoring_shard_tokens: int = 1_048_576,
         scoring_dtype: str = "auto",
         cache_dir: str | None = None,
         tier_thresholds: tuple[float, float, float] = (0.5, 1.0, 1.5),
@@ -126,6 +142,7 @@ class RMTDataModule(L.LightningDataModule):
             ("max_context_tokens", max_context_tokens, 1), ("max_document_tokens", max_document_tokens, 2),
             ("continuation_tokens", continuation_tokens, 1), ("embedded_documents", embedded_documents, 1),
             ("val_positions", val_positions, 0), ("val_batch_size", val_batch_size, 1), ("scoring_batch_size", scoring_batch_size, 1),
+            ("scoring_shard_tokens", scoring_shard_tokens, 1), ("tokenize_processes", tokenize_processes or 1, 1),
         ):
             at_least(name, value, minimum)
         self.save_hyperparameters()
@@ -133,8 +150,12 @@ class RMTDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.documents: Documents = Documents([])
         """The training corpus's documents, then ``val_corpus``'s, as token-id arrays mapped from their stores."""
-        self.train_candidates: Candidates | None = None
+        self.train_index: TierIndex | None = None
+        """The training corpus's candidate positions per tier, mapped from disk."""
+        self.val_index: TierIndex | None = None
+        """``val_corpus``'s index (its documents all held out), when there is one."""
         self.val_candidates: Candidates | None = None
+        """The held-out documents' positions (validation and test), in memory."""
         self.sampler: CurriculumBatchSampler | None = None
         self._pending_sampler_state: dict | None = None
         self._consumed: dict | None = None
@@ -178,10 +199,14 @@ class RMTDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
+        if is_token_store(corpus):
+            return open_prebuilt(corpus, self.tokenizer, hp.max_document_tokens)
         settings = read_settings(corpus, split=split, text_field=hp.text_field, text_template=hp.text_template,
                                  subset=hp.subset, max_documents=max_documents, max_tokens=max_tokens,
                                  embedded_documents=hp.embedded_documents, seed=hp.seed)
-        return open_or_build(self.cache_folder, self.tokenizer, settings, max_document_tokens=hp.max_document_tokens)
+        processes = hp.tokenize_processes or min(8, os.cpu_count() or 1)
+        return open_or_build(self.cache_folder, self.tokenizer, settings, max_document_tokens=hp.max_document_tokens,
+                             num_proc=processes)
 
     def _load_documents(self) -> TokenStore:
         """The training corpus (with its held-out validation documents when there is no ``val_corpus``)."""
@@ -210,16 +235,21 @@ class RMTDataModule(L.LightningDataModule):
             raise ValueError(f"val_corpus '{hp.val_corpus}' gave no document to validate on")
         return documents
 
-    def _cache_file(self, documents) -> tuple[Path, str]:
+    def scores_key(self, store: TokenStore) -> str:
+        """Key of a corpus's entropy shards (``entropy_shards.entropy_folder`` names their folder by it): its tokens
+        (the store's digest), the proxy and the scoring settings."""
         hp = self.hparams
         source = resolve_model_source(self.proxy_source)
         config = model_config(source, hp.trust_remote_code)
-        settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k, "dtype": self.scoring_dtype}
-        key = fingerprint_tokens(documents.manifest["digest"], proxy_identity(source, config.to_json_string()), settings)
-        return cache_path(self.cache_folder, key), key
+        settings = {"window": hp.scoring_window, "stride": hp.scoring_stride, "top_k": hp.scoring_top_k,
+                    "dtype": self.scoring_dtype, "shard_tokens": hp.scoring_shard_tokens}
+        return fingerprint_tokens(store.manifest["digest"], proxy_identity(source, config.to_json_string()), settings)
 
     def _scoring_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     @property
     def scoring_dtype(self) -> str:
@@ -229,66 +259,111 @@ class RMTDataModule(L.LightningDataModule):
         # Entropy only ranks positions into tiers, which bf16 logits do as well as float32 ones at half the cost.
         return "bfloat16" if self._scoring_device().type == "cuda" else "float32"
 
-    def _score(self, documents) -> list[Tensor]:
+    def _load_proxy(self) -> torch.nn.Module:
         hp = self.hparams
-        path, key = self._cache_file(documents)
-        scores = load_scores(path, key, documents.lengths.tolist())
-        if scores is not None:
-            return scores
         proxy = load_causal_lm(self.proxy_source, dtype=parse_dtype(self.scoring_dtype), trust_remote_code=hp.trust_remote_code)
-        proxy.to(self._scoring_device())
-        scores = score_entropy(
-            proxy, documents, window=hp.scoring_window, stride=hp.scoring_stride, top_k=hp.scoring_top_k,
-            batch_size=hp.scoring_batch_size, pad_token_id=self.tokenizer.pad_token_id,
-        )
-        del proxy
+        return proxy.to(self._scoring_device())
+
+    def _score_shards(self, store: TokenStore, folder: Path, key: str, name: str) -> None:
+        """Every process scores its share of the shards ``folder`` lacks; on a stop signal, all stop together."""
+        hp = self.hparams
+        rank, world_size = self._rank_and_world_size()
+        reduce = None
+        if world_size > 1:
+            strategy = self.trainer.strategy
+
+            def reduce(tensor: Tensor, op: str) -> Tensor:
+                return strategy.reduce(tensor.to(strategy.root_device), reduce_op=op).cpu()
+
+        with ScoringPass(store.num_tokens, reduce, show=rank == 0, description=f"entropy of {name}") as scoring:
+            score_shards(
+                self._load_proxy, store, folder, key=key, rank=rank, world_size=world_size, window=hp.scoring_window,
+                stride=hp.scoring_stride, top_k=hp.scoring_top_k, batch_size=hp.scoring_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id, shard_tokens=hp.scoring_shard_tokens, stop=scoring.stop,
+                progress=scoring.progress, lengths=np.diff(store.offsets),
+            )
+            scoring.stop()  # the last round's tokens, and a signal that came during it
         gc.collect()
-        save_scores(path, key, scores)
-        return scores
+        if scoring.agreed:
+            finished = len(list(folder.glob("shard-*.safetensors")))
+            raise ScoringStopped(scoring.agreed, str(folder), finished, len(read_plan(folder, key)), rank)
+
+    def _any_rank(self, flag: bool) -> bool:
+        rank, world_size = self._rank_and_world_size()
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=False) if world_size > 1 else flag
+
+    def _index(self, store: TokenStore, name: str, held_out_rule: dict, held_out: Callable[[], list[int]]) -> TierIndex:
+        """``store``'s tier index: mapped when built, else its entropy is scored by every process (the shards that
+        are missing) and the index built from the shards."""
+        hp = self.hparams
+        scores_key = self.scores_key(store)
+        key = index_key(scores_key, hp.tier_thresholds, held_out_rule)
+        index = TierIndex.open(index_folder(self.cache_folder, key), store, key)
+        if self._any_rank(index is None):
+            shard_folder = entropy_folder(self.cache_folder, scores_key)
+            self._score_shards(store, shard_folder, scores_key, name)
+            if self._rank_and_world_size()[1] > 1:
+                self.trainer.strategy.barrier("entropy scored")
+            index = open_or_build_index(self.cache_folder, key, store, shard_folder=shard_folder, scores_key=scores_key,
+                                        thresholds=hp.tier_thresholds, held_out=held_out)
+        return index
 
     def prepare_data(self) -> None:
-        """Score the corpus once (local rank 0); ``setup`` on every rank then reads the cache."""
+        """Check the inputs and build the corpora's token stores (once per node: Lightning calls it on local rank
+        0); ``setup`` on every process then scores what is missing and maps the results."""
         self.check_inputs()
-        self._score(self._load_documents())
-        validation = self._load_val_documents()
-        if validation is not None:
-            self._score(validation)
+        self._load_documents()
+        self._load_val_documents()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_candidates is not None:
+    def score_corpus(self) -> None:
+        """Score and index the corpora, shared by every process (each scores its share of the shards a killed or
+        earlier pass did not finish), or map them when that was done before. ``setup`` calls it, and so does
+        ``python -m rmt_lightning score``."""
+        if self.train_index is not None:
             return
         hp = self.hparams
         training, validation = self._load_documents(), self._load_val_documents()
-        # Scored separately, so the training corpus's cache is the same with or without a val_corpus.
-        scores = self._score(training) + (self._score(validation) if validation is not None else [])
-        self.documents = Documents([training] if validation is None else [training, validation])
-        if validation is not None:
-            train_docs, val_docs = list(range(len(training))), list(range(len(training), len(self.documents)))
+        if validation is None:
+            def held_out() -> list[int]:
+                order = torch.randperm(len(training), generator=torch.Generator().manual_seed(hp.seed))
+                return sorted(order[: hp.val_documents].tolist())
+
+            rule = {"seed": hp.seed, "val_documents": hp.val_documents, "documents": len(training)}
+            self.train_index = self._index(training, hp.corpus, rule, held_out)
         else:
-            order = torch.randperm(len(training), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-            val_docs, train_docs = sorted(order[: hp.val_documents]), sorted(order[hp.val_documents :])
-        self.train_candidates = Candidates.from_scores(scores, train_docs, hp.tier_thresholds)
-        self.val_candidates = Candidates.from_scores(scores, val_docs, hp.tier_thresholds)
-        tiers = self.train_candidates.tier_members()
-        if sum(len(t) for t in tiers) == 0:
-            entropy = torch.nan_to_num(self.train_candidates.entropy, nan=float("-inf"))
-            highest = float(entropy.max()) if len(entropy) else float("nan")
+            # Indexed separately, so the training corpus's index is the same with any val_corpus.
+            self.train_index = self._index(training, hp.corpus, {"none": True}, list)
+            self.val_index = self._index(validation, hp.val_corpus, {"all": True}, lambda: list(range(len(validation))))
+        self.documents = Documents([training] if validation is None else [training, validation])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sampler is not None:
+            return
+        hp = self.hparams
+        self.score_corpus()
+        if self.val_index is None:
+            val_entropies = self.train_index.held_out_entropies()
+        else:
+            first = len(self.train_index.store)
+            val_entropies = {first + d: entropy for d, entropy in self.val_index.held_out_entropies().items()}
+        self.val_candidates = Candidates.from_scores(val_entropies, sorted(val_entropies), hp.tier_thresholds)
+        sizes = self.train_index.sizes.tolist()
+        if sum(sizes) == 0:
+            highest = self.train_index.max_entropy
             raise InputError(
                 f"no position of corpus '{hp.corpus}' has entropy above tier_thresholds[0]={hp.tier_thresholds[0]} under "
-                f"proxy '{self.proxy_source}' (the highest is {highest:.3f} nats), so there is nothing to train with RL; "
-                "valid: a first threshold below the highest entropy, or another corpus"
+                f"proxy '{self.proxy_source}' (the highest is {float('nan') if highest is None else highest:.3f} nats), "
+                "so there is nothing to train with RL; valid: a first threshold below the highest entropy, or another corpus"
             )
-        empty = [name for name, members in zip(TIER_NAMES, tiers) if len(members) == 0]
+        empty = [name for name, size in zip(TIER_NAMES, sizes) if size == 0]
         if empty and hp.curriculum:
             rank_zero_warn(
                 f"curriculum tier(s) {empty} have no candidate position under tier_thresholds={tuple(hp.tier_thresholds)}; "
                 "their share of p1/p2 is spread over the other tiers (renormalised)"
             )
-        trainer = self.trainer
-        world_size = trainer.world_size if trainer is not None else 1
-        rank = trainer.global_rank if trainer is not None else 0
+        rank, world_size = self._rank_and_world_size()
         self.sampler = CurriculumBatchSampler(
-            tier_candidates=tiers, batch_size=hp.batch_size, batches_per_epoch=hp.batches_per_epoch,
+            tier_sizes=sizes, batch_size=hp.batch_size, batches_per_epoch=hp.batches_per_epoch,
             p1=hp.p1, p2=hp.p2, t1=hp.t1, t2=hp.t2, curriculum=hp.curriculum, seed=hp.seed,
             rank=rank, world_size=world_size,
         )
@@ -298,11 +373,11 @@ class RMTDataModule(L.LightningDataModule):
 
     def tier_sizes(self) -> dict[str, int]:
         """Number of training candidates per tier."""
-        return {name: len(members) for name, members in zip(TIER_NAMES, self.train_candidates.tier_members())}
+        return {name: int(size) for name, size in zip(TIER_NAMES, self.train_index.sizes)}
 
     # ---- loaders -----------------------------------------------------------------------------------
 
-    def _batches(self, candidates: Candidates) -> PositionBatches:
+    def _batches(self, candidates: Candidates | TierIndex) -> PositionBatches:
         hp = self.hparams
         return PositionBatches(
             self.documents, candidates, TokenBytes(self.tokenizer), self.tokenizer.pad_token_id,
@@ -336,7 +411,7 @@ class RMTDataModule(L.LightningDataModule):
         self.sampler.repeats = self._draw_repeats()
         # Its own generator: creating the iterator would otherwise draw from the global one, which a resumed
         # run restores from the checkpoint and must find untouched.
-        return DataLoader(self._batches(self.train_candidates), sampler=DrawsWithProgress(self.sampler), batch_size=None,
+        return DataLoader(self._batches(self.train_index), sampler=DrawsWithProgress(self.sampler), batch_size=None,
                           generator=self._loader_generator())
 
     def eval_positions(self) -> Tensor:

@@ -65,6 +65,11 @@ def plan_shards(lengths: Sequence[int], shard_tokens: int) -> list[tuple[int, in
     return plan
 
 
+def entropy_folder(cache_dir: str | os.PathLike, key: str) -> Path:
+    """The shard folder of the scores for ``key`` under ``cache_dir``."""
+    return Path(cache_dir).expanduser() / f"entropy-{key[:24]}"
+
+
 def shard_path(folder: str | os.PathLike, index: int) -> Path:
     """The file of shard ``index`` in ``folder``."""
     return Path(folder) / f"shard-{index:06d}.safetensors"
@@ -108,7 +113,7 @@ def _unique_suffix() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _ensure_manifest(folder: Path, key: str, plan: Sequence[tuple[int, int]], lengths: np.ndarray) -> None:
+def ensure_manifest(folder: Path, key: str, plan: Sequence[tuple[int, int]], lengths: np.ndarray) -> None:
     existing = _read_manifest(folder)
     if existing is not None:
         _check_manifest(folder, existing, key, plan)
@@ -127,7 +132,7 @@ def _digest(flat: Tensor, lengths: Tensor) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(folder: Path, index: int, span: tuple[int, int], key: str, scores: list[Tensor]) -> None:
+def write_shard(folder: Path, index: int, span: tuple[int, int], key: str, scores: list[Tensor]) -> None:
     from safetensors.torch import save_file
 
     lengths = torch.tensor([len(s) for s in scores], dtype=torch.int64)
@@ -141,7 +146,7 @@ def _write_shard(folder: Path, index: int, span: tuple[int, int], key: str, scor
         save_file({"entropy": flat, "lengths": lengths}, str(staging), metadata=metadata)
 
 
-def _read_shard(folder: Path, index: int, span: tuple[int, int], key: str, lengths: np.ndarray | None) -> Tensor | None:
+def read_shard(folder: Path, index: int, span: tuple[int, int], key: str, lengths: np.ndarray | None) -> Tensor | None:
     """Shard ``index``'s flat entropies when its file is there and whole and made for ``key``, ``span`` and (when
     given) ``lengths`` of the whole corpus; else None, with a warning when a file was there but could not be used."""
     from safetensors import safe_open
@@ -166,6 +171,17 @@ def _read_shard(folder: Path, index: int, span: tuple[int, int], key: str, lengt
     return flat
 
 
+def read_plan(folder: str | os.PathLike, key: str) -> list[tuple[int, int]]:
+    """The shard plan recorded in ``folder``'s manifest; ``ShardFolderError`` when there is none or it was made
+    for another key."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise ShardFolderError(f"entropy shard folder '{folder}' has no {MANIFEST_NAME}")
+    _check_manifest(folder, manifest, key, None)
+    return [(int(first), int(end)) for first, end in manifest.get("plan", [])]
+
+
 def _rejected(path: Path, reason: str) -> None:
     warnings.warn(f"entropy shard '{path}' is {reason}: ignored, the shard is scored again", stacklevel=3)
 
@@ -188,11 +204,11 @@ def missing_shards(folder: str | os.PathLike, key: str, plan: Sequence[tuple[int
         return list(range(len(plan)))
     _check_manifest(folder, manifest, key, plan)
     sizes = None if lengths is None else np.asarray(lengths, dtype=np.int64)
-    return [index for index, span in enumerate(plan) if _read_shard(folder, index, span, key, sizes) is None]
+    return [index for index, span in enumerate(plan) if read_shard(folder, index, span, key, sizes) is None]
 
 
 def score_shards(
-    proxy,
+    proxy: torch.nn.Module | Callable[[], torch.nn.Module],
     documents: Sequence,
     folder: str | os.PathLike,
     *,
@@ -211,12 +227,18 @@ def score_shards(
 ) -> int:
     """Score this process's share of the shards that ``folder`` does not hold yet; returns how many it scored.
 
-    ``documents[i]`` is document ``i``'s token ids (a list or 1-D array). Process ``rank`` of ``world_size``
-    takes the shards ``i`` with ``i % world_size == rank`` of ``plan_shards(lengths, shard_tokens)`` and scores
-    each with ``score_entropy`` over that shard's documents, then writes it atomically. ``folder`` gets a
-    manifest with ``key`` and the plan on first use; a folder made for another key or plan raises
-    ``ShardFolderError`` before any work. ``stop()`` is asked before each shard: when it returns True the pass
-    ends early, keeping every finished shard. ``progress(tokens)`` is called after each shard scored here.
+    ``proxy`` is the scoring model, or a function without arguments that loads it (called only when this process
+    has a shard to score, so a process whose shards are all done loads nothing). ``documents[i]`` is document
+    ``i``'s token ids (a list or 1-D array). Process ``rank`` of ``world_size`` takes the shards ``i`` with
+    ``i % world_size == rank`` of ``plan_shards(lengths, shard_tokens)`` and scores each with ``score_entropy``
+    over that shard's documents, then writes it atomically. ``folder`` gets a manifest with ``key`` and the plan
+    on first use; a folder made for another key or plan raises ``ShardFolderError`` before any work.
+
+    The pass runs in rounds, one shard per process each, and every process runs the same number of rounds
+    (``ceil(shards / world_size)``) whatever it has left to do: ``stop()`` is asked at the start of each round
+    on every process, so it may be a collective (the processes agreeing to stop together); when it returns True
+    the pass ends, keeping every finished shard. ``progress(tokens)`` is called once with the tokens of this
+    process's shards that an earlier pass finished, then after each shard scored here.
     ``lengths``, every document's token count when the caller has them (a token store's offsets), saves asking
     each document for its length.
 
@@ -231,23 +253,31 @@ def score_shards(
     if len(lengths) != len(documents):
         raise ValueError(f"{len(lengths)} lengths for {len(documents)} documents")
     plan = plan_shards(lengths, shard_tokens)
-    _ensure_manifest(folder, key, plan, lengths)
-    mine = [i for i in range(rank, len(plan), world_size) if _read_shard(folder, i, plan[i], key, lengths) is None]
+    ensure_manifest(folder, key, plan, lengths)
+    todo = {i for i in range(rank, len(plan), world_size) if read_shard(folder, i, plan[i], key, lengths) is None}
+    if progress is not None:
+        progress(sum(int(lengths[plan[i][0] : plan[i][1]].sum()) for i in range(rank, len(plan), world_size) if i not in todo))
+    model = proxy if isinstance(proxy, torch.nn.Module) or not callable(proxy) else None
     scored = 0
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="entropy-shard-writer") as writer:
         try:
-            for index in mine:
+            for round_ in range(-(-len(plan) // world_size)):
                 if stop is not None and stop():
                     break
+                index = round_ * world_size + rank
+                if index not in todo:
+                    continue
+                if model is None:
+                    model = proxy()
                 first, end = plan[index]
                 # Plain int lists: what score_entropy's padding expects, whatever array type the store returns.
                 shard_documents = [_as_list(documents[d]) for d in range(first, end)]
-                scores = score_entropy(proxy, shard_documents, window=window, stride=stride, top_k=top_k,
+                scores = score_entropy(model, shard_documents, window=window, stride=stride, top_k=top_k,
                                        batch_size=batch_size, pad_token_id=pad_token_id)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_write_shard, folder, index, (first, end), key, scores)
+                pending = writer.submit(write_shard, folder, index, (first, end), key, scores)
                 scored += 1
                 if progress is not None:
                     progress(int(lengths[first:end].sum()))
@@ -256,6 +286,22 @@ def score_shards(
             if pending is not None:
                 pending.result()
     return scored
+
+
+def write_shards(folder: str | os.PathLike, key: str, lengths: Sequence[int], shard_tokens: int,
+                 entropies: Callable[[int, int], Tensor]) -> int:
+    """Write every shard of ``plan_shards(lengths, shard_tokens)`` from scores computed elsewhere (or made up for a
+    benchmark): ``entropies(start, end)`` gives the flat float32 entropies of the corpus's tokens ``[start, end)``.
+    Returns the number of shards written."""
+    folder = Path(folder)
+    sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    plan = plan_shards(sizes, shard_tokens)
+    ensure_manifest(folder, key, plan, sizes)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    for index, (first, end) in enumerate(plan):
+        flat = entropies(int(offsets[first]), int(offsets[end])).float()
+        write_shard(folder, index, (first, end), key, list(flat.split(sizes[first:end].tolist())))
+    return len(plan)
 
 
 def _as_list(document) -> list[int]:
@@ -283,7 +329,7 @@ def load_shards_flat(folder: str | os.PathLike, key: str, lengths: Sequence[int]
     offsets[1:] = torch.from_numpy(np.cumsum(sizes))
     flat = torch.empty(int(offsets[-1]), dtype=torch.float32)
     for index, span in enumerate(plan):
-        shard = _read_shard(folder, index, span, key, sizes)
+        shard = read_shard(folder, index, span, key, sizes)
         if shard is None:
             return None
         flat[int(offsets[span[0]]) : int(offsets[span[1]])] = shard

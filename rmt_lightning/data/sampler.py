@@ -34,6 +34,9 @@ class CurriculumBatchSampler(Sampler[list[int]]):
 
     - ``tier_candidates``: three 1-D int64 tensors (easy, medium, hard) of dataset
       indices. Ids in no tier are never drawn; empty tiers are skipped by renormalising.
+    - ``tier_sizes``: instead of ``tier_candidates``, the number of candidates of each tier, whose ids count
+      through the tiers in order (easy's ``0 .. n_easy - 1``, then medium's, then hard's: a ``TierIndex``'s ids).
+      The draws are the same as with ``tier_candidates`` listing those ids, and the sampler holds no id.
     - ``batch_size``: items per rank and batch; ``batches_per_epoch``: ``len(self)``.
     - ``p1``, ``p2``, ``t1``, ``t2``: as in ``tier_probabilities``.
     - ``curriculum``: if False, draw uniformly over the union of all tiers (RPT baseline).
@@ -55,7 +58,8 @@ class CurriculumBatchSampler(Sampler[list[int]]):
     def __init__(
         self,
         *,
-        tier_candidates: Sequence[Tensor],
+        tier_candidates: Sequence[Tensor] | None = None,
+        tier_sizes: Sequence[int] | None = None,
         batch_size: int,
         batches_per_epoch: int,
         p1: Sequence[float],
@@ -69,13 +73,16 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         total_batches: int | None = None,
         repeats: DrawRepeats | None = None,
     ) -> None:
-        if len(tier_candidates) != len(TIER_NAMES):
-            raise ValueError(
-                f"tier_candidates must hold {len(TIER_NAMES)} tensors {TIER_NAMES}, got {len(tier_candidates)}"
-            )
-        if any(t.dim() != 1 for t in tier_candidates):
+        if (tier_candidates is None) == (tier_sizes is None):
+            raise ValueError("give exactly one of tier_candidates and tier_sizes")
+        given = tier_candidates if tier_candidates is not None else tier_sizes
+        if len(given) != len(TIER_NAMES):
+            raise ValueError(f"tier_candidates/tier_sizes must hold {len(TIER_NAMES)} entries {TIER_NAMES}, got {len(given)}")
+        if tier_candidates is not None and any(t.dim() != 1 for t in tier_candidates):
             shapes = [tuple(t.shape) for t in tier_candidates]
             raise ValueError(f"tier_candidates must be 1-D tensors, got shapes {shapes}")
+        if tier_sizes is not None and any(int(n) < 0 for n in tier_sizes):
+            raise ValueError(f"tier_sizes must be >= 0, got {list(tier_sizes)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if batches_per_epoch < 1:
@@ -84,8 +91,13 @@ class CurriculumBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank must satisfy 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed!r}")
-        self._tiers = [t.detach().to("cpu", torch.int64).numpy() for t in tier_candidates]
-        self._sizes = np.array([len(t) for t in self._tiers], dtype=np.int64)
+        if tier_candidates is not None:
+            self._tiers = [t.detach().to("cpu", torch.int64).numpy() for t in tier_candidates]
+            self._sizes = np.array([len(t) for t in self._tiers], dtype=np.int64)
+        else:
+            self._tiers = None
+            self._sizes = np.array([int(n) for n in tier_sizes], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])
         if self._sizes.sum() == 0:
             raise ValueError("all tiers (easy, medium, hard) are empty: there is no candidate id to sample")
         tier_probabilities(0.0, p1, p2, t1, t2)  # fail at construction, not mid-training
@@ -150,7 +162,10 @@ class CurriculumBatchSampler(Sampler[list[int]]):
             offsets = np.cumsum(self._sizes)
             tiers = np.searchsorted(offsets, flat, side="right")
             within = flat - (offsets[tiers] - self._sizes[tiers])
-        ids = [int(self._tiers[d][i]) for d, i in zip(tiers, within)]
+        if self._tiers is None:
+            ids = [int(self._starts[d] + i) for d, i in zip(tiers, within)]
+        else:
+            ids = [int(self._tiers[d][i]) for d, i in zip(tiers, within)]
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         return ids[lo:hi], [int(d) for d in tiers[lo:hi]]
 

@@ -1,19 +1,15 @@
-"""Score every position of every document with the proxy model's next-token entropy, cached on disk.
+"""Score every position of every document with the proxy model's next-token entropy.
 
 One forward per document window gives all its positions. Logits are produced from the final hidden
-states in row chunks, so the ``[tokens, vocab]`` logits never exist in full. The cache file is keyed by
-everything that determines the scores (tokens, proxy weights, window settings, top-k) and is written
-under a temporary name then renamed, so an interrupted run never leaves a file that looks complete. Its
-header carries the key and a SHA-256 of its data: a file whose data does not hash to it (cut short,
-damaged on disk) is reported, ignored and scored again, never used.
+states in row chunks, so the ``[tokens, vocab]`` logits never exist in full. The scores are kept on disk
+in shards (``entropy_shards``), under a key of everything that determines them (``fingerprint_tokens``:
+tokens, proxy weights, window settings, top-k, precision).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..method import token_entropy
-from ..atomic import staged_file
 from ..padding import pad_right
 
 CACHE_FORMAT_VERSION = 2
@@ -121,53 +116,3 @@ def proxy_identity(name_or_path: str, config_json: str) -> str:
             stat = weights.stat()
             parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return "|".join(parts)
-
-
-def cache_path(cache_dir: Path, key: str) -> Path:
-    """File holding the scores for ``key``."""
-    return Path(cache_dir) / f"entropy-{key[:24]}.safetensors"
-
-
-def _data_digest(flat: Tensor, lengths: Tensor) -> str:
-    digest = hashlib.sha256(flat.contiguous().numpy().tobytes())
-    digest.update(lengths.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def save_scores(path: Path, key: str, scores: Sequence[Tensor]) -> None:
-    """Write flat scores and offsets atomically (temporary file, fsync, rename), tagged with ``key`` and the
-    SHA-256 of the data."""
-    from safetensors.torch import save_file
-
-    lengths = torch.tensor([len(s) for s in scores], dtype=torch.int64)
-    flat = (torch.cat(list(scores)) if scores else torch.zeros(0)).float().contiguous()
-    with staged_file(path, f"{path.name}.tmp-{os.getpid()}") as staging:
-        save_file({"entropy": flat, "lengths": lengths}, str(staging), metadata={"key": key, "sha256": _data_digest(flat, lengths)})
-
-
-def load_scores(path: Path, key: str, expected_lengths: Sequence[int]) -> list[Tensor] | None:
-    """Scores from ``path`` when it exists, is complete (its data matches its SHA-256), carries ``key`` and fits
-    the documents; else None, with a warning when a file was there but could not be used."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            # Copies: the tensors may map the file, which another run could rewrite in place.
-            flat, lengths = handle.get_tensor("entropy").clone(), handle.get_tensor("lengths").clone()
-    except Exception as error:
-        return _rejected(path, f"unreadable ({type(error).__name__})")
-    if metadata.get("key") != key:
-        return _rejected(path, "made for other documents, proxy or settings")
-    if metadata.get("sha256") != _data_digest(flat, lengths):
-        return _rejected(path, "incomplete or corrupted (its data does not match its SHA-256)")
-    if lengths.tolist() != list(expected_lengths) or int(lengths.sum()) != flat.numel():
-        return _rejected(path, "not the shape of the documents")
-    return list(flat.split(lengths.tolist()))
-
-
-def _rejected(path: Path, reason: str) -> None:
-    warnings.warn(f"entropy cache '{path}' is {reason}: ignored, the corpus is scored again and the file replaced", stacklevel=3)
-    return None

@@ -21,7 +21,6 @@ staging folder that the next build of the same key deletes. A store lives under 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import fsync_folder, publish_folder
+from ..atomic import build_lock, fsync_folder, publish_folder
 from ..checks import InputError, check_writable_directory
 from .corpus import (
     _LOCAL_BUILDERS,
@@ -357,19 +356,6 @@ def _remove_stale_staging(folder: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
-    # Processes that start together (the ranks of a node) build one store between them: the others wait, then
-    # find it complete.
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _check_build_arguments(max_document_tokens: int, min_document_tokens: int, num_proc: int) -> None:
     if max_document_tokens < 1:
         raise InputError(f"max_document_tokens={max_document_tokens} is not valid: it must be >= 1")
@@ -414,7 +400,7 @@ def build_token_store(
     folder = Path(folder).expanduser()
     _check_build_arguments(max_document_tokens, min_document_tokens, num_proc)
     check_writable_directory(folder.parent, "token store folder")
-    with _build_lock(folder):
+    with build_lock(folder):
         return _build(texts, tokenizer, folder, max_document_tokens, min_document_tokens, num_proc, settings, batch_size)
 
 
@@ -422,8 +408,18 @@ def _build(texts, tokenizer, folder, max_document_tokens, min_document_tokens, n
     identity = tokenizer_identity(tokenizer)
     dtype = token_dtype(identity["length"])
     settings = _full_settings(settings, max_document_tokens, min_document_tokens)
-    key = store_key(identity, settings)
     texts = _first_text(texts)
+    batches = _chunked_batches(texts, tokenizer, max_document_tokens, min_document_tokens, num_proc, dtype, batch_size)
+    no_document = (f"the corpus gives no document of at least min_document_tokens={min_document_tokens} tokens; "
+                   "valid: a corpus with longer texts or a lower min_document_tokens")
+    return _publish(folder, batches, identity, settings, no_document)
+
+
+def _publish(folder: Path, batches, identity: dict, settings: dict, no_document: str) -> TokenStore:
+    """Write ``batches`` (``(flat ids, document lengths)`` pairs, in order) as the store of ``settings`` in
+    ``folder``, through a staging folder renamed into place."""
+    dtype = token_dtype(identity["length"])
+    key = store_key(identity, settings)
     _remove_stale_staging(folder)
 
     def write(staging: Path) -> None:
@@ -431,20 +427,16 @@ def _build(texts, tokenizer, folder, max_document_tokens, min_document_tokens, n
         hasher = _new_content_hash(dtype)
         lengths = [np.zeros(1, dtype=np.int64)]
         with open(staging / TOKENS_FILE, "wb") as handle:
-            for ids, chunk_lengths in _chunked_batches(
-                texts, tokenizer, max_document_tokens, min_document_tokens, num_proc, dtype, batch_size
-            ):
+            for ids, chunk_lengths in batches:
+                ids = np.asarray(ids, dtype=dtype)
                 _write_batch(handle, ids)
                 hasher.update(ids.tobytes())
-                lengths.append(chunk_lengths)
+                lengths.append(np.asarray(chunk_lengths, dtype=np.int64))
             handle.flush()
             os.fsync(handle.fileno())
         offsets = np.cumsum(np.concatenate(lengths), dtype=np.int64)
         if len(offsets) == 1:
-            raise InputError(
-                f"the corpus gives no document of at least min_document_tokens={min_document_tokens} tokens; "
-                "valid: a corpus with longer texts or a lower min_document_tokens"
-            )
+            raise InputError(no_document)
         with open(staging / OFFSETS_FILE, "wb") as handle:
             np.save(handle, offsets)
             handle.flush()
@@ -465,6 +457,58 @@ def _build(texts, tokenizer, folder, max_document_tokens, min_document_tokens, n
 
     publish_folder(folder, write)
     return TokenStore.open(folder)
+
+
+def write_token_store(batches: Iterable[tuple[np.ndarray, np.ndarray]], tokenizer, folder: str | os.PathLike, *,
+                      description: str, max_document_tokens: int) -> TokenStore:
+    """A store of documents tokenized elsewhere (by another pipeline, or made up for a benchmark), written to
+    ``folder`` and opened; ``data.corpus`` may then name the folder.
+
+    ``batches`` yields ``(ids, lengths)``: the token ids of consecutive documents back to back (by ``tokenizer``'s
+    vocabulary) and each one's length; no document may be longer than ``max_document_tokens``. ``description``
+    names the source in the manifest.
+    """
+    folder = Path(folder).expanduser()
+    check_writable_directory(folder.parent, "token store folder")
+    identity = tokenizer_identity(tokenizer)
+    settings = {"corpus": description, "prebuilt": True, "max_document_tokens": int(max_document_tokens)}
+
+    def checked():
+        for ids, lengths in batches:
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if len(lengths) and (lengths.min() < 1 or lengths.max() > max_document_tokens or lengths.sum() != len(ids)):
+                raise InputError(f"write_token_store: document lengths must be in [1, max_document_tokens={max_document_tokens}] "
+                                 f"and add up to the ids given ({int(lengths.sum())} for {len(ids)} ids)")
+            yield ids, lengths
+
+    with build_lock(folder):
+        return _publish(folder, checked(), identity, settings, "write_token_store was given no document")
+
+
+def is_token_store(source: str) -> bool:
+    """Whether ``source`` names a token store's folder (one ``write_token_store`` or a build wrote)."""
+    path = Path(source).expanduser()
+    return path.is_dir() and (path / MANIFEST_FILE).is_file()
+
+
+def open_prebuilt(source: str, tokenizer, max_document_tokens: int) -> TokenStore:
+    """The token store in folder ``source``, checked against ``tokenizer`` and ``max_document_tokens``:
+    ``InputError`` when it was made by another tokenizer or holds longer documents."""
+    try:
+        store = TokenStore.open(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"corpus '{source}' is not a complete token store: {error}") from None
+    made_by, ours = store.manifest.get("tokenizer") or {}, tokenizer_identity(tokenizer)
+    # The ids are what must agree; the same tokenizer may have been loaded from another path.
+    if any(made_by.get(field) != ours[field] for field in ("length", "vocabulary_sha256")):
+        raise InputError(f"corpus '{source}' is a token store made by tokenizer '{made_by.get('name_or_path')}' "
+                         f"({made_by.get('length')} ids), not by this model's '{ours['name_or_path']}' ({ours['length']} ids); "
+                         "valid: a store made by the policy's tokenizer")
+    longest = store.manifest.get("settings", {}).get("max_document_tokens")
+    if longest is None or longest > max_document_tokens:
+        raise InputError(f"corpus '{source}' is a token store of documents up to {longest} tokens, longer than "
+                         f"max_document_tokens={max_document_tokens}; valid: max_document_tokens >= {longest}")
+    return store
 
 
 def _open_matching(folder: Path, key: str) -> TokenStore | None:
@@ -499,7 +543,7 @@ def open_or_build(
     store = _open_matching(folder, key)
     if store is not None:
         return store
-    with _build_lock(folder):
+    with build_lock(folder):
         store = _open_matching(folder, key)  # built by another process while this one waited
         if store is not None:
             return store
