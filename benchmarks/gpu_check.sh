@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # What only a GPU shows, in one command of under 9 minutes on one H100/H200: the GPU tests (bf16 under DDP, FSDP1
 # and FSDP2), then in bfloat16 the rollout benchmark against `generate` (SDPA, transformers' default), the budget
-# step and entropy scoring, on models with SmolLM2-135M's and Qwen2-1.5B's shapes and random weights.
+# step and entropy scoring (alone, and through `score` with its shards), on models with SmolLM2-135M's and
+# Qwen2-1.5B's shapes and random weights.
 #
 #   bash benchmarks/gpu_prepare.sh        # first, where the project is installed and PyPI is reachable
 #   bash benchmarks/gpu_check.sh          # then on the GPU machine, with .whl and .gpu_assets carried along
 #   bash benchmarks/gpu_check.sh --smoke  # the same parts on a CPU with tiny models, in about a minute
 #
 # Results go to $RMT_BENCH_OUT, else $OUT, else benchmarks/results/gpu_check: gpu_check.json (versions, the GPU,
-# the models, each part's exit status and time), gpu_tests.json, one JSON per benchmark and gpu_check.log: 7
-# files, as a GPU machine sends back at most 8. Each part has its own time limit, clipped to what is left of
+# the models, each part's exit status and time), gpu_tests.json, one JSON per benchmark and gpu_check.log: 8
+# files, as many as a GPU machine sends back. Each part has its own time limit, clipped to what is left of
 # RMT_GPU_CHECK_SECONDS (530), so one that hangs does not take the others' time: install 45 s, environment 30,
-# models 75, tests 150, rollout 90, budget step 60, entropy 40, and the 1.5B rollout the rest (at least 25), with
+# models 75, tests 150, rollout 80, budget step 55, entropy 40, score 30, and the 1.5B rollout the rest, with
 # 15 s kept to stop the last part. Every benchmark rewrites its JSON after each row, so a part stopped at its limit
 # leaves what it measured. Exit status 0 when every part succeeded, else 1. Where .whl exists (full run only), its
 # wheels go to a folder put ahead of the interpreter's own packages. The prepacked weights are a CPU path, so the
@@ -211,19 +212,23 @@ main() {
         local budget=(--b0 4 --gamma 0.5 --prompts 2 --group_size 2 --micro_batch 4 --context_tokens 16 --warmup 0
                       --steps 1 --only "RMT, final B")
         local entropy=(--documents 2 --doc_tokens 64 --window 32 --stride 16 --batch_size 2 --repeats 1)
+        local score=(--tokens 20000 --shard_tokens 5000)
     else
         local rollout=(--contexts 256 1024 --caps 32 256 --group_size 8 --repeats 3)
         local big_rollout=(--contexts 1024 --caps 256 --group_size 8 --repeats 1)
         local budget=(--only "RMT, final B" "RMT, final B, copied cache")
         local entropy=(--documents 32)
+        local score=(--tokens 4000000)
     fi
     local sides=(--sides ours copied generate)
-    part rollout 90 "$PY" benchmarks/rollout.py --models "$small" "${rollout[@]}" "${sides[@]}" --dtype "$dtype" \
+    part rollout 80 "$PY" benchmarks/rollout.py --models "$small" "${rollout[@]}" "${sides[@]}" --dtype "$dtype" \
         --out gpu_rollout_smollm2
-    part budget_step 60 "$PY" benchmarks/budget_step.py --model "$small" "${budget[@]}" --dtype "$dtype" \
+    part budget_step 55 "$PY" benchmarks/budget_step.py --model "$small" "${budget[@]}" --dtype "$dtype" \
         --out gpu_budget_step
     part entropy 40 "$PY" benchmarks/entropy.py --models "$small" "$large" "${entropy[@]}" --dtype "$dtype" \
         --out gpu_entropy
+    # Scoring through `score`'s own entry: shards written while the next is scored, against a bare forward.
+    part score 30 "$PY" benchmarks/score_throughput.py --models "$small" "${score[@]}" --dtype "$dtype" --out gpu_score
     # The 1.5B rollout comes last and takes whatever time is left.
     part rollout_1p5b "$LIMIT" "$PY" benchmarks/rollout.py --models "$large" "${big_rollout[@]}" "${sides[@]}" \
         --dtype "$dtype" --out gpu_rollout_qwen2_1p5b

@@ -89,8 +89,12 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (ModelCheckpoint, HuggingFaceExport))]
     first_step = _FirstStep()
     trainer.callbacks.append(first_step)
-    # Score the corpus before the clock starts, so a cold entropy cache is not charged to the first row.
+    # Score the corpus before the clock starts, so a cold entropy cache is not charged to the first row (with
+    # several processes they score it together inside fit).
     data.prepare_data()
+    if trainer.world_size == 1:
+        data.trainer = trainer  # the device that scores decides the proxy's precision, so the key fit will use
+        data.score_corpus()
     train_seconds = train_cpu_seconds = 0.0
     resumed_from = None
     if train:

@@ -44,15 +44,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rmt_lightning.callbacks.checkpoints import PERIODIC_NAME  # noqa: E402
 from rmt_lightning.checkpointing import AtomicCheckpointIO  # noqa: E402
-from rmt_lightning.data import scoring  # noqa: E402
+from rmt_lightning.data import entropy_shards  # noqa: E402
 
 # A checkpoint being written: AtomicCheckpointIO's temporary file (.<name>.partial-<pid>), and for periodic and
 # preemption checkpoints the hidden name they are written under before the rename into place (.<name>.partial),
 # with AtomicCheckpointIO's temporary file of that (..<name>.partial.partial-<pid>).
 PARTIAL = re.compile(r"^\.{1,2}(?P<name>[^.].*?\.ckpt)(?:\.partial(?:-\d+)?)+$")
-CACHE_TMP = re.compile(r"^entropy-.+\.safetensors\.tmp-(?P<pid>\d+)$")
+# An entropy shard being written (``entropy-<key>/.shard-<i>.safetensors.partial-<host>-<pid>``) and an index
+# being built (its staging folder ``index-<key>.<random>``).
+CACHE_TMP = re.compile(r"^\.shard-\d+\.safetensors\.partial-.+-(?P<pid>\d+)$")
+INDEX_STAGING = re.compile(r"^index-[0-9a-f]{24}\.")
 RESUMED = re.compile(r"ckpt_path='last': resuming from (?P<path>\S+\.ckpt)")
-CACHE_REJECTED = "entropy cache '"
+CACHE_REJECTED = "entropy shard '"
 PROXY_LOADING = "Loading weights"  # the first model a fresh run loads is the proxy that scores the corpus
 
 STEP, CHECKPOINT, CACHE = "step", "checkpoint write", "cache build"
@@ -214,29 +217,49 @@ class CheckpointCensus:
         return newest
 
 
-def verify_cache(folder: Path) -> tuple[list[Path], dict[str, str]]:
-    """The complete entropy cache files in ``folder`` and the damaged ones (data not matching its SHA-256)."""
+def verify_cache(folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The entropy cache in ``folder``: its whole shard files and built index folders by name (relative to
+    ``folder``), and the damaged shards (data not matching their SHA-256)."""
     from safetensors import safe_open
 
-    good, damaged = [], {}
-    for path in sorted(folder.glob("entropy-*.safetensors")):
+    good, damaged = {}, {}
+    for path in sorted(folder.glob("entropy-*/shard-*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
                 flat, lengths = handle.get_tensor("entropy"), handle.get_tensor("lengths")
-            if metadata.get("sha256") != scoring._data_digest(flat, lengths):
+            if metadata.get("sha256") != entropy_shards._digest(flat, lengths):
                 raise ValueError("data does not match its SHA-256")
-            good.append(path)
+            good[str(path.relative_to(folder))] = path
         except Exception as error:
             damaged[str(path)] = f"{type(error).__name__}: {error}"
+    for index in sorted(folder.glob("index-*")):
+        if index.is_dir() and not INDEX_STAGING.match(index.name) and (index / "manifest.json").exists():
+            good[index.name] = index
     return good, damaged
 
 
-def same_cache(a: Path, b: Path) -> bool:
+def index_built(good: dict[str, Path]) -> bool:
+    return any(name.startswith("index-") for name in good)
+
+
+def same_cache(a: dict[str, Path], b: dict[str, Path]) -> bool:
+    """The same shards (equal scores) and indexes (equal files) under the same names."""
     from safetensors.torch import load_file
 
-    left, right = load_file(str(a)), load_file(str(b))
-    return left.keys() == right.keys() and all(torch.equal(left[k].nan_to_num(-1.0), right[k].nan_to_num(-1.0)) for k in left)
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        if a[name].is_dir():
+            files = sorted(f.name for f in a[name].iterdir())
+            if files != sorted(f.name for f in b[name].iterdir()) or any(
+                    (a[name] / f).read_bytes() != (b[name] / f).read_bytes() for f in files if f != "manifest.json"):
+                return False
+        else:
+            left, right = load_file(str(a[name])), load_file(str(b[name]))
+            if left.keys() != right.keys() or not all(torch.equal(left[k].nan_to_num(-1.0), right[k].nan_to_num(-1.0)) for k in left):
+                return False
+    return True
 
 
 def losses(version: Path) -> dict[int, float]:
@@ -369,11 +392,11 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         left_partial = partial_files(workdir, "chaos", known)
         newest = census.verify(workdir, "chaos")
         cache_folder = workdir / "cache-chaos"
-        good, damaged = verify_cache(cache_folder) if cache_folder.is_dir() else ([], {})
-        cache_tmp = [p.name for p in cache_folder.glob("*") if CACHE_TMP.match(p.name) and int(CACHE_TMP.match(p.name).group("pid")) == run.pid] \
-            if cache_folder.is_dir() else []
+        good, damaged = verify_cache(cache_folder) if cache_folder.is_dir() else ({}, {})
+        cache_tmp = [p.name for p in cache_folder.glob("entropy-*/.*") if CACHE_TMP.match(p.name) and int(CACHE_TMP.match(p.name).group("pid")) == run.pid]
+        cache_tmp += [p.name for p in cache_folder.glob("index-*") if INDEX_STAGING.match(p.name)]
         if aimed == CACHE:
-            landed = CACHE if not good else STEP if newest is not None else "startup"
+            landed = CACHE if not index_built(good) else STEP if newest is not None else "startup"
         else:
             landed = CHECKPOINT if left_partial else STEP
         reached = newest or 0
@@ -390,7 +413,7 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
             "aimed_at": aimed, "landed": landed, "step_reached": reached if landed != CACHE else 0,
             "newest_checkpoint_step": newest, "newest_checkpoint_step_before": newest_before,
             "partial_files_left": [p.name for p in left_partial], "cache_tmp_left": cache_tmp,
-            "cache_complete": bool(good), "cache_damaged": damaged,
+            "cache_complete": index_built(good), "cache_damaged": damaged,
         }
 
     def note_resume(run: Run) -> None:
@@ -433,9 +456,9 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         delay = rng.uniform(0.0, 0.2)
 
         def cache_write():
-            entries = os.listdir(cache_folder) if cache_folder.is_dir() else []
-            # The write started (or is already over: a miss).
-            return any(CACHE_TMP.match(e) or e.endswith(".safetensors") for e in entries)
+            # A shard's write started (or is already over, or the index is being built: a miss).
+            return any(CACHE_TMP.match(p.name) or p.name.startswith("shard-") for p in cache_folder.glob("entropy-*/*")) \
+                or any(cache_folder.glob("index-*"))
 
         def scoring():
             return cache_write() or PROXY_LOADING in run.output()
@@ -449,7 +472,7 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
         run.kill()
         record = after_kill(run, CACHE, None, set())
         if record["landed"] == CACHE:
-            record["detail"] = "cache file write" if record["cache_tmp_left"] else "scoring, before the cache file"
+            record["detail"] = "cache write" if record["cache_tmp_left"] else "scoring, before a shard was written"
             records.append(record)
             break
         missed += 1
@@ -533,8 +556,8 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
 
     # Checks of the outcome.
     good, damaged = verify_cache(workdir / "cache-chaos")
-    [reference_cache] = verify_cache(workdir / "cache-reference")[0]
-    cache_equal = len(good) == 1 and good[0].name == reference_cache.name and same_cache(good[0], reference_cache)
+    reference_cache = verify_cache(workdir / "cache-reference")[0]
+    cache_equal = index_built(reference_cache) and same_cache(good, reference_cache)
     reference_last, chaos_last = final_checkpoint(workdir, "reference"), final_checkpoint(workdir, "chaos")
     weights_equal, max_diff, differing = compare_weights(reference_last, chaos_last)
     final_step = census.steps.get(str(chaos_last))
@@ -544,7 +567,8 @@ def _run_chaos(workdir, kills, seed, every_n_steps, epochs, batches_per_epoch, t
     differing_steps = sorted(s for s in set(reference_losses) & set(chaos_losses) if reference_losses[s] != chaos_losses[s])
     steps_lost = [r.get("steps_lost") for r in records]
     stale = [p.name for p in partial_files(workdir, "chaos")]
-    stale += [p.name for p in (workdir / "cache-chaos").glob("*") if CACHE_TMP.match(p.name)]
+    stale += [p.name for p in (workdir / "cache-chaos").glob("entropy-*/.*") if CACHE_TMP.match(p.name)]
+    stale += [p.name for p in (workdir / "cache-chaos").glob("index-*") if INDEX_STAGING.match(p.name)]
 
     if census.corrupt:
         problems.append(f"corrupt checkpoints: {census.corrupt}")

@@ -11,10 +11,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PARTS = ["environment", "models", "tests", "rollout", "budget_step", "entropy", "rollout_1p5b"]
-# What a GPU machine sends back is limited to 8 files: the check writes 7.
+PARTS = ["environment", "models", "tests", "rollout", "budget_step", "entropy", "score", "rollout_1p5b"]
+# What a GPU machine sends back is limited to 8 files: the check writes 8.
 FILES = {"gpu_check.json", "gpu_check.log", "gpu_tests.json", "gpu_rollout_smollm2.json", "gpu_rollout_qwen2_1p5b.json",
-         "gpu_budget_step.json", "gpu_entropy.json"}
+         "gpu_budget_step.json", "gpu_entropy.json", "gpu_score.json"}
 
 
 def test_smoke_run_writes_every_part(tmp_path):
@@ -53,6 +53,8 @@ def test_smoke_run_writes_every_part(tmp_path):
     entropy = json.loads((out / "gpu_entropy.json").read_text())
     assert entropy["complete"] and len(entropy["rows"]) == 2
     assert all(row["ours_tok_s"] > 0 and row["bare_tok_s"] > 0 for row in entropy["rows"])
+    scored = json.loads((out / "gpu_score.json").read_text())
+    assert scored["complete"] and scored["rows"][0]["shards"] > 1 and scored["rows"][0]["score_tok_s"] > 0
 
     log = (out / "gpu_check.log").read_text()
     assert "every part succeeded" in log

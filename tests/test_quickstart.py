@@ -42,8 +42,8 @@ def test_quickstart_one_step_then_one_rl_step_reusing_the_caches(tmp_path):
     assert list((run / "checkpoints").glob("*.ckpt")), "no Lightning checkpoint"
     assert (run / "hf_export" / "config.json").exists() and (run / "hf_export" / "model.safetensors").exists()
     assert _scalars(run)["train/format_warmup"] == [1.0]
-    cache_files = {p: p.stat().st_mtime_ns for p in (cache_root() / "entropy").glob("*.safetensors")}
-    assert cache_files
+    cache_files = {p: p.stat().st_mtime_ns for p in (cache_root() / "entropy").glob("*-*/*") if p.parent.name.startswith(("entropy-", "index-"))}
+    assert any(p.name.startswith("shard-") for p in cache_files) and any(p.name == "manifest.json" and p.parent.name.startswith("index-") for p in cache_files)
 
     # The first step of the quickstart is format warm-up; skip it to run one real RL step too.
     _fit(tmp_path, "--model.format_warmup_steps", "0")
@@ -56,4 +56,4 @@ def test_quickstart_one_step_then_one_rl_step_reusing_the_caches(tmp_path):
     assert scalars["train/budget"] == [8.0]
     assert scalars["train/answer_rate"][0] > 0.2  # budget forcing closes answers even for the untrained model
     # The second run scored nothing: the entropy cache files are the same files, untouched.
-    assert {p: p.stat().st_mtime_ns for p in (cache_root() / "entropy").glob("*.safetensors")} == cache_files
+    assert {p: p.stat().st_mtime_ns for p in (cache_root() / "entropy").glob("*-*/*") if p.parent.name.startswith(("entropy-", "index-"))} == cache_files

@@ -63,7 +63,8 @@ class PreemptionCheckpoint(L.Callback):
     ignored meanwhile, and a kill leaves the previous file whole) and raise ``Preempted``; the CLI prints one
     line naming the file and exits with 128 + the signal's number. Under SLURM with Lightning's
     auto-requeue (its default), the requeue signal (SIGUSR1) also requeues the job once the checkpoint is
-    written. A signal before training starts (while entropy is scored) ends the process as usual.
+    written. A signal while entropy is scored stops the scoring after the shards in flight, keeping the finished
+    ones (``data.scoring_pass``); one at another moment before training starts ends the process as usual.
 
     The CLI always adds one (``--preemption.signals``); with the Python API add it to the Trainer's callbacks.
 

@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -157,6 +157,9 @@ class RMTDataModule(L.LightningDataModule):
         self.val_candidates: Candidates | None = None
         """The held-out documents' positions (validation and test), in memory."""
         self.sampler: CurriculumBatchSampler | None = None
+        self.scoring_passes: list[dict] = []
+        """What each scoring pass of this process did: corpus, tokens scored (by every process), tokens an earlier
+        pass had scored, seconds scoring and seconds loading the proxy, processes."""
         self._pending_sampler_state: dict | None = None
         self._consumed: dict | None = None
 
@@ -277,13 +280,20 @@ class RMTDataModule(L.LightningDataModule):
 
         with ScoringPass(store.num_tokens, reduce, show=rank == 0, description=f"entropy of {name}") as scoring:
             score_shards(
-                self._load_proxy, store, folder, key=key, rank=rank, world_size=world_size, window=hp.scoring_window,
+                scoring.timed_loading(self._load_proxy), store, folder, key=key, rank=rank, world_size=world_size, window=hp.scoring_window,
                 stride=hp.scoring_stride, top_k=hp.scoring_top_k, batch_size=hp.scoring_batch_size,
                 pad_token_id=self.tokenizer.pad_token_id, shard_tokens=hp.scoring_shard_tokens, stop=scoring.stop,
                 progress=scoring.progress, lengths=np.diff(store.offsets),
             )
             scoring.stop()  # the last round's tokens, and a signal that came during it
         gc.collect()
+        self.scoring_passes.append({"corpus": name, "tokens": scoring.scored_tokens, "resumed_tokens": scoring.resumed_tokens,
+                                    "seconds": scoring.scoring_seconds, "loading_seconds": scoring.loading_seconds,
+                                    "processes": world_size})
+        if scoring.scored_tokens:
+            rank_zero_info(f"entropy of {name}: {scoring.scored_tokens:,} tokens scored in {scoring.scoring_seconds:.1f} s by "
+                           f"{world_size} process(es), {scoring.scored_tokens / max(scoring.scoring_seconds, 1e-9):,.0f} tokens/s "
+                           "(the proxy's loading not counted)")
         if scoring.agreed:
             finished = len(list(folder.glob("shard-*.safetensors")))
             raise ScoringStopped(scoring.agreed, str(folder), finished, len(read_plan(folder, key)), rank)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -52,12 +53,21 @@ class ScoringPass:
         """The first stop signal this process received (None: none)."""
         self.agreed: int = 0
         """The signal the processes agreed to stop on (0: none)."""
+        self.scored_tokens = 0
+        """Tokens the processes scored in this pass (all of them together)."""
+        self.resumed_tokens = 0
+        """Tokens of shards an earlier pass had finished."""
+        self.seconds = 0.0
+        """How long the pass took, from entering to leaving the block."""
+        self.loading_seconds = 0.0
+        """Of ``seconds``, how long loading the proxy took (``timed_loading``)."""
         self._pending = 0
         self._rounds = 0
         self._previous: dict[int, object] = {}
         self._bar = None
 
     def __enter__(self) -> ScoringPass:
+        self._started = time.perf_counter()
         if threading.current_thread() is threading.main_thread():
             for name in SCORING_STOP_SIGNALS:
                 number = signal.Signals[name]
@@ -70,11 +80,29 @@ class ScoringPass:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self.seconds = time.perf_counter() - self._started
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
         if self._bar is not None:
             self._bar.close()
+
+    def timed_loading(self, load: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+        """``load``, counting the time it takes in ``loading_seconds`` (not scoring time)."""
+
+        def timed() -> torch.nn.Module:
+            started = time.perf_counter()
+            try:
+                return load()
+            finally:
+                self.loading_seconds += time.perf_counter() - started
+
+        return timed
+
+    @property
+    def scoring_seconds(self) -> float:
+        """Seconds spent scoring: the pass less the proxy's loading."""
+        return self.seconds - self.loading_seconds
 
     def _mark(self, signum: int, frame) -> None:
         if self.received is None:
@@ -92,12 +120,17 @@ class ScoringPass:
         if self.reduce is not None:
             mark, tokens = self.reduce(mark, "max"), self.reduce(tokens, "sum")
         self._pending = 0
-        if self._bar is not None and not self._rounds:
+        count = int(tokens.item())
+        if not self._rounds:
             # The first round reports the shards earlier passes finished: counted, but not in the rate.
-            self._bar.initial = self._bar.n = self._bar.last_print_n = int(tokens.item())
-            self._bar.refresh()
-        elif self._bar is not None and tokens.item():
-            self._bar.update(int(tokens.item()))
+            self.resumed_tokens = count
+            if self._bar is not None:
+                self._bar.initial = self._bar.n = self._bar.last_print_n = count
+                self._bar.refresh()
+        else:
+            self.scored_tokens += count
+            if self._bar is not None and count:
+                self._bar.update(count)
         self._rounds += 1
         self.agreed = int(mark.item())
         return bool(self.agreed)

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..atomic import build_lock, fsync_folder, publish_folder
 from ..method import TIER_NAMES, assign_tiers
 from .entropy_shards import read_plan, read_shard
-from .token_store import TokenStore
+from .token_store import TokenStore, remove_stale_staging
 
 INDEX_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -205,5 +205,6 @@ def open_or_build_index(cache_dir: str | os.PathLike, key: str, store: TokenStor
         index = TierIndex.open(folder, store, key)  # built by another process while this one waited
         if index is not None:
             return index
+        remove_stale_staging(folder)
         publish_folder(folder, lambda staging: _write_index(staging, store, Path(shard_folder), scores_key, thresholds, held_out(), key))
     return TierIndex.open(folder, store, key)

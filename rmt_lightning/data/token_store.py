@@ -340,7 +340,9 @@ def _chunked_batches(texts, tokenizer, max_document_tokens, min_document_tokens,
                 future.cancel()
 
 
-def _remove_stale_staging(folder: Path) -> None:
+def remove_stale_staging(folder: Path) -> None:
+    """Delete the staging folders (``<folder>.<suffix>``) a killed build of ``folder`` left on this host; call it
+    with the build lock held."""
     # Called with the build lock held: no other build of this key runs on a host that honours the lock, so any
     # staging folder of this key left here was abandoned by a killed build. A builder on another host (a shared
     # folder without working locks) is left alone while its process cannot be checked.
@@ -420,7 +422,7 @@ def _publish(folder: Path, batches, identity: dict, settings: dict, no_document:
     ``folder``, through a staging folder renamed into place."""
     dtype = token_dtype(identity["length"])
     key = store_key(identity, settings)
-    _remove_stale_staging(folder)
+    remove_stale_staging(folder)
 
     def write(staging: Path) -> None:
         (staging / BUILDER_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
