@@ -188,14 +188,14 @@ def test_half_written_or_damaged_shard_is_scored_again(model, tokenizer, documen
 
 def test_writer_failure_is_raised_and_keeps_finished_shards(model, tokenizer, documents, tmp_path, monkeypatch):
     plan = plan_shards(lengths_of(documents), SETTINGS["shard_tokens"])
-    real_write = entropy_shards._write_shard
+    real_write = entropy_shards.write_shard
 
     def failing_write(folder, index, *args):
         if index == 2:
             raise OSError("disk full")
         real_write(folder, index, *args)
 
-    monkeypatch.setattr(entropy_shards, "_write_shard", failing_write)
+    monkeypatch.setattr(entropy_shards, "write_shard", failing_write)
     with pytest.raises(OSError, match="disk full"):
         run(model, tokenizer, documents, tmp_path)
     assert missing_shards(tmp_path, KEY, plan)[0] == 2
