@@ -88,7 +88,9 @@ class RMTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "score": {"model", "datamodule"}}
+        # predict is left out: an RMT model has no prediction step (validate and test evaluate it).
+        commands = {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+        return {**commands, "score": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
@@ -248,6 +250,7 @@ def build_cli(args=None, run: bool = True) -> RMTCLI:
         },
         save_config_kwargs={"overwrite": True},
         parser_class=RMTArgumentParser,
+        parser_kwargs={"prog": "python -m rmt_lightning"},
         trainer_class=RMTTrainer,
         args=args,
         run=run,

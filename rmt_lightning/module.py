@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 
 import lightning as L
@@ -84,6 +85,8 @@ class RMTModule(L.LightningModule):
         response_prefix: Text the response starts from, appended after the chat template (e.g. ``<think>\\n``).
         use_chat_template: Wrap the instruction in the tokenizer's chat template when it has one.
         format_warmup_steps: First optimizer steps trained on format demonstrations instead of RL (0: off).
+        format_only: Train on format demonstrations at every step, however long the schedule: the format stage on
+            its own (``configs/format_sft.yaml``); ``format_warmup_steps`` is then not read.
         format_warmup_lr: Learning rate of the format warm-up steps (None: ``lr``); a format is learnt in a
             few steps only at a rate well above the one RL can take.
         format_warmup_thought: Thought of the demonstrations ``<think>thought</think> \\boxed{next token}``;
@@ -166,6 +169,7 @@ class RMTModule(L.LightningModule):
         response_prefix: str = RESPONSE_PREFIX,
         use_chat_template: bool = True,
         format_warmup_steps: int = 0,
+        format_only: bool = False,
         format_warmup_lr: float | None = None,
         format_warmup_thought: str = "The next token continues the text.",
         format_warmup_budgets: list[int] | None = None,
@@ -251,10 +255,15 @@ class RMTModule(L.LightningModule):
         format_factor = 1.0 if hp.format_warmup_lr is None else hp.format_warmup_lr / hp.lr
         # A plain function, not an object: LambdaLR's state dict then holds no schedule state (as in checkpoints so far).
         def factor(step: int) -> float:
-            return lr_factor(step, hp.format_warmup_steps, hp.lr_warmup_steps, format_factor)
+            return lr_factor(step, self.format_steps, hp.lr_warmup_steps, format_factor)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def format_steps(self) -> int:
+        """How many first optimizer steps train on format demonstrations (every one with ``format_only``)."""
+        return sys.maxsize if self.hparams.get("format_only") else self.hparams.format_warmup_steps
 
     @property
     def steps_per_rollout(self) -> int:
@@ -267,7 +276,7 @@ class RMTModule(L.LightningModule):
         hp = self.hparams
         if not hp.rl:
             return DrawRepeats()
-        return DrawRepeats(single_draw_steps=hp.format_warmup_steps, steps_per_draw=self.steps_per_rollout)
+        return DrawRepeats(single_draw_steps=self.format_steps, steps_per_draw=self.steps_per_rollout)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rmt_skipped_steps"] = self.skipped_steps
@@ -472,7 +481,7 @@ class RMTModule(L.LightningModule):
         budget, started = int(self.budget), time.perf_counter()
         contexts, continuations = batch.contexts, batch.continuations
         documents, attention = batch.documents, batch.document_attention_mask
-        in_warmup = self.global_step < hp.format_warmup_steps
+        in_warmup = self.global_step < self.format_steps
         # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
         metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup), "train/rollout_update": 0.0}
         if in_warmup:

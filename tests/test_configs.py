@@ -112,7 +112,8 @@ def test_gsm8k_data_config_composes_with_a_method_config(tmp_path, monkeypatch):
     cli = build_cli(["--config", str(CONFIG_DIR / "rmt.yaml"), "--config", str(CONFIG_DIR / "data" / "gsm8k.yaml"),
                      "--trainer.accelerator", "cpu"], run=False)
     data = cli.datamodule.hparams
-    assert data.corpus.endswith("gsm8k/train.jsonl") and data.val_corpus.endswith("gsm8k/test.jsonl")
+    # What a user has: the hub dataset, its train and test splits (no path that exists only beside this project).
+    assert (data.corpus, data.subset, data.split, data.val_corpus, data.val_split) == ("openai/gsm8k", "main", "train", "openai/gsm8k", "test")
     assert data.text_template == "{question}\n{answer}"
     assert data.batch_size == _load("rmt")["data"]["batch_size"]  # the method's keys are untouched
     assert cli.model.hparams.ntp_weight == _load("rmt")["model"]["ntp_weight"]
@@ -151,3 +152,28 @@ def test_long_run_configs_checkpoint_periodically_and_on_preemption(name, minute
     # The CLI adds the preemption checkpoint to every run, whatever the config.
     [preemption] = [c for c in cli.trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
     assert preemption.signals == ["SIGTERM", "SIGINT", "SIGUSR1"]
+
+
+def test_no_shipped_config_names_a_path_outside_the_project():
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        assert "../" not in path.read_text(), path
+
+
+def test_the_front_door_lists_every_command_and_each_one_parses(capsys):
+    """``python -m rmt_lightning --help`` names the program as typed and every command with one line; every
+    LightningCLI command it lists parses (predict, which an RMT model has no meaning for, is not offered)."""
+    from rmt_lightning.__main__ import COMMANDS, main
+
+    main(["--help"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: python -m rmt_lightning COMMAND")
+    for command in ("fit", "validate", "test", "score", "compare", "export"):
+        assert re.search(rf"^  {command} +\S", printed, re.MULTILINE), command
+    for command in set(COMMANDS) - {"compare", "export"}:
+        with pytest.raises(SystemExit) as ended:
+            build_cli([command, "--config", str(CONFIG_DIR / "tiny.yaml"), "--print_config"])
+        assert ended.value.code in (0, None)
+        capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        build_cli(["predict", "--config", str(CONFIG_DIR / "tiny.yaml")])
+    assert ended.value.code == 2 and "invalid choice: 'predict'" in capsys.readouterr().err
