@@ -16,8 +16,8 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 def test_every_config_the_readme_and_compare_name_is_there():
     from rmt_lightning.compare import DEFAULT_CONFIGS
 
-    readme = (CONFIG_DIR.parent / "README.md").read_text()
-    named = set(re.findall(r"configs/[a-z0-9_/]+\.yaml", readme)) | set(DEFAULT_CONFIGS)
+    pages = [CONFIG_DIR.parent / "README.md", *(CONFIG_DIR.parent / "docs").glob("*.md")]
+    named = {name for page in pages for name in re.findall(r"configs/[a-z0-9_/]+\.yaml", page.read_text())} | set(DEFAULT_CONFIGS)
     assert len(named) >= 9
     assert sorted(name for name in named if not (CONFIG_DIR.parent / name).is_file()) == []
 
@@ -177,3 +177,39 @@ def test_the_front_door_lists_every_command_and_each_one_parses(capsys):
     with pytest.raises(SystemExit) as ended:
         build_cli(["predict", "--config", str(CONFIG_DIR / "tiny.yaml")])
     assert ended.value.code == 2 and "invalid choice: 'predict'" in capsys.readouterr().err
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``python -m rmt_lightning fit|validate|test|score`` command in a bash block of README.md and the
+    reference pages of docs/ (results.md is the dated record of runs, with placeholders) that names a config:
+    (where, its arguments). A quoted argument may run over several lines."""
+    import shlex
+
+    found = []
+    pages = [CONFIG_DIR.parent / "README.md", *sorted((CONFIG_DIR.parent / "docs").glob("*.md"))]
+    for path in [page for page in pages if page.name != "results.md"]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
+            pending = ""
+            for line in block.replace("\\\n", " ").splitlines():
+                pending = f"{pending}\n{line}" if pending else line
+                command = re.search(r"-m rmt_lightning ((?:fit|validate|test|score) .*)", pending, re.DOTALL)
+                if not command:
+                    pending = ""
+                    continue
+                try:
+                    # Bash's $'...' quoting (a newline inside a template) reads as plain quotes here.
+                    words = shlex.split(command.group(1).replace("$'", "'"), comments=True)
+                except ValueError:  # a quote still open: the argument goes on on the next line
+                    continue
+                if "configs/" in pending:
+                    found.append((f"{path.name}: {' '.join(words)[:80]}", words))
+                pending = ""
+    return found
+
+
+@pytest.mark.parametrize(("where", "words"), documented_commands(), ids=lambda value: value if isinstance(value, str) else "")
+def test_every_documented_command_parses_as_written(where, words, monkeypatch, capsys):
+    monkeypatch.chdir(CONFIG_DIR.parent)  # the docs name configs relative to the repository root
+    with pytest.raises(SystemExit) as ended:
+        build_cli([*words, "--print_config"])
+    assert ended.value.code in (0, None), capsys.readouterr().err[-2000:]
