@@ -149,8 +149,9 @@ class RMTCLI(LightningCLI):
         for folder, what in _output_folders(trainer):
             check_writable_directory(folder, what)
         self.datamodule.check_inputs()
-        budgets = [c.b0 for c in trainer.callbacks if isinstance(c, TokenBudget)] or [self.model.hparams.budget]
-        check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens, max(budgets))
+        schedule = TokenBudget.of(trainer)
+        check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens,
+                           schedule.b0 if schedule is not None else self.model.hparams.budget)
         if self.model.hparams.rl:
             check_mini_batches(self.model.hparams.mini_batches_per_rollout, self.datamodule.hparams.batch_size)
         config = self.config_init[subcommand]

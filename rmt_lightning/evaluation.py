@@ -133,8 +133,8 @@ def evaluation_budget(trainer, current_budget: int, val_budget: int | None) -> i
         return current_budget
     if val_budget is not None:
         return int(val_budget)
-    schedules = [c for c in trainer.callbacks if isinstance(c, TokenBudget)] if trainer is not None else []
-    return schedules[0].final_budget if schedules else current_budget
+    schedule = TokenBudget.of(trainer)
+    return schedule.final_budget if schedule is not None else current_budget
 
 
 def evaluation_record(stage: str, global_step: int, epoch: int, positions: int, budget: int | None, headline: str,

@@ -70,6 +70,15 @@ class TokenBudget(L.Callback):
         if self.granularity == "step":
             self._apply(trainer, pl_module)
 
+    @staticmethod
+    def of(trainer: L.Trainer | None) -> "TokenBudget | None":
+        """The run's budget schedule: the trainer's TokenBudget callback, or None (a fixed budget). The one place
+        that looks for it."""
+        found = [c for c in trainer.callbacks if isinstance(c, TokenBudget)] if trainer is not None else []
+        if len(found) > 1:
+            raise ValueError(f"{len(found)} TokenBudget callbacks: a run has one budget schedule")
+        return found[0] if found else None
+
     @property
     def final_budget(self) -> int:
         """The budget at progress 1, where training ends: what a finished model is evaluated with outside
