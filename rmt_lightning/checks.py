@@ -137,6 +137,7 @@ def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:
     """The longest RL sequence fits the policy: the prompt around ``max_context_tokens`` of context, then the
     longest completion under ``budget`` (thinking cap 2B, answer allowance, budget-forcing scaffold)."""
     from .models import load_tokenizer
+    from .method import generation_cap, thinking_cap
     from .prompts import ANSWER_SCAFFOLD, build_prompt_ids
 
     hp = model.hparams
@@ -146,7 +147,7 @@ def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:
     tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
     prompt = len(build_prompt_ids(tokenizer, "", budget, hp.instruction, hp.response_prefix, hp.use_chat_template))
     scaffold = len(tokenizer(ANSWER_SCAFFOLD, add_special_tokens=False)["input_ids"]) if hp.budget_forcing else 0
-    completion = min(hp.max_response_length, 2 * budget + hp.answer_allowance + scaffold)
+    completion = generation_cap(thinking_cap(budget), hp.answer_allowance, scaffold, hp.max_response_length)
     longest = prompt + max_context_tokens + completion
     if longest > limit:
         raise InputError(

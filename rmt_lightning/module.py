@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .method import completion_rewards, contiguous_share, group_advantages
+from .method import completion_rewards, contiguous_share, group_advantages, thinking_cap
 from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, evaluation_budget, evaluation_record, write_figures
 from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
 from .checks import check_mini_batches, check_module_arguments
@@ -352,7 +352,7 @@ class RMTModule(L.LightningModule):
         hp = self.hparams
         return generate_group(
             self.policy, self.tokenizer, prompts, group_size or hp.group_size,
-            think_cap=2 * budget, answer_allowance=hp.answer_allowance,
+            think_cap=thinking_cap(budget), answer_allowance=hp.answer_allowance,
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
             max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,

@@ -24,7 +24,7 @@ from .attention import shared_prompt_attention, use_shared_prompt
 from .decoding_weights import decoding_weights
 from .forward import Prefill, prefill
 from .kv_cache import SharedPromptCache, expand_cache
-from .method import extract_prediction
+from .method import extract_prediction, generation_cap
 from .padding import pad_right
 from .prepacked import prepacked_linears
 from .prompts import ANSWER_SCAFFOLD, BOX_SCAFFOLD, BOXED, RESPONSE_PREFIX, THINK_CLOSE, THINK_OPEN
@@ -344,8 +344,7 @@ def generate_group(
                    frozenset(end_of_sequence_ids(model, tokenizer)), encode(ANSWER_SCAFFOLD), encode(BOX_SCAFFOLD),
                    token_bytes or TokenBytes(tokenizer))
     pad_id = tokenizer.pad_token_id
-    cap = think_cap + answer_allowance + (len(rules.answer_scaffold) if budget_forcing else 0)
-    cap = cap if max_new_tokens is None else min(cap, max_new_tokens)
+    cap = generation_cap(think_cap, answer_allowance, len(rules.answer_scaffold) if budget_forcing else 0, max_new_tokens)
     rows = [_Row() for _ in range(len(prompts) * group_size)]
 
     was_training = model.training

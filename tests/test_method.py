@@ -13,6 +13,7 @@ from rmt_lightning.method import (
     contiguous_share,
     exact_match,
     extract_prediction,
+    generation_cap,
     group_advantages,
     grpo_token_loss,
     grpo_token_loss_terms,
@@ -20,6 +21,7 @@ from rmt_lightning.method import (
     prefix_match,
     renormalise_over_nonempty,
     rollout_update,
+    thinking_cap,
     tier_probabilities,
     token_budget,
     token_entropy,
@@ -74,6 +76,14 @@ def test_length_reward_validation():
         length_reward(10, 0)
     with pytest.raises(ValueError, match="length"):
         length_reward(-1, 10)
+
+
+def test_the_generation_cap_is_2b_plus_the_allowance_plus_the_scaffold_within_the_hard_cap():
+    assert thinking_cap(8) == 16 and length_reward(thinking_cap(8), 8) == 0.0  # where the length reward ends
+    assert generation_cap(thinking_cap(8), 4) == 20
+    assert generation_cap(thinking_cap(8), 4, scaffold_tokens=5) == 25  # budget forcing's scaffold counts against neither
+    assert generation_cap(thinking_cap(800), 16, 5, max_new_tokens=2048) == 1621
+    assert generation_cap(thinking_cap(1200), 16, 5, max_new_tokens=2048) == 2048
 
 
 # ---------------------------------------------------------------- curriculum

@@ -1,6 +1,6 @@
 """The RMT paper's formulas as small pure functions (arXiv 2509.24375)."""
 
-from .budget import length_reward, token_budget
+from .budget import generation_cap, length_reward, thinking_cap, token_budget
 from .curriculum import TIER_NAMES, assign_tiers, nested_tier_masks, renormalise_over_nonempty, tier_probabilities
 from .entropy import token_entropy
 from .grpo import GRPOLossTerms, group_advantages, grpo_token_loss, grpo_token_loss_terms, zero_std_groups
@@ -11,6 +11,8 @@ from .rewards import completion_rewards, exact_match, extract_prediction, prefix
 __all__ = [
     "token_budget",
     "length_reward",
+    "thinking_cap",
+    "generation_cap",
     "TIER_NAMES",
     "tier_probabilities",
     "assign_tiers",

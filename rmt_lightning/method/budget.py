@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["token_budget", "length_reward"]
+__all__ = ["token_budget", "length_reward", "thinking_cap", "generation_cap"]
 
 # A product such as 800 * 0.2 or 100 * 0.29 can land a hair below the integer
 # it stands for; flooring that would lose a whole token of budget.
@@ -63,3 +63,15 @@ def length_reward(length: int, budget: int, r_max: float = 1.0) -> float:
     if length <= 2 * budget:
         return float(r_max * (2 * budget - length) / budget)
     return 0.0
+
+
+def thinking_cap(budget: int) -> int:
+    """Thinking tokens a completion may write under budget ``B``: ``2B``, where the length reward reaches 0."""
+    return 2 * int(budget)
+
+
+def generation_cap(think_cap: int, answer_allowance: int, scaffold_tokens: int = 0, max_new_tokens: int | None = None) -> int:
+    """New tokens a completion may take: ``think_cap + answer_allowance + scaffold_tokens`` (the scaffold budget
+    forcing writes, ``</think> \\boxed{``, counts against neither), at most ``max_new_tokens`` when given."""
+    cap = int(think_cap) + int(answer_allowance) + int(scaffold_tokens)
+    return cap if max_new_tokens is None else min(cap, int(max_new_tokens))
