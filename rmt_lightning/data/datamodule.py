@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -283,7 +282,7 @@ class RMTDataModule(L.LightningDataModule):
                 scoring.timed_loading(self._load_proxy), store, folder, key=key, rank=rank, world_size=world_size, window=hp.scoring_window,
                 stride=hp.scoring_stride, top_k=hp.scoring_top_k, batch_size=hp.scoring_batch_size,
                 pad_token_id=self.tokenizer.pad_token_id, shard_tokens=hp.scoring_shard_tokens, stop=scoring.stop,
-                progress=scoring.progress, lengths=np.diff(store.offsets),
+                progress=scoring.progress, lengths=store.lengths,
             )
             scoring.stop()  # the last round's tokens, and a signal that came during it
         gc.collect()
@@ -299,8 +298,7 @@ class RMTDataModule(L.LightningDataModule):
             raise ScoringStopped(scoring.agreed, str(folder), finished, len(read_plan(folder, key)), rank)
 
     def _any_rank(self, flag: bool) -> bool:
-        rank, world_size = self._rank_and_world_size()
-        return self.trainer.strategy.reduce_boolean_decision(flag, all=False) if world_size > 1 else flag
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=False) if self._rank_and_world_size()[1] > 1 else flag
 
     def _index(self, store: TokenStore, name: str, held_out_rule: dict, held_out: Callable[[], list[int]]) -> TierIndex:
         """``store``'s tier index: mapped when built, else its entropy is scored by every process (the shards that

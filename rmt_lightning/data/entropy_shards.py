@@ -271,8 +271,7 @@ def score_shards(
                 if model is None:
                     model = proxy()
                 first, end = plan[index]
-                # Plain int lists: what score_entropy's padding expects, whatever array type the store returns.
-                shard_documents = [_as_list(documents[d]) for d in range(first, end)]
+                shard_documents = [documents[d] for d in range(first, end)]
                 scores = score_entropy(model, shard_documents, window=window, stride=stride, top_k=top_k,
                                        batch_size=batch_size, pad_token_id=pad_token_id)
                 if pending is not None:
@@ -302,10 +301,6 @@ def write_shards(folder: str | os.PathLike, key: str, lengths: Sequence[int], sh
         flat = entropies(int(offsets[first]), int(offsets[end])).float()
         write_shard(folder, index, (first, end), key, list(flat.split(sizes[first:end].tolist())))
     return len(plan)
-
-
-def _as_list(document) -> list[int]:
-    return document.tolist() if hasattr(document, "tolist") else list(document)
 
 
 def load_shards_flat(folder: str | os.PathLike, key: str, lengths: Sequence[int]) -> tuple[Tensor, Tensor] | None:

@@ -159,9 +159,8 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         else:
             total = int(self._sizes.sum())
             flat = rng.choice(total, size=n, replace=n > total)
-            offsets = np.cumsum(self._sizes)
-            tiers = np.searchsorted(offsets, flat, side="right")
-            within = flat - (offsets[tiers] - self._sizes[tiers])
+            tiers = np.searchsorted(np.cumsum(self._sizes), flat, side="right")
+            within = flat - self._starts[tiers]
         if self._tiers is None:
             ids = [int(self._starts[d] + i) for d, i in zip(tiers, within)]
         else:

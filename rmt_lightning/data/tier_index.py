@@ -146,7 +146,7 @@ class TierIndex:
 def _write_index(staging: Path, store: TokenStore, shard_folder: Path, scores_key: str, thresholds: Sequence[float],
                  held_out: Sequence[int], key: str) -> None:
     plan = read_plan(shard_folder, scores_key)
-    lengths = np.diff(store.offsets)
+    lengths = store.lengths
     dtype = position_dtype(store.num_tokens)
     held = np.asarray(sorted(set(int(d) for d in held_out)), dtype=np.int64)
     sizes, held_out_tokens, highest = [0] * len(TIER_NAMES), 0, None
