@@ -33,7 +33,7 @@ from common import (PeakMemory, add_common_arguments, apply_threads, budget_row_
                     write_json)
 from harness import corpus_batch, make_module, run_steps
 from rmt_lightning.method import token_budget
-from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_tokenizer
 
 
 def run(args, batch, budget: int, ntp_weight: float, length_reward_weight: float, share_prompt: bool = True,

@@ -177,7 +177,7 @@ def corpus_prompts(tokenizer, count: int, length: int, seed: int = 0) -> list[li
 def rmt_contexts(tokenizer, count: int, context_tokens: int, seed: int = 0) -> tuple[list[list[int]], list[list[bytes]]]:
     """``count`` (context, continuation bytes) pairs from the embedded corpus, as the datamodule builds them:
     the ``context_tokens`` tokens before a position and the bytes of the 8 tokens from it."""
-    from rmt_lightning.tokens import TokenBytes
+    from rmt_lightning.engine.tokens import TokenBytes
 
     stream = corpus_token_stream(tokenizer, (count + 1) * (context_tokens + 8) + 1, seed=seed)
     token_bytes = TokenBytes(tokenizer)

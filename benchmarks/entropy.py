@@ -19,7 +19,7 @@ import torch
 from common import (add_common_arguments, apply_threads, corpus_token_stream, device, interleaved, print_table,
                     quiet_transformers, write_json)
 from rmt_lightning.data.scoring import score_entropy, window_batches, window_plan
-from rmt_lightning.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import time
 import torch
 
 from rmt_lightning import RMTDataModule, RMTModule
-from rmt_lightning.models import BUILTIN_SMOLLM2
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2
 
 
 def measure(model: str, steps: int, lr: float, thought: str, budget: int, group_size: int, seed: int) -> dict:

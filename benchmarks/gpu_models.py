@@ -33,7 +33,7 @@ QWEN2_1P5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12
 def write_assets(target: Path) -> None:
     from transformers import Qwen2Config
 
-    from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer, model_config
+    from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_tokenizer, model_config
 
     tokenizer = load_tokenizer(BUILTIN_SMOLLM2)
     if len(tokenizer) > QWEN2_1P5B["vocab_size"]:
@@ -49,7 +49,7 @@ def smoke_assets():
     """The built-in tiny tokenizer and tiny Llama- and Qwen2-shaped configs: what the CPU smoke run builds."""
     from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 
-    from rmt_lightning.models import build_builtin_tiny
+    from rmt_lightning.engine.models import build_builtin_tiny
 
     tokenizer = AutoTokenizer.from_pretrained(build_builtin_tiny())
     shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -106,7 +106,7 @@ def main() -> None:
     if args.command == "assets":
         write_assets(args.target)
         return
-    from rmt_lightning.models import parse_dtype
+    from rmt_lightning.engine.models import parse_dtype
 
     try:
         dtype = parse_dtype(args.dtype)

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from rmt_lightning import RMTModule
 from rmt_lightning.data.batches import PositionBatch
 from rmt_lightning.data.mathgen import generate_math_corpus
-from rmt_lightning.padding import pad_right
-from rmt_lightning.tokens import TokenBytes
+from rmt_lightning.engine.padding import pad_right
+from rmt_lightning.engine.tokens import TokenBytes
 
 
 def corpus_batch(tokenizer, positions: int, context_tokens: int = 48, max_document_tokens: int = 512, seed: int = 0) -> PositionBatch:

@@ -31,8 +31,8 @@ import torch
 from common import add_common_arguments, apply_threads, PeakMemory, print_table, quiet_transformers, write_json
 from harness import corpus_batch, make_module, run_steps
 from rmt_lightning.method import exact_match, extract_prediction, length_reward, total_reward
-from rmt_lightning.models import BUILTIN_SMOLLM2, load_tokenizer, resolve_model_source
-from rmt_lightning.prompts import DEFAULT_INSTRUCTION, build_prompt_ids
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_tokenizer, resolve_model_source
+from rmt_lightning.engine.prompts import DEFAULT_INSTRUCTION, build_prompt_ids
 
 
 def run_ours(args, batch) -> dict:

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from common import add_common_arguments, apply_threads, device, interleaved, print_table, quiet_transformers, write_json, corpus_prompts
-from rmt_lightning.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
-from rmt_lightning.prepacked import prepacked_linears
-from rmt_lightning.rollout import end_of_sequence_ids, generate_group
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
+from rmt_lightning.engine.prepacked import prepacked_linears
+from rmt_lightning.engine.generation import end_of_sequence_ids, generate_group
 
 
 def cache_megabytes(cache) -> float:

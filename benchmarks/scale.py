@@ -150,7 +150,7 @@ def synthetic_shards(kwargs: dict) -> dict:
 
 
 def synthetic_tokens(folder: str, tokens: int) -> dict:
-    from rmt_lightning.models import load_tokenizer
+    from rmt_lightning.engine.models import load_tokenizer
     from synthetic import synthetic_store
 
     tokenizer = load_tokenizer(yaml.safe_load(CONFIG.read_text())["model"]["model_name_or_path"])
@@ -204,7 +204,7 @@ def measure(label: str, tokens: int, work: Path, score_it: bool, text: bool) -> 
     cache = work / f"cache-{label}"
     row: dict = {"size": label, "tokens_target": tokens, "kind": "text" if text else "synthetic store"}
     if text:
-        from rmt_lightning.models import load_tokenizer
+        from rmt_lightning.engine.models import load_tokenizer
         from synthetic import random_text_corpus
 
         corpus = work / f"corpus-{label}.jsonl"

@@ -24,7 +24,7 @@ from synthetic import random_text_corpus
 def measure(name: str, tokens: int, shard_tokens: int, dtype: str, work: Path) -> dict:
     from rmt_lightning.cli import RMTTrainer
     from rmt_lightning.data.datamodule import RMTDataModule
-    from rmt_lightning.models import load_tokenizer
+    from rmt_lightning.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(name)
     corpus = random_text_corpus(work / "corpus.jsonl", tokens, tokenizer)

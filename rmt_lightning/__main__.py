@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(words) != 3:
             sys.exit(f"usage: {PROG} export CHECKPOINT FOLDER")
         from .callbacks.export import export_checkpoint
-        from .checks import InputError
+        from .runtime.errors import InputError
 
         try:
             print(export_checkpoint(words[1], words[2]))
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"error: {error}\n")
             sys.exit(2)
     elif words[:1] == ["compare"]:
-        from .compare import main as compare
+        from .evaluation.compare import main as compare
 
         compare(words[1:])
     else:

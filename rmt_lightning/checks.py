@@ -8,137 +8,25 @@ loaded. The CLI prints an ``InputError`` as one line and exits with status 2.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
+from .engine.models import check_fits_model, check_model_source, max_positions, model_config, parse_dtype
 from .method.rewards import CORRECTNESS_RULES
-from .models import BUILTIN_SMOLLM2, BUILTIN_TINY, max_positions, model_config, parse_dtype
+from .runtime.errors import (
+    InputError, as_input_error, at_least, between, check_writable_directory, in_open_interval, names_a_local_path,
+)
 
-BUILTIN_MODELS = (BUILTIN_SMOLLM2, BUILTIN_TINY)
-
-
-class InputError(ValueError):
-    """An input the run cannot use: a configuration value, a path, a corpus, a model or a checkpoint file."""
-
-
-@contextmanager
-def as_input_error(prefix: str = "") -> Iterator[None]:
-    """Re-raise a ``ValueError`` of a value check (e.g. the pure ``method`` functions) as an ``InputError``."""
-    try:
-        yield
-    except InputError:
-        raise
-    except ValueError as error:
-        raise InputError(f"{prefix}{error}") from None
-
-
-def at_least(name: str, value, minimum) -> None:
-    """``value >= minimum``, else an InputError naming ``name``."""
-    if not value >= minimum:
-        raise InputError(f"{name}={value!r} is not valid: it must be >= {minimum}")
-
-
-def between(name: str, value, low, high) -> None:
-    """``low <= value <= high``, else an InputError naming ``name``."""
-    if not low <= value <= high:
-        raise InputError(f"{name}={value!r} is not valid: it must be in [{low}, {high}]")
-
-
-def in_open_interval(name: str, value, low: float, high: float) -> None:
-    """``low < value < high``, else an InputError naming ``name``."""
-    if not low < value < high:
-        raise InputError(f"{name}={value!r} is not valid: it must be in ({low}, {high})")
-
-
-def names_a_local_path(source: str) -> bool:
-    """Whether ``source`` (a model or corpus) means something on this machine rather than a hub id: a hub id is
-    ``name`` or ``org/name``; what exists here, starts like a path (``/``, ``./``, ``../``, ``~``) or has any other
-    separator is a path."""
-    return (Path(source).expanduser().exists() or source.startswith(("/", "./", "../", "~", ".\\"))
-            or "\\" in source or source.count("/") > 1 or source.endswith("/"))
-
-
-def check_model_source(name: str, field: str = "model_name_or_path") -> None:
-    """A model source that can be loaded: a built-in name, an existing Hugging Face folder, or a hub id that is
-    in the local cache or reachable. Converts nothing and downloads no weights."""
-    if name.startswith("builtin:"):
-        if name not in BUILTIN_MODELS:
-            raise InputError(f"{field} '{name}' is not a built-in model; valid: {list(BUILTIN_MODELS)}")
-        return
-    path = Path(name).expanduser()
-    if names_a_local_path(name):
-        if not path.exists():
-            raise InputError(f"{field} '{name}' does not exist; give a Hugging Face model folder, a hub id or one of {list(BUILTIN_MODELS)}")
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise InputError(f"{field} '{name}' is not a Hugging Face model folder (no config.json in it)")
-        return
-    _check_hub_model(name, field)
-
-
-def _check_hub_model(repo_id: str, field: str) -> None:
-    import huggingface_hub
-    from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    try:
-        if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
-            return
-    except HFValidationError as error:
-        raise InputError(f"{field} '{repo_id}' is neither an existing folder nor a valid hub id ({error})") from None
-    valid = f"give a local model folder or one of {list(BUILTIN_MODELS)}"
-    if constants.HF_HUB_OFFLINE:
-        raise InputError(
-            f"{field} '{repo_id}' is a hub id, the hub is offline (HF_HUB_OFFLINE) and it is not in the "
-            f"Hugging Face cache ({constants.HF_HUB_CACHE}); {valid}"
-        )
-    try:
-        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
-    except (RepositoryNotFoundError, GatedRepoError) as error:
-        raise InputError(f"{field} '{repo_id}' is not an accessible model on the hub ({type(error).__name__}); {valid}") from None
-    except Exception as error:
-        raise InputError(
-            f"{field} '{repo_id}' is a hub id, it is not in the Hugging Face cache and the hub cannot be reached "
-            f"({type(error).__name__}: {error}); {valid}"
-        ) from None
-
-
-def check_fits_model(lengths: dict[str, int], model: str, limit: int | None) -> None:
-    """Every named length (``{"max_context_tokens": 256, ...}``) fits ``limit`` positions of ``model``."""
-    if limit is None:
-        return
-    for name, length in lengths.items():
-        if length > limit:
-            raise InputError(
-                f"{name}={length} is longer than model '{model}' supports ({limit} positions); valid: at most {limit}"
-            )
-
-
-def check_writable_directory(path: str | os.PathLike, what: str) -> None:
-    """``path`` exists as a folder that takes new files, or can be created; creates nothing."""
-    if "://" in str(path):
-        return  # remote storage: its client reports its own errors
-    path = Path(path).expanduser().absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"{what} '{path}' cannot be created: '{existing}' is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise InputError(f"{what} '{path}' is not writable ({error.strerror} in '{existing}'); choose another folder") from None
+__all__ = [
+    "InputError", "as_input_error", "at_least", "between", "in_open_interval", "names_a_local_path",
+    "check_writable_directory", "check_model_source", "check_fits_model", "check_rollout_fits", "check_mini_batches",
+    "check_module_arguments",
+]
 
 
 def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:
     """The longest RL sequence fits the policy: the prompt around ``max_context_tokens`` of context, then the
     longest completion under ``budget`` (thinking cap 2B, answer allowance, budget-forcing scaffold)."""
-    from .models import load_tokenizer
+    from .engine.models import load_tokenizer
+    from .engine.prompts import ANSWER_SCAFFOLD, build_prompt_ids
     from .method import generation_cap, thinking_cap
-    from .prompts import ANSWER_SCAFFOLD, build_prompt_ids
 
     hp = model.hparams
     limit = max_positions(model_config(hp.model_name_or_path, hp.trust_remote_code))

@@ -25,11 +25,14 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
-from .checkpointing import remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file
-from .checks import InputError, check_mini_batches, check_rollout_fits, check_writable_directory
+from .checks import check_mini_batches, check_rollout_fits
 from .data.datamodule import RMTDataModule
 from .data.scoring_pass import ScoringStopped
 from .module import NonFiniteLossError, RMTModule
+from .runtime.checkpointing import (
+    remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file,
+)
+from .runtime.errors import InputError, check_writable_directory
 
 _LAST = re.compile(r"^last(-\d+)?\.ckpt$")
 

@@ -9,25 +9,33 @@ import time
 
 import lightning as L
 from lightning.fabric.utilities.device_dtype_mixin import _update_properties
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
 from torch import Tensor
 
-from .method import completion_rewards, contiguous_share, group_advantages, thinking_cap
-from .evaluation import EVAL_STAGES, EvaluationMetrics, argmax_hits, evaluation_budget, evaluation_record, write_figures
-from .checkpointing import as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states
 from .checks import check_mini_batches, check_module_arguments
 from .data.batches import PositionBatch
 from .data.sampler import DrawRepeats
-from .models import BUILTIN_SMOLLM2, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
-from . import losses
-from .prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
-from .rollout import GroupRollout, generate_group
-from .distributed import agreement, all_ranks, gather_objects, gradients_finite, is_fsdp1, is_sharded, shard_models, world_size
-from .padding import pad_left, pad_right
-from .metrics import as_tensors, completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
-from .tokens import TokenBytes
-from .trajectory import Trajectory
+from .engine.builtin_models import BUILTIN_SMOLLM2
+from .engine.generation import GroupRollout, generate_group
+from .engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
+from .engine.padding import pad_left, pad_right
+from .engine.prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
+from .engine.tokens import TokenBytes
+from .evaluation.tier_metrics import (
+    EVAL_STAGES, EvaluationMetrics, argmax_hits, evaluation_budget, evaluation_record, write_figures,
+)
+from .method import completion_rewards, contiguous_share, group_advantages, thinking_cap
+from .rl import losses
+from .rl.metrics import as_tensors, completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
+from .rl.trajectory import Trajectory
+from .runtime.checkpointing import (
+    as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states,
+)
+from .runtime.distributed import (
+    agreement, all_ranks, gather_objects, gradients_finite, is_fsdp1, is_sharded, shard_models, world_size,
+)
 
 
 def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_factor: float) -> float:
@@ -194,7 +202,10 @@ class RMTModule(L.LightningModule):
         check_module_arguments(self.hparams)
         self.automatic_optimization = False
         self.budget = budget
-        """Current reasoning budget B; the TokenBudget callback updates it."""
+        """Current reasoning budget B: ``budget``, or where the TokenBudget callback's schedule is (it sets it)."""
+        self.final_budget = budget
+        """Budget at the end of training (progress 1), what a finished model is evaluated with outside ``fit``:
+        ``budget``, or the TokenBudget callback's final budget (it sets it)."""
         self.policy = None
         self.reference = None
         self.tokenizer = None
@@ -295,7 +306,7 @@ class RMTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # Runs after the strategy's setup, where the precision plugin casts the weights (bf16-true, 16-true), and
         # before the first step: the dtypes read here are the ones the optimizer updates.
-        from .precision import warn_if_updates_round_away
+        from .runtime.precision import warn_if_updates_round_away
 
         if self.global_rank == 0:
             warn_if_updates_round_away(self.policy.parameters(), self.hparams.lr)
@@ -563,8 +574,9 @@ class RMTModule(L.LightningModule):
     # ---- validation and test -----------------------------------------------------------------------
 
     def evaluation_budget(self) -> int:
-        """Budget of reasoning-mode evaluation (``evaluation.evaluation_budget``)."""
-        return evaluation_budget(self._trainer, int(self.budget), self.hparams.val_budget)
+        """Budget of reasoning-mode evaluation (``evaluation.tier_metrics.evaluation_budget``)."""
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        return evaluation_budget(fitting, int(self.budget), int(self.final_budget), self.hparams.val_budget)
 
     def _evaluate(self, batch: PositionBatch, batch_idx: int, stage: str) -> None:
         """Score one batch of held-out positions in NTP mode and, with ``val_reasoning``, in reasoning mode."""

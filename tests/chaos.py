@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from rmt_lightning.callbacks.checkpoints import PERIODIC_NAME  # noqa: E402
-from rmt_lightning.checkpointing import AtomicCheckpointIO  # noqa: E402
+from rmt_lightning.runtime.checkpointing import AtomicCheckpointIO  # noqa: E402
 from rmt_lightning.data import entropy_shards  # noqa: E402
 
 # A checkpoint being written: AtomicCheckpointIO's temporary file (.<name>.partial-<pid>), and for periodic and

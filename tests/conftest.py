@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmt_lightning.models import BUILTIN_TINY, build_builtin_tiny, load_causal_lm, load_tokenizer
+from rmt_lightning.engine.models import BUILTIN_TINY, build_builtin_tiny, load_causal_lm, load_tokenizer
 
 # The tests' models are tiny: one thread is as fast, and it keeps parallel test processes from
 # oversubscribing the cores (OpenMP spin-waits make that many times slower).

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.strategies import FSDPStrategy
 
 from rmt_lightning.cli import build_cli
-from rmt_lightning.distributed import full_state_dict, is_sharded
+from rmt_lightning.runtime.distributed import full_state_dict, is_sharded
 
 
 def _checksums(model) -> dict[str, float]:
@@ -81,7 +81,7 @@ class DeviceSpy:
             self.seen[kind].add(str(value.device) if isinstance(value, torch.Tensor) else type(value).__name__)
 
     def patches(self):
-        from rmt_lightning import losses
+        from rmt_lightning.rl import losses
         from rmt_lightning.module import RMTModule
 
         spy = self

@@ -4,7 +4,7 @@ count, the data each chart is drawn from against the rows, the curves read back 
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from rmt_lightning.charts import (CURVES, SPLITS, average_effective_positions, comparison_data, curves_data,
+from rmt_lightning.evaluation.charts import (CURVES, SPLITS, average_effective_positions, comparison_data, curves_data,
                                   draw_comparison, draw_curves, read_scalars, split_intervals, wilson_interval)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

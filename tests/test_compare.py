@@ -14,16 +14,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import rmt_lightning.compare as compare_module
+import rmt_lightning.evaluation.compare as compare_module
 from rmt_lightning import RMTModule
 from rmt_lightning.callbacks import Preempted
-from rmt_lightning.charts import read_attempts, wilson_interval
-from rmt_lightning.checks import InputError
+from rmt_lightning.evaluation.charts import read_attempts, wilson_interval
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.cli import build_cli
-from rmt_lightning.compare import compare
-from rmt_lightning.compare_rows import BASE_ROW, START_ROW
+from rmt_lightning.evaluation.compare import compare
+from rmt_lightning.evaluation.compare_rows import BASE_ROW, START_ROW
 from rmt_lightning.method import TIER_NAMES, token_budget
-from rmt_lightning.models import BUILTIN_TINY
+from rmt_lightning.engine.models import BUILTIN_TINY
 from test_charts import assert_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ class Counted:
 
 
 def test_compare_runs_each_config_for_the_same_steps_and_writes_the_table(tmp_path, monkeypatch):
-    import rmt_lightning.charts as charts
+    import rmt_lightning.evaluation.charts as charts
 
     drawn = {}
     for name in ("draw_comparison", "draw_curves"):
@@ -328,7 +328,7 @@ def test_a_bad_start_is_one_error_before_any_work(make, message, tmp_path, monke
 def test_a_start_with_another_vocabulary_than_the_proxy_is_refused_before_training(tmp_path, monkeypatch):
     import shutil
 
-    from rmt_lightning.models import build_builtin_tiny
+    from rmt_lightning.engine.models import build_builtin_tiny
 
     start = tmp_path / "other-vocabulary"
     shutil.copytree(build_builtin_tiny(), start)
@@ -454,7 +454,7 @@ def test_a_preempted_row_resumes_from_its_preemption_checkpoint(resumed, tmp_pat
     ({"configs": [str(CONFIGS / "rmt.yaml")]}, r"holds row 'base model \(untrained\)' run with other inputs"),
 ])
 def test_a_rerun_with_other_inputs_is_refused_before_any_work(change, message, resumed, monkeypatch):
-    from rmt_lightning.models import build_builtin_tiny
+    from rmt_lightning.engine.models import build_builtin_tiny
 
     out = resumed["folder"] / "out"
     before = {p: p.read_text() for p in (out / "rows").iterdir()}

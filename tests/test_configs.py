@@ -14,7 +14,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_every_config_the_readme_and_compare_name_is_there():
-    from rmt_lightning.compare import DEFAULT_CONFIGS
+    from rmt_lightning.evaluation.compare import DEFAULT_CONFIGS
 
     pages = [CONFIG_DIR.parent / "README.md", *(CONFIG_DIR.parent / "docs").glob("*.md")]
     named = {name for page in pages for name in re.findall(r"configs/[a-z0-9_/]+\.yaml", page.read_text())} | set(DEFAULT_CONFIGS)

@@ -13,8 +13,8 @@ from rmt_lightning.data.corpus import load_texts, tokenize_documents
 from rmt_lightning.data.datamodule import RMTDataModule
 from rmt_lightning.data.scoring import score_entropy, window_plan
 from rmt_lightning.method import assign_tiers
-from rmt_lightning.models import BUILTIN_TINY
-from rmt_lightning.tokens import TokenBytes
+from rmt_lightning.engine.models import BUILTIN_TINY
+from rmt_lightning.engine.tokens import TokenBytes
 
 GSM8K_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gsm8k"
 
@@ -430,7 +430,7 @@ def test_datamodule_state_dict_carries_sampler(make_dm):
     ("folder/", True), ("C:\\models\\x", True),
 ])
 def test_one_rule_tells_a_local_path_from_a_hub_id(source, local):
-    from rmt_lightning.checks import names_a_local_path
+    from rmt_lightning.runtime.errors import names_a_local_path
 
     assert names_a_local_path(source) is local
 

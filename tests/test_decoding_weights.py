@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distributed_probe import run_ranks
-from rmt_lightning import prepacked
-from rmt_lightning.decoding_weights import DecodingWeights, decoding_weights
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rmt_lightning.rollout import generate_group
+from rmt_lightning.engine import prepacked
+from rmt_lightning.engine.decoding_weights import DecodingWeights, decoding_weights
+from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.engine.generation import generate_group
 
 SEED = 5
 
@@ -201,7 +201,7 @@ def _sharded_worker(rank: int, port: int, out: str, sharding: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    from rmt_lightning.distributed import shard_model, wrap_fsdp1
+    from rmt_lightning.runtime.distributed import shard_model, wrap_fsdp1
 
     def sharded(**fsdp1_kwargs):
         model = load_causal_lm(BUILTIN_TINY)

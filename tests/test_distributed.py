@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from distributed_probe import assert_trained, run_probe, run_ranks
 from rmt_lightning.cli import build_cli
-from rmt_lightning.distributed import shard_model, wrap_fsdp1
+from rmt_lightning.runtime.distributed import shard_model, wrap_fsdp1
 from rmt_lightning.method import token_budget
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rmt_lightning.rollout import generate_group
+from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.engine.generation import generate_group
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from rmt_lightning import CompletionsTable, HuggingFaceExport, RMTDataModule, RMTModule, TokenBudget
-from rmt_lightning.evaluation import TierAccuracy
+from rmt_lightning.evaluation.tier_metrics import TierAccuracy
 from rmt_lightning.method import TIER_NAMES, token_budget
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rmt_lightning.rollout import GroupRollout
+from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rmt_lightning.engine.generation import GroupRollout
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"

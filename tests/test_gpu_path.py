@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from distributed_probe import free_port, run_probe, run_ranks
-from rmt_lightning.checkpointing import AtomicCheckpointIO
-from rmt_lightning.distributed import shard_models
-from rmt_lightning.forward import completion_logprobs
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm, model_config
-from rmt_lightning.rollout import GroupRollout
-from rmt_lightning.trajectory import Trajectory
+from rmt_lightning.runtime.checkpointing import AtomicCheckpointIO
+from rmt_lightning.runtime.distributed import shard_models
+from rmt_lightning.engine.forward import completion_logprobs
+from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, model_config
+from rmt_lightning.engine.generation import GroupRollout
+from rmt_lightning.rl.trajectory import Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -109,7 +109,7 @@ def test_a_kept_trajectory_goes_into_a_checkpoint_as_cpu_tensors():
 
 def _completion_pass(rank: int, port: int, out: str) -> None:
     """Rank 0 scores completions one token wide, rank 1 five wide, with FSDP2-sharded weights."""
-    from rmt_lightning.distributed import shard_model
+    from rmt_lightning.runtime.distributed import shard_model
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -171,8 +171,8 @@ def test_the_module_hands_rollouts_its_gathering_choice_and_no_agreement_when_un
 def test_weights_too_large_to_gather_for_a_rollout_name_the_setting_that_avoids_it(one_process_group, monkeypatch):
     from contextlib import contextmanager
 
-    from rmt_lightning import decoding_weights as preparing
-    from rmt_lightning.distributed import shard_model
+    from rmt_lightning.engine import decoding_weights as preparing
+    from rmt_lightning.runtime.distributed import shard_model
 
     @contextmanager
     def out_of_memory(modules):

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from rmt_lightning import CompletionsTable, RMTDataModule, RMTModule
 from rmt_lightning.callbacks.writers import COLUMNS, HISTOGRAM_BINS
-from rmt_lightning.models import BUILTIN_TINY
+from rmt_lightning.engine.models import BUILTIN_TINY
 from test_evaluation import _events as tensorboard_events
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 import torch
 
-from rmt_lightning.padding import pad_left, pad_right
+from rmt_lightning.engine.padding import pad_left, pad_right
 
 
 def test_pad_left_ends_every_sequence_at_the_last_column():

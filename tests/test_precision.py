@@ -15,9 +15,9 @@ from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from transformers import AutoModelForCausalLM
 
-from rmt_lightning.distributed import fsdp1_settings, wrap_fsdp1
-from rmt_lightning.models import BUILTIN_TINY, build_builtin_tiny, half_precision_float32_buffers, load_causal_lm
-from rmt_lightning.precision import fraction_below_rounding, low_precision_warning
+from rmt_lightning.runtime.distributed import fsdp1_settings, wrap_fsdp1
+from rmt_lightning.engine.models import BUILTIN_TINY, build_builtin_tiny, half_precision_float32_buffers, load_causal_lm
+from rmt_lightning.runtime.precision import fraction_below_rounding, low_precision_warning
 
 from test_configs import CONFIG_DIR
 from test_training import make_run
@@ -26,7 +26,7 @@ ROTARY = {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
 
 
 def _warnings(caplog):
-    return [r for r in caplog.records if r.name == "rmt_lightning.precision" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "rmt_lightning.runtime.precision" and r.levelno == logging.WARNING]
 
 
 # ---- the estimate --------------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def _moved_elements(tmp_path, precision, lr, caplog):
     caplog.clear()
     L.seed_everything(0)
     module, datamodule, trainer = make_run(tmp_path / precision, model={"lr": lr}, max_steps=3, precision=precision)
-    with caplog.at_level(logging.WARNING, logger="rmt_lightning.precision"):
+    with caplog.at_level(logging.WARNING, logger="rmt_lightning.runtime.precision"):
         trainer.fit(module, datamodule=datamodule)
     return _changed(module.policy, load_causal_lm(BUILTIN_TINY)), _warnings(caplog)
 
@@ -118,7 +118,7 @@ def test_bf16_true_warns_once_and_keeps_rotary_float32_as_from_pretrained_does(t
     model = {"model_name_or_path": str(folder), "lr": 1e-6, "reference_dtype": "bfloat16"}
     module, datamodule, trainer = make_run(tmp_path, callbacks=[probe], model=model,
                                            data={"model_name_or_path": str(folder)}, max_steps=1, precision="bf16-true")
-    with caplog.at_level(logging.WARNING, logger="rmt_lightning.precision"):
+    with caplog.at_level(logging.WARNING, logger="rmt_lightning.runtime.precision"):
         trainer.fit(module, datamodule=datamodule)
     warned = _warnings(caplog)
     assert len(warned) == 1 and "--trainer.precision bf16-mixed" in warned[0].getMessage()

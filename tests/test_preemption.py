@@ -20,9 +20,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rmt_lightning import PeriodicCheckpoint, PreemptionCheckpoint
 from rmt_lightning.__main__ import main as package_main
 from rmt_lightning.callbacks import Preempted
-from rmt_lightning.checks import InputError
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.cli import build_cli, find_last_checkpoint
-from rmt_lightning.models import build_builtin_tiny
+from rmt_lightning.engine.models import build_builtin_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -186,7 +186,7 @@ def test_sigterm_mid_epoch_exits_128_plus_signal_with_a_checkpoint_that_resumes_
 def test_a_signal_during_the_checkpoint_write_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
     """SIGTERM again while the preemption checkpoint is written: ignored, the file is complete; and the
     handlers the process had before are back after the run."""
-    from rmt_lightning.checkpointing import AtomicCheckpointIO
+    from rmt_lightning.runtime.checkpointing import AtomicCheckpointIO
 
     write = AtomicCheckpointIO.save_checkpoint
 
@@ -366,7 +366,7 @@ def loops(epoch: dict, batch: dict, is_last_batch: bool = False) -> dict:
 
 
 def test_loop_counters_are_rewritten_into_the_batch_end_form():
-    from rmt_lightning.checkpointing import as_batch_end_checkpoint
+    from rmt_lightning.runtime.checkpointing import as_batch_end_checkpoint
 
     # Written when an epoch ended (epoch processed, not completed; its last batch completed).
     checkpoint = loops(progress(1, 1, 1, 0), progress(3, 3, 3, 3), is_last_batch=True)

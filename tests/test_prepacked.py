@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from rmt_lightning import prepacked
-from rmt_lightning.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
-from rmt_lightning.prepacked import prepacked_linears
-from rmt_lightning.prompts import build_prompt_ids
-from rmt_lightning.rollout import generate_group
+from rmt_lightning.engine import prepacked
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
+from rmt_lightning.engine.prepacked import prepacked_linears
+from rmt_lightning.engine.prompts import build_prompt_ids
+from rmt_lightning.engine.generation import generate_group
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch built with oneDNN")
 

@@ -25,10 +25,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import rmt_lightning
 from rmt_lightning import RMTDataModule, RMTModule
-from rmt_lightning.checkpointing import AtomicCheckpointIO, verify_checkpoint_file
-from rmt_lightning.checks import InputError
+from rmt_lightning.runtime.checkpointing import AtomicCheckpointIO, verify_checkpoint_file
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.cli import _LAST, build_cli, main
-from rmt_lightning.models import BUILTIN_TINY, build_builtin_tiny, load_tokenizer
+from rmt_lightning.engine.models import BUILTIN_TINY, build_builtin_tiny, load_tokenizer
 from rmt_lightning.module import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_resume_last_after_max_steps_continues_the_unfinished_epoch(uninterrupte
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     import torch
-    import rmt_lightning.checkpointing as checkpointing
+    import rmt_lightning.runtime.checkpointing as checkpointing
 
     path = sys.argv[1]
     io = checkpointing.AtomicCheckpointIO()

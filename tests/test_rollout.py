@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from rmt_lightning.models import BUILTIN_TINY, load_tokenizer
-from rmt_lightning.forward import completion_logprobs, positions_from_mask
-from rmt_lightning.prompts import DEFAULT_INSTRUCTION, build_prompt_ids, render_instruction
-from rmt_lightning.rollout import _sample, generate_group, invert_cdf
-from rmt_lightning.tokens import TokenBytes
+from rmt_lightning.engine.models import BUILTIN_TINY, load_tokenizer
+from rmt_lightning.engine.forward import completion_logprobs, positions_from_mask
+from rmt_lightning.engine.prompts import DEFAULT_INSTRUCTION, build_prompt_ids, render_instruction
+from rmt_lightning.engine.generation import _sample, generate_group, invert_cdf
+from rmt_lightning.engine.tokens import TokenBytes
 
 PREFIX = "<think>\n"
 
@@ -641,8 +641,8 @@ def test_compaction_keeps_stepping_for_other_processes(model, tokenizer):
 def test_expanded_cache_matches_repeated_cache(model, tokenizer):
     """The prompt cache copied into preallocated storage gives the same next-token logits, step after step, as
     the cache repeated by ``batch_repeat_interleave`` and grown by concatenation."""
-    from rmt_lightning.padding import pad_left
-    from rmt_lightning.kv_cache import GrowingLayer, expand_cache
+    from rmt_lightning.engine.padding import pad_left
+    from rmt_lightning.engine.kv_cache import GrowingLayer, expand_cache
 
     ids, mask = pad_left(_prompts(tokenizer, ["4 * 4 = 16", "a longer one: 9 - 1 = 8, 2 + 2 = 4"]), tokenizer.pad_token_id)
     G, steps = 3, 5
@@ -701,7 +701,7 @@ def test_completion_logprobs_only_where_asked(model, tokenizer):
 
 @torch.no_grad()
 def test_head_positions_returns_the_selected_logits(model, tokenizer):
-    from rmt_lightning.forward import head_positions
+    from rmt_lightning.engine.forward import head_positions
 
     ids = torch.randint(3, len(tokenizer), (3, 9), generator=torch.Generator().manual_seed(4))
     full = model(input_ids=ids).logits
@@ -715,7 +715,7 @@ def test_head_positions_returns_the_selected_logits(model, tokenizer):
 
 
 def test_common_prefix_length_leaves_each_prompt_a_token():
-    from rmt_lightning.forward import common_prefix_length
+    from rmt_lightning.engine.forward import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts keep their last token
@@ -727,7 +727,7 @@ def test_common_prefix_length_leaves_each_prompt_a_token():
 def test_shared_prefix_prefill_matches_plain_prefill(model, tokenizer):
     """The common prefix computed once and the prompts' suffixes against it give the same last-token logits
     and the same continuation logits as a plain left-padded prefill, and the same rollout for a seed."""
-    from rmt_lightning.forward import prefill
+    from rmt_lightning.engine.forward import prefill
 
     prompts = _prompts(tokenizer, ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3", "9 - 4 = 5"])
     pad = tokenizer.pad_token_id

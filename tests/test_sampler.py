@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from rmt_lightning.checks import InputError
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.data.sampler import CurriculumBatchSampler, DrawRepeats
 from rmt_lightning.method import assign_tiers, tier_probabilities
 

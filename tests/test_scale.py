@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rmt_lightning.data.datamodule import RMTDataModule
-from rmt_lightning.models import BUILTIN_TINY, load_tokenizer
+from rmt_lightning.engine.models import BUILTIN_TINY, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from rmt_lightning import attention
-from rmt_lightning.attention import attend, merge_parts, shared_prompt_attention, shared_prompt_unsupported, two_part_attention
-from rmt_lightning.forward import completion_logprobs, prefill
-from rmt_lightning.kv_cache import SharedPromptCache, expand_cache
-from rmt_lightning.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
-from rmt_lightning.padding import pad_left
-from rmt_lightning.prompts import build_prompt_ids
-from rmt_lightning.rollout import generate_group
+from rmt_lightning.engine import attention
+from rmt_lightning.engine.attention import attend, merge_parts, shared_prompt_attention, shared_prompt_unsupported, two_part_attention
+from rmt_lightning.engine.forward import completion_logprobs, prefill
+from rmt_lightning.engine.kv_cache import SharedPromptCache, expand_cache
+from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
+from rmt_lightning.engine.padding import pad_left
+from rmt_lightning.engine.prompts import build_prompt_ids
+from rmt_lightning.engine.generation import generate_group
 
 CONTEXTS = ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3, then 6 + 1 = 7", "9 - 4 = 5"]
 
@@ -265,7 +265,7 @@ def test_smollm2_rollouts_and_loss_forward_equal_the_copied_cache_path():
 
 @pytest.mark.parametrize("share", [True, False])
 def test_the_module_option_turns_shared_prompt_attention_on_and_off(tokenizer, monkeypatch, share):
-    from rmt_lightning.models import BUILTIN_TINY
+    from rmt_lightning.engine.models import BUILTIN_TINY
     from rmt_lightning.module import RMTModule
 
     calls = []

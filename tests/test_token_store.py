@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rmt_lightning.checks import InputError
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.data import token_store as ts
 from rmt_lightning.data.corpus import load_texts, tokenize_documents
 from rmt_lightning.data.mathgen import generate_math_corpus
@@ -369,7 +369,7 @@ def test_a_store_tokenized_elsewhere_is_a_corpus_when_its_tokenizer_matches(toke
     """``write_token_store`` writes ids from another pipeline as a store; ``data.corpus`` may name its folder. A
     store of another tokenizer or of longer documents is refused with the fix."""
     from rmt_lightning.data.datamodule import RMTDataModule
-    from rmt_lightning.models import BUILTIN_TINY
+    from rmt_lightning.engine.models import BUILTIN_TINY
 
     documents = [np.arange(3, 3 + n) for n in (5, 9, 2, 7)]
     batches = [(np.concatenate(documents[:2]), [5, 9]), (np.concatenate(documents[2:]), [2, 7])]

@@ -10,7 +10,7 @@ import torch
 
 from rmt_lightning import HuggingFaceExport, RMTDataModule, RMTModule, TokenBudget
 from rmt_lightning.method import token_budget
-from rmt_lightning.models import BUILTIN_TINY, load_causal_lm
+from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm
 
 
 def make_run(tmp_path, callbacks=(), model=None, data=None, **trainer):
@@ -194,8 +194,8 @@ def test_format_warmup_runs_at_its_own_lr_then_rl_warms_up_from_zero_steps():
 
 def test_format_demonstrations_take_the_listed_budgets_in_turn(monkeypatch):
     """Each demonstration's instruction and ``{context_tail}`` use its turn of ``format_warmup_budgets``."""
-    import rmt_lightning.losses as losses
-    from rmt_lightning.prompts import demonstration_ids
+    import rmt_lightning.rl.losses as losses
+    from rmt_lightning.engine.prompts import demonstration_ids
 
     module = RMTModule(model_name_or_path=BUILTIN_TINY, format_warmup_steps=5, format_warmup_budgets=[8, 4, 2],
                        format_warmup_thought="{context_tail}{next_token}")
@@ -231,7 +231,7 @@ def test_format_demonstrations_take_the_listed_budgets_in_turn(monkeypatch):
 
 @pytest.mark.parametrize("only_when_correct", [False, True])
 def test_score_adds_the_length_reward_to_every_completion_or_only_to_correct_ones(only_when_correct):
-    from rmt_lightning.rollout import GroupRollout
+    from rmt_lightning.engine.generation import GroupRollout
 
     module = RMTModule(model_name_or_path=BUILTIN_TINY, length_reward_weight=0.1,
                        length_reward_only_when_correct=only_when_correct)

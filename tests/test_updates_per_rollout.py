@@ -14,8 +14,9 @@ import yaml
 from test_configs import CONFIG_DIR, _differences
 from test_training import make_run
 
-from rmt_lightning import PeriodicCheckpoint, RMTModule, TokenBudget, losses
-from rmt_lightning.checks import InputError
+from rmt_lightning import PeriodicCheckpoint, RMTModule, TokenBudget
+from rmt_lightning.rl import losses
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.method import token_budget
 from rmt_lightning.module import REUSED_TRAJECTORIES, lr_factor
 

@@ -4,8 +4,8 @@ and checkpoints on preemption and every N steps or T minutes."""
 from .checkpoints import PeriodicCheckpoint, Preempted, PreemptionCheckpoint
 from .export import HuggingFaceExport
 from .inspection import CompletionsTable
-from .writers import completions_markdown
 from .token_budget import TokenBudget
+from .writers import completions_markdown
 
 __all__ = [
     "TokenBudget", "CompletionsTable", "completions_markdown", "HuggingFaceExport", "PeriodicCheckpoint",

@@ -18,8 +18,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..checkpointing import save_checkpoint_atomically, use_atomic_checkpoint_io
-from ..checks import InputError
+from ..runtime.checkpointing import save_checkpoint_atomically, use_atomic_checkpoint_io
+from ..runtime.errors import InputError
 
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 PREEMPTED_NAME = "preempted.ckpt"

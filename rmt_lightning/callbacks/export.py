@@ -7,9 +7,9 @@ import pickle
 
 import lightning as L
 
-from ..checkpointing import unsafe_checkpoint_error, verify_checkpoint_file
-from ..checks import InputError
-from ..distributed import full_state_dict
+from ..runtime.checkpointing import unsafe_checkpoint_error, verify_checkpoint_file
+from ..runtime.distributed import full_state_dict
+from ..runtime.errors import InputError
 
 
 class HuggingFaceExport(L.Callback):

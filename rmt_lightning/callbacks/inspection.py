@@ -8,8 +8,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..distributed import gather_objects
 from ..method import TIER_NAMES
+from ..runtime.distributed import gather_objects
 from .writers import SUPPORTED, write_views
 
 

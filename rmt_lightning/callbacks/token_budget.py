@@ -6,8 +6,8 @@ import math
 
 import lightning as L
 
-from ..checks import InputError, in_open_interval
 from ..method import token_budget
+from ..runtime.errors import InputError, in_open_interval
 
 GRANULARITIES = ("epoch", "step")
 
@@ -18,7 +18,8 @@ class TokenBudget(L.Callback):
     Progress comes from the trainer's counters, which every rank shares, so every rank computes the same
     budget without communicating. The budget is written to ``pl_module.budget`` at each epoch start
     (``granularity="epoch"``, progress = epoch / max_epochs) or each step start (``"step"``,
-    progress = global_step / estimated_stepping_batches).
+    progress = global_step / estimated_stepping_batches), and the budget at progress 1 to
+    ``pl_module.final_budget`` when any stage starts (what ``validate`` and ``test`` evaluate a finished model with).
 
     Args:
         b0: Initial budget B_0 in tokens (paper: 800).
@@ -58,6 +59,9 @@ class TokenBudget(L.Callback):
         self.budget = token_budget(self.progress, self.b0, self.b_min, self.gamma, self.k)
         pl_module.budget = self.budget
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pl_module.final_budget = self.final_budget
+
     def on_train_start(self, trainer, pl_module) -> None:
         # A run resumed mid-epoch gets no on_train_epoch_start for that epoch: set its budget here.
         self._apply(trainer, pl_module)
@@ -82,7 +86,7 @@ class TokenBudget(L.Callback):
     @property
     def final_budget(self) -> int:
         """The budget at progress 1, where training ends: what a finished model is evaluated with outside
-        ``fit`` (see ``RMTModule.evaluation_budget``)."""
+        ``fit`` (``RMTModule.final_budget``)."""
         return token_budget(1.0, self.b0, self.b_min, self.gamma, self.k)
 
     def state_dict(self) -> dict:

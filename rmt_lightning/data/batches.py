@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from ..engine.padding import pad_right
+from ..engine.tokens import TokenBytes
 from ..method import TIER_NAMES, assign_tiers
-from ..padding import pad_right
-from ..tokens import TokenBytes
 from .sampler import CurriculumBatchSampler
 from .tier_index import TierIndex
 

@@ -6,7 +6,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checks import InputError, names_a_local_path
+from ..runtime.errors import InputError, names_a_local_path
 
 EMBEDDED_CORPUS = "embedded:math"
 """Name of the project's own corpus: generated GSM8K-style word problems (see ``data/mathgen.py``)."""

@@ -17,14 +17,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..checks import InputError, as_input_error, at_least, check_fits_model, check_model_source, check_writable_directory
+from ..engine.builtin_models import cache_root
+from ..engine.models import check_fits_model, check_model_source
+from ..engine.models import (
+    DTYPES, load_causal_lm, load_tokenizer, max_positions, model_config, parse_dtype, resolve_model_source,
+)
+from ..engine.tokens import TokenBytes
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities
-from ..models import DTYPES, cache_root, load_causal_lm, load_tokenizer, max_positions, model_config, parse_dtype, resolve_model_source
-from ..tokens import TokenBytes
-from .corpus import EMBEDDED_CORPUS, check_corpus_source
+from ..runtime.errors import InputError, as_input_error, at_least, check_writable_directory
 from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
-from .sampler import CurriculumBatchSampler, DrawRepeats
+from .corpus import EMBEDDED_CORPUS, check_corpus_source
 from .entropy_shards import entropy_folder, read_plan, score_shards
+from .sampler import CurriculumBatchSampler, DrawRepeats
 from .scoring import fingerprint_tokens, proxy_identity, window_plan
 from .scoring_pass import ScoringPass, ScoringStopped
 from .tier_index import TierIndex, index_folder, index_key, open_or_build_index

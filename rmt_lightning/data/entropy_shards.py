@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import staged_file
+from ..runtime.atomic import staged_file
 from .scoring import score_entropy
 
 SHARD_FORMAT_VERSION = 1

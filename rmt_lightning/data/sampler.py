@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from rmt_lightning.checks import InputError
+from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.method import TIER_NAMES, renormalise_over_nonempty, rollout_update, tier_probabilities
 
 __all__ = ["CurriculumBatchSampler", "DrawRepeats"]

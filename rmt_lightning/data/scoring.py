@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..engine.padding import pad_right
 from ..method import token_entropy
-from ..padding import pad_right
 
 CACHE_FORMAT_VERSION = 2
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import build_lock, fsync_folder, publish_folder
 from ..method import TIER_NAMES, assign_tiers
+from ..runtime.atomic import build_lock, fsync_folder, publish_folder
 from .entropy_shards import read_plan, read_shard
 from .token_store import TokenStore, remove_stale_staging
 

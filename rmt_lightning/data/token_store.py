@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import build_lock, fsync_folder, publish_folder
-from ..checks import InputError, check_writable_directory
+from ..runtime.atomic import build_lock, fsync_folder, publish_folder
+from ..runtime.errors import InputError, check_writable_directory
 from .corpus import (
     _LOCAL_BUILDERS,
     EMBEDDED_CORPUS,

@@ -20,11 +20,11 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from ..method import extract_prediction, generation_cap
 from .attention import shared_prompt_attention, use_shared_prompt
 from .decoding_weights import decoding_weights
 from .forward import Prefill, prefill
 from .kv_cache import SharedPromptCache, expand_cache
-from .method import extract_prediction, generation_cap
 from .padding import pad_right
 from .prepacked import prepacked_linears
 from .prompts import ANSWER_SCAFFOLD, BOX_SCAFFOLD, BOXED, RESPONSE_PREFIX, THINK_CLOSE, THINK_OPEN

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .distributed import agreement, is_sharded, max_over_ranks, world_size
-from .forward import completion_logprobs, head_positions
-from .method import grpo_token_loss_terms, token_logprobs
+from ..engine.forward import completion_logprobs, head_positions
+from ..method import grpo_token_loss_terms, token_logprobs
+from ..runtime.distributed import agreement, is_sharded, max_over_ranks, world_size
 
 
 def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,

@@ -32,15 +32,15 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .atomic import staged_file
-from .callbacks import HuggingFaceExport, Preempted
+from ..callbacks import HuggingFaceExport, Preempted
+from ..method import TIER_NAMES, nested_tier_masks
+from ..runtime.atomic import staged_file
+from ..runtime.errors import InputError
 from .charts import split_intervals, write_charts
-from .checks import InputError
 from .compare_rows import (
     BASE_ROW, METHOD_NAMES, ROWS_FOLDER, Row, build_run, check_records, check_start, check_start_tokenizer,
     export_start, now_utc, plan_rows, write_json,
 )
-from .method import TIER_NAMES, nested_tier_masks
 
 DEFAULT_CONFIGS = ("configs/rmt.yaml", "configs/rpt_baseline.yaml", "configs/ntp_only.yaml")
 """The paper's main rows: RMT, the RPT-style baseline and the NTP baseline."""
@@ -77,7 +77,7 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
     False), validate the finished model once, and return its row of the table, labelled ``label``. The run
     logs to ``{out_dir}/runs/{run_name}/version_N``; with ``resume``, training goes on from the newest
     checkpoint in any of those version folders (the CLI's ``--ckpt_path last``)."""
-    from .cli import find_last_checkpoint
+    from ..cli import find_last_checkpoint
 
     args = ["--config", config, *overrides, "--trainer.logger.init_args.save_dir", str(out_dir / "runs"),
             "--trainer.logger.init_args.name", run_name]

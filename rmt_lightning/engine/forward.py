@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..method import token_logprobs
 from .attention import shared_prompt_attention, use_shared_prompt
 from .kv_cache import SharedPromptCache
-from .method import token_logprobs
 from .padding import pad_left
 
 

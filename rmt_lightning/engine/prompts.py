@@ -4,7 +4,7 @@ forcing writes, and the format warm-up's demonstrations."""
 
 from __future__ import annotations
 
-from .method.rewards import BOXED, THINK_CLOSE, THINK_OPEN
+from ..method.rewards import BOXED, THINK_CLOSE, THINK_OPEN
 
 __all__ = [
     "THINK_OPEN", "THINK_CLOSE", "BOXED", "RESPONSE_PREFIX", "ANSWER_SCAFFOLD", "BOX_SCAFFOLD", "DEFAULT_INSTRUCTION",

@@ -16,15 +16,13 @@ import os
 from collections.abc import Sequence
 
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
-from .atomic import staged_file
-from .callbacks.token_budget import TokenBudget
-from .method import TIER_NAMES, nested_tier_masks
-from .padding import pad_left
-from .forward import positions_from_mask
+from ..engine.forward import positions_from_mask
+from ..engine.padding import pad_left
+from ..method import TIER_NAMES, nested_tier_masks
+from ..runtime.atomic import staged_file
 
 EVAL_STAGES = ("val", "test")
 """Lightning stages whose figures are logged as ``<stage>/acc_easy`` and so on."""
@@ -126,15 +124,12 @@ def write_figures(folder: str, stage: str, record: dict) -> str:
     return latest
 
 
-def evaluation_budget(trainer, current_budget: int, val_budget: int | None) -> int:
-    """Budget of reasoning-mode evaluation: during ``fit`` the current one; outside it ``val_budget``, else the
-    TokenBudget callback's final budget (progress 1), else the fixed budget."""
-    if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+def evaluation_budget(fitting: bool, current_budget: int, final_budget: int, val_budget: int | None) -> int:
+    """Budget of reasoning-mode evaluation: while ``fitting`` the current one; outside ``fit`` ``val_budget``, else
+    the final budget (where the schedule ends, or the fixed budget without one)."""
+    if fitting:
         return current_budget
-    if val_budget is not None:
-        return int(val_budget)
-    schedule = TokenBudget.of(trainer)
-    return schedule.final_budget if schedule is not None else current_budget
+    return int(val_budget) if val_budget is not None else final_budget
 
 
 def evaluation_record(stage: str, global_step: int, epoch: int, positions: int, budget: int | None, headline: str,

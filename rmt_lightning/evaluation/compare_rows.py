@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import publish_folder, staged_file
-from .checkpointing import verify_checkpoint_file
-from .checks import InputError
+from ..runtime.atomic import publish_folder, staged_file
+from ..runtime.checkpointing import verify_checkpoint_file
+from ..runtime.errors import InputError
 
 METHOD_NAMES = {
     "rmt": "RMT",
@@ -66,7 +66,7 @@ def _quiet_lightning():
 
 def build_run(args: list[str]):
     """The row's objects, built by the project's LightningCLI from ``args`` (nothing is loaded or run)."""
-    from .cli import build_cli
+    from ..cli import build_cli
 
     # LightningCLI warns when it gets a list of arguments while sys.argv holds others (compare's own).
     argv, sys.argv = sys.argv, sys.argv[:1]
@@ -122,7 +122,7 @@ def check_start(start: str, out_dir: Path) -> dict:
 def export_start(start: dict) -> None:
     """For a checkpoint ``start``, write its policy as the Hugging Face folder every row loads (atomically, once:
     a later run of the same comparison reuses it while the checkpoint's SHA-256 is the same)."""
-    from .callbacks.export import export_checkpoint
+    from ..callbacks.export import export_checkpoint
 
     if start["kind"] != "checkpoint":
         return
@@ -142,7 +142,7 @@ def export_start(start: dict) -> None:
 
 def check_start_tokenizer(start: dict, proxies: list[str]) -> None:
     """The start model tokenizes the corpus and each proxy scores those token ids: they must share one vocabulary."""
-    from .models import load_tokenizer
+    from ..engine.models import load_tokenizer
 
     vocabulary = load_tokenizer(start["model"]).get_vocab()
     for proxy in sorted(set(proxies)):

@@ -27,7 +27,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .atomic import fsync_folder, staged_file
-from .checks import InputError
+from .errors import InputError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
-from .rollout import GroupRollout
+from ..engine.generation import GroupRollout
 
 
 @dataclass

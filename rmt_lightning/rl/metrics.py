@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.batches import PositionBatch
-from .method import TIER_NAMES, zero_std_groups
-from .rollout import GroupRollout
+from ..data.batches import PositionBatch
+from ..engine.generation import GroupRollout
+from ..method import TIER_NAMES, zero_std_groups
 from .trajectory import Trajectory
 
 PROGRESS_BAR_KEYS = frozenset({"warmup_loss", "ntp_loss", "reward", "budget"})

@@ -15,8 +15,8 @@ import csv
 import math
 from pathlib import Path
 
-from .atomic import staged_file
-from .method import TIER_NAMES
+from ..method import TIER_NAMES
+from ..runtime.atomic import staged_file
 
 SPLITS = (*TIER_NAMES, "avg")
 """The accuracy columns of the table, in order."""
