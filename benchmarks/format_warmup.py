@@ -44,7 +44,7 @@ def measure(model: str, steps: int, lr: float, thought: str, budget: int, group_
     correct = answered = samples = 0
     module._generator = lambda: torch.Generator().manual_seed(seed + 1)
     for batch in data.val_dataloader():
-        rollout = module.rollout(module._prompts(batch.contexts, budget), budget)
+        rollout = module.generate_rollout(module._prompts(batch.contexts, budget), budget)
         _, right, _ = module.rewards(rollout, batch.continuations, budget)
         correct += int(right.sum())
         answered += sum(p is not None for p in rollout.predictions)

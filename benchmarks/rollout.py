@@ -1,6 +1,6 @@
 """Rollout tokens/s: ``generate_group`` (prefill once per prompt; its keys and values stored once for its G rows
 and read by shared-prompt attention) against ``model.generate(num_return_sequences=G)`` (the prompt repeated G
-times before the prefill) and against ``generate_group(share_prompt=False)`` (the cache copied to each row: the
+times before the prefill) and against ``generate_group`` without shared-prompt attention (the cache copied to each row: the
 path before shared-prompt attention), same model, prompts, seeds and sampling settings, in one process. Ours decodes
 with the linear weights packed once per rollout for oneDNN on a CPU (``prepacked.py``); ``unpacked`` is ours
 without that (the path before it), and ``generate packed`` is ``generate`` under the same packing (prefill
@@ -28,7 +28,7 @@ from torch import nn
 from common import add_common_arguments, apply_threads, device, interleaved, print_table, quiet_transformers, write_json, corpus_prompts
 from rmt_lightning.engine.models import BUILTIN_SMOLLM2, BUILTIN_TINY, load_causal_lm, load_tokenizer, parse_dtype
 from rmt_lightning.engine.prepacked import prepacked_linears
-from rmt_lightning.engine.generation import end_of_sequence_ids, generate_group
+from rmt_lightning.engine.generation import DecodingOptions, GenerationSettings, end_of_sequence_ids, generate_group
 
 
 def cache_megabytes(cache) -> float:
@@ -100,9 +100,9 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
         mask = torch.ones_like(ids)
         for cap in caps:
             def ours(share_prompt=True, prepack=True):
-                rollout = generate_group(ours_model, tokenizer, prompts, group_size, think_cap=cap, answer_allowance=0,
-                                         temperature=1.0, generator=torch.Generator(device()).manual_seed(seed),
-                                         share_prompt=share_prompt, prepack_weights=prepack)
+                rollout = generate_group(ours_model, tokenizer, prompts, GenerationSettings(group_size, cap, 0, temperature=1.0),
+                                         DecodingOptions(share_prompt_attention=share_prompt, prepack_weights=prepack),
+                                         generator=torch.Generator(device()).manual_seed(seed))
                 return {"tokens": int(rollout.completion_mask.sum()), "cache_mb": meter.megabytes}
 
             def copied():
@@ -124,7 +124,7 @@ def bench_model(name: str, contexts: list[int], caps: list[int], group_size: int
 
             # Warm up each side on a short run (first-call costs: allocator, kernels, caches), then time the
             # real size interleaved.
-            generate_group(ours_model, tokenizer, prompts, group_size, think_cap=2, answer_allowance=0, temperature=1.0,
+            generate_group(ours_model, tokenizer, prompts, GenerationSettings(group_size, 2, 0, temperature=1.0),
                            generator=torch.Generator(device()).manual_seed(seed))
             with torch.no_grad():
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=2, min_new_tokens=2,

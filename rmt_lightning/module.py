@@ -16,9 +16,11 @@ from torch import Tensor
 
 from .checks import check_mini_batches, check_module_arguments
 from .data.batches import PositionBatch
+from .data.datamodule import RMTDataModule
 from .data.sampler import DrawRepeats
 from .engine.builtin_models import BUILTIN_SMOLLM2
-from .engine.generation import GroupRollout, generate_group
+from .engine.forward import CompletionBatch, ForwardOptions
+from .engine.generation import DecodingOptions, GenerationSettings, Rollout, generate_group
 from .engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
 from .engine.padding import pad_left, pad_right
 from .engine.prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
@@ -28,6 +30,7 @@ from .evaluation.tier_metrics import (
 )
 from .method import completion_rewards, contiguous_share, group_advantages, thinking_cap
 from .rl import losses
+from .rl.reuse import RolloutReuse
 from .rl.metrics import as_tensors, completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
 from .rl.trajectory import Trajectory
 from .runtime.checkpointing import (
@@ -44,10 +47,6 @@ def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_
     if step < format_warmup_steps:
         return format_factor
     return min(1.0, (step - format_warmup_steps + 1) / max(1, lr_warmup_steps))
-
-
-REUSED_TRAJECTORIES = "rmt_reused_trajectories"
-"""Checkpoint key of every rank's kept trajectory (``Trajectory.state_dict`` or None), in rank order."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -215,8 +214,8 @@ class RMTModule(L.LightningModule):
         self.last_sampled_entropies: Tensor | None = None
         self.last_reasoning_lengths: Tensor | None = None
         self._policy_sharded = self._reference_sharded = False
-        self.reused_trajectory: Trajectory | None = None
-        """The trajectory the next steps of its rollout train on (kept only with several steps per rollout)."""
+        self.reuse = RolloutReuse(updates_per_rollout, mini_batches_per_rollout)
+        """Several steps on one rollout: the draw-repeat rule, the kept trajectory and its checkpoint part."""
         self.eval_metrics = torch.nn.ModuleDict({stage: EvaluationMetrics() for stage in EVAL_STAGES})
         self.eval_samples: list[dict] = []
         """A few completions of the latest evaluation, for the completions table."""
@@ -225,7 +224,265 @@ class RMTModule(L.LightningModule):
         self.last_evaluation: dict = {}
         """Figures of the latest validation or test, as written to ``<log_dir>/<stage>_metrics.json``."""
 
-    # ---- models ------------------------------------------------------------------------------------
+    # ---- the step: format warm-up, NTP only, or RL -----------------------------------------------------
+
+    def training_step(self, batch: PositionBatch, batch_idx: int) -> None:
+        """One optimizer step: format warm-up, NTP only, or RL (trajectory, GRPO + lambda NTP); then update."""
+        hp = self.hparams
+        budget, started = int(self.budget), time.perf_counter()
+        contexts, continuations = batch.contexts, batch.continuations
+        documents, attention = batch.documents, batch.document_attention_mask
+        in_warmup = self.global_step < self.format_steps
+        # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
+        metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup), "train/rollout_update": 0.0}
+        if in_warmup:
+            loss = self.format_warmup_backward(contexts, continuations, budget)
+            shown = {"warmup_loss": loss}
+        elif not hp.rl:
+            # NTP only: every position of the documents, the sampled ones included.
+            loss = metrics["train/loss_ntp"] = self.ntp_backward(documents, attention, attention.bool(), 1.0)
+            shown = {"ntp_loss": loss}
+        else:
+            loss, rl_metrics = self.rl_step(batch, budget)
+            started += rl_metrics["timing/generate"]
+            metrics.update(rl_metrics)
+            shown = {"reward": metrics["train/reward"], "budget": float(budget)}
+        metrics["timing/update"] = time.perf_counter() - started
+        self.update_or_skip(loss)
+        metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
+                        "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
+        self.last_sampled_entropies = batch.entropies.detach().cpu()
+        self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
+                      batch_size=len(contexts))
+        show_in_progress_bar(self, shown, batch_size=len(contexts))
+
+    def rl_step(self, batch: PositionBatch, budget: int) -> tuple[float, dict[str, float]]:
+        """The RL step's backward: the trajectory (collected, or kept from an earlier step of its rollout), GRPO on
+        this step's mini-batch of it and lambda NTP on its share of the documents; returns the loss and figures."""
+        hp, reuse, started = self.hparams, self.reuse, time.perf_counter()
+        if reuse.reuses:
+            check_mini_batches(hp.mini_batches_per_rollout, len(batch.contexts))
+        trajectory, fresh = reuse.trajectory_for(
+            batch.drawn_at_step, lambda: self.collect_trajectory(batch.contexts, batch.continuations, budget))
+        generated = time.perf_counter()
+        update = batch.rollout_update or 0
+        mini_batch = reuse.mini_batch(update)
+        if reuse.reuses and fresh:
+            # The policy is still the one that sampled this rollout: pi_old of the other mini-batches is taken now,
+            # by the loss's own forward (pi_old and pi in one precision and path: the ratio is exactly 1 wherever
+            # the policy has not moved). This mini-batch's is its own forward's, below.
+            for other in reuse.other_mini_batches(mini_batch):
+                trajectory.old_logprobs[other] = self.policy_logprobs(reuse.part(trajectory, other))
+        part = reuse.part(trajectory, mini_batch)
+        old_logprobs = reuse.old_logprobs(trajectory, mini_batch, fresh)
+        terms = self.rl_backward(part, old_logprobs, trajectory.reference_logprobs.get(mini_batch))
+        reuse.record(trajectory, mini_batch, update, old_logprobs, terms)
+        loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
+        metrics = rl_step_metrics(part, terms, loss_ntp)
+        metrics.update({"train/rollout_update": float(update), "timing/generate": generated - started})
+        self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
+        reuse.finish_step(update)
+        return terms["loss_rl"] + hp.ntp_weight * loss_ntp, metrics
+
+    # ---- a rollout and its rewards --------------------------------------------------------------------
+
+    def collect_trajectory(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> Trajectory:
+        """Prompts, G completions each, their rewards and their group-normalised advantages."""
+        prompts = self._prompts(contexts, budget)
+        rollout = self.generate_rollout(prompts, budget)
+        rewards, correct, length = self.rewards(rollout, continuations, budget)
+        advantages = group_advantages(rewards, eps=self.hparams.advantage_eps).flatten()
+        return Trajectory(prompts, rollout, rewards, correct, length, advantages)
+
+    def generate_rollout(self, prompts: list[list[int]], budget: int, group_size: int | None = None,
+                         temperature: float | None = None) -> Rollout:
+        """The rollout of ``prompts``: G completions each under budget ``budget`` (thinking cap 2B, plus the answer
+        allowance); ``group_size`` and ``temperature`` replace the training values (evaluation uses its own)."""
+        hp = self.hparams
+        settings = GenerationSettings(
+            group_size or hp.group_size, thinking_cap(budget), hp.answer_allowance,
+            temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
+            budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix, max_new_tokens=hp.max_response_length)
+        options = DecodingOptions(share_prompt_attention=hp.share_prompt_attention, prepack_weights=hp.prepack_weights,
+                                  gather_weights=hp.gather_weights_for_rollouts)
+        # Only sharded weights make a forward a collective that every process must run (not under DDP).
+        all_finished = agreement(self._trainer) if self._policy_sharded else None
+        return generate_group(self.policy, self.tokenizer, prompts, settings, options, generator=self._generator(),
+                              token_bytes=self._token_bytes, all_finished=all_finished)
+
+    def rewards(self, rollout: Rollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Rewards ``[P, G]``: total, correctness and length parts (``method.completion_rewards``)."""
+        hp = self.hparams
+        return completion_rewards(rollout.predictions, rollout.reasoning_lengths, continuations, budget, hp.correctness,
+                                  hp.r_max, hp.length_reward_weight, hp.length_reward_only_when_correct)
+
+    def _prompts(self, contexts: list[list[int]], budget: int | list[int]) -> list[list[int]]:
+        """The prompt of each context at ``budget`` (one for all, or one per context)."""
+        hp = self.hparams
+        budgets = budget if isinstance(budget, list) else [budget] * len(contexts)
+        return [
+            build_prompt_ids(self.tokenizer, self.tokenizer.decode(ctx), b, hp.instruction, hp.response_prefix, hp.use_chat_template)
+            for ctx, b in zip(contexts, budgets)
+        ]
+
+    def _generator(self) -> torch.Generator:
+        seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
+        return torch.Generator(device=self.root_device).manual_seed(seed)
+
+    # ---- losses (rl/losses.py) and the update --------------------------------------------------------
+
+    def _grpo_settings(self) -> losses.GRPOSettings:
+        hp = self.hparams
+        return losses.GRPOSettings(hp.clip_eps, hp.beta, hp.rl_micro_batch_size,
+                                   ForwardOptions(share_prompt_attention=hp.share_prompt_attention))
+
+    def _completions(self, trajectory: Trajectory) -> CompletionBatch:
+        """What the losses read of a trajectory's completions, on the root device."""
+        return CompletionBatch.of(trajectory.prompts, trajectory.rollout, self.tokenizer.pad_token_id, self.root_device)
+
+    def rl_backward(self, trajectory: Trajectory, old_logprobs: Tensor | None = None,
+                    reference_logprobs: Tensor | None = None) -> dict:
+        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms
+        and the policy's and reference's log-probs (``losses.rl_backward``). ``old_logprobs`` are pi_old (None: the
+        current policy, ratio 1); ``reference_logprobs``, from an earlier update of these completions, stand in
+        for the reference's forward."""
+        old_logprobs, reference_logprobs = (None if t is None else t.to(self.root_device)
+                                            for t in (old_logprobs, reference_logprobs))
+        batch = losses.RLBatch(self._completions(trajectory), trajectory.advantages.to(self.root_device),
+                               old_logprobs, reference_logprobs)
+        return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward, batch,
+                                  self._grpo_settings())
+
+    def policy_logprobs(self, trajectory: Trajectory) -> Tensor:
+        """The current policy's log-probs of the trajectory's sampled tokens, by the loss's own forward, without
+        gradients (``losses.policy_logprobs``)."""
+        return losses.policy_logprobs(self.policy, self._trainer, self._completions(trajectory), self._grpo_settings())
+
+    def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
+        """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
+        return losses.ntp_backward(self.policy, self._trainer, self.manual_backward, documents, attention, ntp_mask,
+                                   weight, self.hparams.ntp_micro_batch_size)
+
+    def format_warmup_backward(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> float:
+        """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only),
+        each at ``budget`` or at its turn of ``format_warmup_budgets``."""
+        hp = self.hparams
+        budgets = [budget] * len(contexts)
+        if hp.format_warmup_budgets:
+            # Counted over the global batch, so the budgets take turns across steps and ranks alike.
+            first = (self.global_step * self._trainer.world_size + self.global_rank) * len(contexts) if self._trainer else 0
+            cycle = list(hp.format_warmup_budgets)
+            budgets = [cycle[(first + i) % len(cycle)] for i in range(len(contexts))]
+        responses = demonstration_ids(self.tokenizer, contexts, continuations, hp.format_warmup_thought, budgets)
+        pad = self.tokenizer.pad_token_id
+        tensors = (*pad_left(self._prompts(contexts, budgets), pad), *pad_right(responses, pad))
+        batch = CompletionBatch(*(t.to(self.root_device) for t in tensors))
+        return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward, batch)
+
+    def update_or_skip(self, loss: float) -> None:
+        """Clip the gradients and step the optimizer and the LR schedule, or, when the loss or a gradient is not
+        finite on any rank, drop this update (and stop the run after ``max_consecutive_skips`` in a row)."""
+        hp = self.hparams
+        optimizer = self.optimizers()
+        # One rank's non-finite loss reaches every rank through the gradient all-reduce: all skip together.
+        if not all_ranks(self._trainer, math.isfinite(loss) and gradients_finite(self.policy)):
+            # A non-finite loss or gradient would poison the weights and the optimizer moments.
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= hp.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"the loss or the gradients were NaN/inf on {self.consecutive_skips} consecutive steps (up to step "
+                    f"{self.global_step}, epoch {self.current_epoch}; max_consecutive_skips={hp.max_consecutive_skips}), "
+                    f"so the run stops; lower lr (now {hp.lr}), check the corpus, or resume from an earlier checkpoint"
+                )
+            return
+        self.consecutive_skips = 0
+        if hp.grad_clip > 0 and is_fsdp1(self.policy):
+            # The norm over all shards; Lightning's FSDP1 precision plugin refuses norm clipping.
+            self.policy.clip_grad_norm_(hp.grad_clip)
+        elif hp.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+
+    def _ntp_share(self, batch: PositionBatch, mini_batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Documents, attention mask and NTP mask of mini-batch ``mini_batch``'s share of the batch's documents
+        (cut into ``mini_batches_per_rollout`` contiguous parts, so a pass over a rollout trains NTP on each
+        document once, as a step of one mini-batch does)."""
+        share = contiguous_share(len(batch.documents), self.hparams.mini_batches_per_rollout, mini_batch)
+        documents, attention, mask = batch.documents[share], batch.document_attention_mask[share], batch.ntp_mask[share]
+        if len(documents) == 0:
+            # Fewer documents than mini-batches: this one trains no NTP, but still runs the passes (at weight 0)
+            # that the other ranks run.
+            documents, attention, mask = batch.documents[:1], batch.document_attention_mask[:1], torch.zeros_like(batch.ntp_mask[:1])
+        return documents, attention, mask
+
+    def _keep_samples(self, batch: PositionBatch, rollout: Rollout, rewards: Tensor) -> None:
+        """What the CompletionsTable callback shows of this step: a few completions and every reasoning length."""
+        self.last_samples = completion_samples(self.tokenizer, batch, rollout, rewards, self.hparams.log_samples)
+        self.last_reasoning_lengths = torch.tensor(rollout.reasoning_lengths, dtype=torch.float32)
+
+    # ---- validation and test -----------------------------------------------------------------------
+
+    def evaluation_budget(self) -> int:
+        """Budget of reasoning-mode evaluation (``evaluation.tier_metrics.evaluation_budget``)."""
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        return evaluation_budget(fitting, int(self.budget), int(self.final_budget), self.hparams.val_budget)
+
+    def _evaluate(self, batch: PositionBatch, batch_idx: int, stage: str) -> None:
+        """Score one batch of held-out positions in NTP mode and, with ``val_reasoning``, in reasoning mode."""
+        hp = self.hparams
+        metrics = self.eval_metrics[stage]
+        if batch_idx == 0:
+            self.eval_samples, self.eval_reasoning_lengths = [], []
+        hits = argmax_hits(self.policy, batch.contexts, batch.next_token_ids, self.tokenizer.pad_token_id)
+        metrics.ntp.update(hits, batch.tiers)
+        if not hp.val_reasoning:
+            return
+        budget = self.evaluation_budget()
+        rollout = self.generate_rollout(self._prompts(batch.contexts, budget), budget, hp.val_group_size,
+                                        hp.val_temperature)
+        rewards, correct, _ = self.rewards(rollout, batch.continuations, budget)
+        metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch.tiers)
+        self.eval_reasoning_lengths.extend(rollout.reasoning_lengths)
+        if batch_idx == 0:
+            self.eval_samples = completion_samples(self.tokenizer, batch, rollout, rewards, self.hparams.log_samples)
+
+    def _log_evaluation(self, stage: str) -> None:
+        """Log the stage's figures (reduced across ranks) and write them as JSON next to the TensorBoard run."""
+        hp = self.hparams
+        metrics = self.eval_metrics[stage]
+        figures, positions = metrics.compute(stage, reasoning=hp.val_reasoning)
+        metrics.reset()
+        # Already reduced across ranks by torchmetrics: a second reduction would be wasted communication.
+        self.log_dict(figures, sync_dist=False)
+        headline = "acc_avg" if hp.val_reasoning and hp.rl else "ntp_acc_avg"
+        # The TensorBoard logger shows hp_metric next to the hparams: the accuracy the paper scores this model by.
+        self.log("hp_metric", figures[f"{stage}/{headline}"], sync_dist=False)
+        budget = self.evaluation_budget() if hp.val_reasoning else None
+        self.last_evaluation = evaluation_record(stage, self.global_step, self.current_epoch, positions, budget,
+                                                 headline, figures)
+        folder = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
+        if folder is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            write_figures(folder, stage, self.last_evaluation)
+
+    def validation_step(self, batch: PositionBatch, batch_idx: int) -> None:
+        """Next-token accuracy at held-out positions on the nested tiers H > 0.5, 1.0, 1.5, in both modes."""
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: PositionBatch, batch_idx: int) -> None:
+        """As ``validation_step``, logged under ``test/``."""
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    # ---- Lightning hooks: models, optimizer, checkpoints -------------------------------------------------
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -271,6 +528,18 @@ class RMTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        # The datamodule's sampler repeats a draw for the steps of one rollout: this module's arguments decide
+        # which, so it tells the datamodule (whose setup has run) before the loaders are made.
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, RMTDataModule):
+            datamodule.draw_repeats = self.draw_repeats()
+
+    def draw_repeats(self) -> DrawRepeats:
+        """Which training steps share a draw of positions: every format warm-up step and every NTP-only step
+        draws its own; RL steps come ``steps_per_rollout`` to a draw (``RolloutReuse.draw_repeats``)."""
+        return self.reuse.draw_repeats(self.format_steps) if self.hparams.rl else DrawRepeats()
+
     @property
     def format_steps(self) -> int:
         """How many first optimizer steps train on format demonstrations (every one with ``format_only``)."""
@@ -279,26 +548,25 @@ class RMTModule(L.LightningModule):
     @property
     def steps_per_rollout(self) -> int:
         """Optimizer steps each rollout feeds: ``updates_per_rollout * mini_batches_per_rollout``."""
-        return self.hparams.updates_per_rollout * self.hparams.mini_batches_per_rollout
-
-    def draw_repeats(self) -> DrawRepeats:
-        """Which training steps share a draw of positions, for the datamodule's sampler: every format warm-up
-        step and every NTP-only step draws its own; RL steps come ``steps_per_rollout`` to a draw."""
-        hp = self.hparams
-        if not hp.rl:
-            return DrawRepeats()
-        return DrawRepeats(single_draw_steps=self.format_steps, steps_per_draw=self.steps_per_rollout)
+        return self.reuse.steps_per_rollout
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rmt_skipped_steps"] = self.skipped_steps
         checkpoint["rmt_consecutive_skips"] = self.consecutive_skips
         checkpoint["rng_states"] = rng_states()
-        if self.steps_per_rollout > 1:
-            # Every rank's, in rank order: a resume mid-rollout trains the updates left on the same completions.
-            kept = self.reused_trajectory.state_dict() if self.reused_trajectory is not None else None
-            checkpoint[REUSED_TRAJECTORIES] = gather_objects(kept)
+        self.reuse.save(checkpoint, gather_objects)
         if self._trainer is not None:
             as_batch_end_checkpoint(checkpoint, self.trainer.num_training_batches)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        as_batch_end_checkpoint(checkpoint)
+        self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
+        self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
+        self.reuse.load(checkpoint, self.global_rank, world_size(self._trainer))
+        if "rng_states" in checkpoint:
+            # Nothing draws from them between here and the first resumed step (the loaders have their own
+            # generators), so the resumed steps see the generators the interrupted run would have.
+            restore_rng_states(checkpoint["rng_states"])
 
     def on_train_start(self) -> None:
         count_the_next_epoch_after_resume(self.trainer)
@@ -310,20 +578,6 @@ class RMTModule(L.LightningModule):
 
         if self.global_rank == 0:
             warn_if_updates_round_away(self.policy.parameters(), self.hparams.lr)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        as_batch_end_checkpoint(checkpoint)
-        self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
-        self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
-        kept = checkpoint.get(REUSED_TRAJECTORIES)  # absent from checkpoints of one step per rollout
-        # Written by another number of processes, the ranks' completions belong to other positions: the
-        # step collects its rollout again instead.
-        if kept is not None and len(kept) == world_size(self._trainer) and kept[self.global_rank] is not None:
-            self.reused_trajectory = Trajectory.from_state_dict(kept[self.global_rank])
-        if "rng_states" in checkpoint:
-            # Nothing draws from them between here and the first resumed step (the loaders have their own
-            # generators), so the resumed steps see the generators the interrupted run would have.
-            restore_rng_states(checkpoint["rng_states"])
 
     @property
     def root_device(self) -> torch.device:
@@ -340,290 +594,3 @@ class RMTModule(L.LightningModule):
             if next(self.reference.parameters()).device != policy_device:
                 self.reference.to(policy_device)
         return self.reference
-
-    # ---- rollout and rewards -----------------------------------------------------------------------
-
-    def _prompts(self, contexts: list[list[int]], budget: int | list[int]) -> list[list[int]]:
-        """The prompt of each context at ``budget`` (one for all, or one per context)."""
-        hp = self.hparams
-        budgets = budget if isinstance(budget, list) else [budget] * len(contexts)
-        return [
-            build_prompt_ids(self.tokenizer, self.tokenizer.decode(ctx), b, hp.instruction, hp.response_prefix, hp.use_chat_template)
-            for ctx, b in zip(contexts, budgets)
-        ]
-
-    def _generator(self) -> torch.Generator:
-        seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
-        return torch.Generator(device=self.root_device).manual_seed(seed)
-
-    def rollout(self, prompts: list[list[int]], budget: int, group_size: int | None = None,
-                temperature: float | None = None) -> GroupRollout:
-        """G completions per prompt under budget ``budget`` (thinking cap 2B, plus the answer allowance);
-        ``group_size`` and ``temperature`` replace the training values (evaluation uses its own)."""
-        hp = self.hparams
-        return generate_group(
-            self.policy, self.tokenizer, prompts, group_size or hp.group_size,
-            think_cap=thinking_cap(budget), answer_allowance=hp.answer_allowance,
-            temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
-            budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix,
-            max_new_tokens=hp.max_response_length, generator=self._generator(), token_bytes=self._token_bytes,
-            # Only sharded weights make a forward a collective that every process must run (not under DDP).
-            all_finished=agreement(self._trainer) if self._policy_sharded else None,
-            share_prompt=hp.share_prompt_attention, prepack_weights=hp.prepack_weights,
-            gather_weights=hp.gather_weights_for_rollouts,
-        )
-
-    def rewards(self, rollout: GroupRollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Rewards ``[P, G]``: total, correctness and length parts (``method.completion_rewards``)."""
-        hp = self.hparams
-        return completion_rewards(rollout.predictions, rollout.reasoning_lengths, continuations, budget, hp.correctness,
-                                  hp.r_max, hp.length_reward_weight, hp.length_reward_only_when_correct)
-
-    def collect_trajectory(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> Trajectory:
-        """Prompts, G completions each, their rewards and their group-normalised advantages."""
-        prompts = self._prompts(contexts, budget)
-        rollout = self.rollout(prompts, budget)
-        rewards, correct, length = self.rewards(rollout, continuations, budget)
-        advantages = group_advantages(rewards, eps=self.hparams.advantage_eps).flatten()
-        return Trajectory(prompts, rollout, rewards, correct, length, advantages)
-
-    def trajectory_for(self, batch: PositionBatch, budget: int) -> Trajectory:
-        """The trajectory of the batch's draw: the kept one when an earlier step collected it (``drawn_at_step``
-        names it), else a new one, kept while later steps of its rollout remain."""
-        if self.steps_per_rollout == 1:
-            return self.collect_trajectory(batch.contexts, batch.continuations, budget)
-        check_mini_batches(self.hparams.mini_batches_per_rollout, len(batch.contexts))
-        kept = self.reused_trajectory
-        # Collected anew whenever the kept one is another draw's, also mid-rollout: after a resume on another
-        # number of processes, or where a skipped warm-up step left RL starting inside a rollout's steps.
-        if kept is None or batch.drawn_at_step is None or kept.drawn_at_step != batch.drawn_at_step:
-            kept = self.collect_trajectory(batch.contexts, batch.continuations, budget)
-            kept.drawn_at_step = batch.drawn_at_step
-        self.reused_trajectory = kept
-        return kept
-
-    # ---- losses (losses.py) -------------------------------------------------------------------------
-
-    def _completion_tensors(self, trajectory: Trajectory) -> tuple[Tensor, ...]:
-        """What the losses read of a trajectory, on the root device: prompt ids and mask (left-padded), completion
-        ids, mask and sampled mask."""
-        rollout = trajectory.rollout
-        prompt_ids, prompt_mask = pad_left(trajectory.prompts, self.tokenizer.pad_token_id)
-        tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask)
-        return tuple(t.to(self.root_device) for t in tensors)
-
-    def rl_backward(self, trajectory: Trajectory, old_logprobs: Tensor | None = None,
-                    reference_logprobs: Tensor | None = None) -> dict:
-        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms
-        and the policy's and reference's log-probs (``losses.rl_backward``). ``old_logprobs`` are pi_old (None: the
-        current policy, ratio 1); ``reference_logprobs``, from an earlier update of these completions, stand in
-        for the reference's forward."""
-        hp = self.hparams
-        old_logprobs, reference_logprobs = (None if t is None else t.to(self.root_device)
-                                            for t in (old_logprobs, reference_logprobs))
-        return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward,
-                                  *self._completion_tensors(trajectory), trajectory.advantages.to(self.root_device),
-                                  group_size=hp.group_size, micro_batch_size=hp.rl_micro_batch_size,
-                                  clip_eps=hp.clip_eps, beta=hp.beta, old_logprobs=old_logprobs,
-                                  share_prompt_attention=hp.share_prompt_attention, reference_logprobs=reference_logprobs)
-
-    def policy_logprobs(self, trajectory: Trajectory) -> Tensor:
-        """The current policy's log-probs of the trajectory's sampled tokens, by the loss's own forward, without
-        gradients (``losses.policy_logprobs``)."""
-        hp = self.hparams
-        return losses.policy_logprobs(self.policy, self._trainer, *self._completion_tensors(trajectory),
-                                      group_size=hp.group_size, micro_batch_size=hp.rl_micro_batch_size,
-                                      share_prompt_attention=hp.share_prompt_attention)
-
-    def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
-        """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
-        return losses.ntp_backward(self.policy, self._trainer, self.manual_backward, documents, attention, ntp_mask,
-                                   weight, self.hparams.ntp_micro_batch_size)
-
-    def format_warmup_backward(self, contexts: list[list[int]], continuations: list[list[bytes]], budget: int) -> float:
-        """NLL of demonstrations ``thought</think> \\boxed{next token}`` after each prompt (response tokens only),
-        each at ``budget`` or at its turn of ``format_warmup_budgets``."""
-        hp = self.hparams
-        budgets = [budget] * len(contexts)
-        if hp.format_warmup_budgets:
-            # Counted over the global batch, so the budgets take turns across steps and ranks alike.
-            first = (self.global_step * self._trainer.world_size + self.global_rank) * len(contexts) if self._trainer else 0
-            cycle = list(hp.format_warmup_budgets)
-            budgets = [cycle[(first + i) % len(cycle)] for i in range(len(contexts))]
-        responses = demonstration_ids(self.tokenizer, contexts, continuations, hp.format_warmup_thought, budgets)
-        pad = self.tokenizer.pad_token_id
-        tensors = (*pad_left(self._prompts(contexts, budgets), pad), *pad_right(responses, pad))
-        return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward,
-                                              *(t.to(self.root_device) for t in tensors))
-
-    def update_or_skip(self, loss: float) -> None:
-        """Clip the gradients and step the optimizer and the LR schedule, or, when the loss or a gradient is not
-        finite on any rank, drop this update (and stop the run after ``max_consecutive_skips`` in a row)."""
-        hp = self.hparams
-        optimizer = self.optimizers()
-        # One rank's non-finite loss reaches every rank through the gradient all-reduce: all skip together.
-        if not all_ranks(self._trainer, math.isfinite(loss) and gradients_finite(self.policy)):
-            # A non-finite loss or gradient would poison the weights and the optimizer moments.
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= hp.max_consecutive_skips:
-                raise NonFiniteLossError(
-                    f"the loss or the gradients were NaN/inf on {self.consecutive_skips} consecutive steps (up to step "
-                    f"{self.global_step}, epoch {self.current_epoch}; max_consecutive_skips={hp.max_consecutive_skips}), "
-                    f"so the run stops; lower lr (now {hp.lr}), check the corpus, or resume from an earlier checkpoint"
-                )
-            return
-        self.consecutive_skips = 0
-        if hp.grad_clip > 0 and is_fsdp1(self.policy):
-            # The norm over all shards; Lightning's FSDP1 precision plugin refuses norm clipping.
-            self.policy.clip_grad_norm_(hp.grad_clip)
-        elif hp.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
-
-    # ---- the step ----------------------------------------------------------------------------------
-
-    def training_step(self, batch: PositionBatch, batch_idx: int) -> None:
-        """One optimizer step: format warm-up, NTP only, or RL (trajectory, GRPO + lambda NTP); then update."""
-        hp = self.hparams
-        budget, started = int(self.budget), time.perf_counter()
-        contexts, continuations = batch.contexts, batch.continuations
-        documents, attention = batch.documents, batch.document_attention_mask
-        in_warmup = self.global_step < self.format_steps
-        # Every key is logged every step: Lightning repeats a key's last value on steps that skip it.
-        metrics = {"train/budget": float(budget), "train/format_warmup": float(in_warmup), "train/rollout_update": 0.0}
-        if in_warmup:
-            loss = self.format_warmup_backward(contexts, continuations, budget)
-            shown = {"warmup_loss": loss}
-        elif not hp.rl:
-            # NTP only: every position of the documents, the sampled ones included.
-            loss = metrics["train/loss_ntp"] = self.ntp_backward(documents, attention, attention.bool(), 1.0)
-            shown = {"ntp_loss": loss}
-        else:
-            loss, rl_metrics = self.rl_step(batch, budget)
-            started += rl_metrics["timing/generate"]
-            metrics.update(rl_metrics)
-            shown = {"reward": metrics["train/reward"], "budget": float(budget)}
-        metrics["timing/update"] = time.perf_counter() - started
-        self.update_or_skip(loss)
-        metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
-                        "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
-        self.last_sampled_entropies = batch.entropies.detach().cpu()
-        self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
-                      batch_size=len(contexts))
-        show_in_progress_bar(self, shown, batch_size=len(contexts))
-
-    def rl_step(self, batch: PositionBatch, budget: int) -> tuple[float, dict[str, float]]:
-        """The RL step's backward: the trajectory (collected, or kept from an earlier step of its rollout), GRPO on
-        this step's mini-batch of it and lambda NTP on its share of the documents; returns the loss and figures."""
-        hp, started = self.hparams, time.perf_counter()
-        kept = self.reused_trajectory
-        trajectory = self.trajectory_for(batch, budget)
-        generated = time.perf_counter()
-        # Update u of a rollout trains its mini-batch u % M: M steps make one pass over the rollout.
-        update = batch.rollout_update or 0
-        mini_batch = update % hp.mini_batches_per_rollout
-        share = lambda m: trajectory.positions(contiguous_share(len(batch.contexts), hp.mini_batches_per_rollout, m))  # noqa: E731
-        part = share(mini_batch)
-        reused = self.steps_per_rollout > 1
-        if reused and trajectory is not kept:
-            # The policy is still the one that sampled this rollout: pi_old of the other mini-batches is taken now,
-            # by the loss's own forward (pi_old and pi in one precision and path: the ratio is exactly 1 wherever
-            # the policy has not moved). This mini-batch's is its own forward's, below.
-            for other in range(hp.mini_batches_per_rollout):
-                if other != mini_batch:
-                    trajectory.old_logprobs[other] = self.policy_logprobs(share(other))
-        old_logprobs = trajectory.old_logprobs.get(mini_batch) if reused else None
-        if old_logprobs is None and trajectory is kept:
-            old_logprobs = part.rollout.logprobs  # kept by a checkpoint written before pi_old came from the loss path
-        terms = self.rl_backward(part, old_logprobs, trajectory.reference_logprobs.get(mini_batch))
-        policy_logprobs = terms.pop("policy_logprobs")
-        if reused and old_logprobs is None:
-            trajectory.old_logprobs[mini_batch] = policy_logprobs  # pi_old of this mini-batch's later updates
-        reference_logprobs = terms.pop("reference_logprobs", None)
-        if reference_logprobs is not None and update < self.steps_per_rollout - hp.mini_batches_per_rollout:
-            trajectory.reference_logprobs[mini_batch] = reference_logprobs  # a later update trains this mini-batch again
-        loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
-        metrics = rl_step_metrics(part, terms, loss_ntp)
-        metrics.update({"train/rollout_update": float(update), "timing/generate": generated - started})
-        self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
-        if update >= self.steps_per_rollout - 1:
-            self.reused_trajectory = None  # its last step: nothing reuses it
-        return terms["loss_rl"] + hp.ntp_weight * loss_ntp, metrics
-
-    def _ntp_share(self, batch: PositionBatch, mini_batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Documents, attention mask and NTP mask of mini-batch ``mini_batch``'s share of the batch's documents
-        (cut into ``mini_batches_per_rollout`` contiguous parts, so a pass over a rollout trains NTP on each
-        document once, as a step of one mini-batch does)."""
-        share = contiguous_share(len(batch.documents), self.hparams.mini_batches_per_rollout, mini_batch)
-        documents, attention, mask = batch.documents[share], batch.document_attention_mask[share], batch.ntp_mask[share]
-        if len(documents) == 0:
-            # Fewer documents than mini-batches: this one trains no NTP, but still runs the passes (at weight 0)
-            # that the other ranks run.
-            documents, attention, mask = batch.documents[:1], batch.document_attention_mask[:1], torch.zeros_like(batch.ntp_mask[:1])
-        return documents, attention, mask
-
-    def _keep_samples(self, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor) -> None:
-        """What the CompletionsTable callback shows of this step: a few completions and every reasoning length."""
-        self.last_samples = completion_samples(self.tokenizer, batch, rollout, rewards, self.hparams.log_samples)
-        self.last_reasoning_lengths = torch.tensor(rollout.reasoning_lengths, dtype=torch.float32)
-
-    # ---- validation and test -----------------------------------------------------------------------
-
-    def evaluation_budget(self) -> int:
-        """Budget of reasoning-mode evaluation (``evaluation.tier_metrics.evaluation_budget``)."""
-        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
-        return evaluation_budget(fitting, int(self.budget), int(self.final_budget), self.hparams.val_budget)
-
-    def _evaluate(self, batch: PositionBatch, batch_idx: int, stage: str) -> None:
-        """Score one batch of held-out positions in NTP mode and, with ``val_reasoning``, in reasoning mode."""
-        hp = self.hparams
-        metrics = self.eval_metrics[stage]
-        if batch_idx == 0:
-            self.eval_samples, self.eval_reasoning_lengths = [], []
-        hits = argmax_hits(self.policy, batch.contexts, batch.next_token_ids, self.tokenizer.pad_token_id)
-        metrics.ntp.update(hits, batch.tiers)
-        if not hp.val_reasoning:
-            return
-        budget = self.evaluation_budget()
-        rollout = self.rollout(self._prompts(batch.contexts, budget), budget, hp.val_group_size, hp.val_temperature)
-        rewards, correct, _ = self.rewards(rollout, batch.continuations, budget)
-        metrics.update_reasoning(correct, rollout.predictions, rollout.reasoning_lengths, batch.tiers)
-        self.eval_reasoning_lengths.extend(rollout.reasoning_lengths)
-        if batch_idx == 0:
-            self.eval_samples = completion_samples(self.tokenizer, batch, rollout, rewards, self.hparams.log_samples)
-
-    def _log_evaluation(self, stage: str) -> None:
-        """Log the stage's figures (reduced across ranks) and write them as JSON next to the TensorBoard run."""
-        hp = self.hparams
-        metrics = self.eval_metrics[stage]
-        figures, positions = metrics.compute(stage, reasoning=hp.val_reasoning)
-        metrics.reset()
-        # Already reduced across ranks by torchmetrics: a second reduction would be wasted communication.
-        self.log_dict(figures, sync_dist=False)
-        headline = "acc_avg" if hp.val_reasoning and hp.rl else "ntp_acc_avg"
-        # The TensorBoard logger shows hp_metric next to the hparams: the accuracy the paper scores this model by.
-        self.log("hp_metric", figures[f"{stage}/{headline}"], sync_dist=False)
-        budget = self.evaluation_budget() if hp.val_reasoning else None
-        self.last_evaluation = evaluation_record(stage, self.global_step, self.current_epoch, positions, budget,
-                                                 headline, figures)
-        folder = self.trainer.log_dir  # a collective under DDP: every rank asks, rank 0 writes
-        if folder is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            write_figures(folder, stage, self.last_evaluation)
-
-    def validation_step(self, batch: PositionBatch, batch_idx: int) -> None:
-        """Next-token accuracy at held-out positions on the nested tiers H > 0.5, 1.0, 1.5, in both modes."""
-        self._evaluate(batch, batch_idx, "val")
-
-    def test_step(self, batch: PositionBatch, batch_idx: int) -> None:
-        """As ``validation_step``, logged under ``test/``."""
-        self._evaluate(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")

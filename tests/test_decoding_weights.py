@@ -17,7 +17,7 @@ from distributed_probe import run_ranks
 from rmt_lightning.engine import prepacked
 from rmt_lightning.engine.decoding_weights import DecodingWeights, decoding_weights
 from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rmt_lightning.engine.generation import generate_group
+from generate import generate
 
 SEED = 5
 
@@ -27,7 +27,7 @@ def _prompts(tokenizer) -> list[list[int]]:
 
 
 def _rollout(model, tokenizer, cap: int, prompts=None, **kwargs):
-    return generate_group(model, tokenizer, prompts or _prompts(tokenizer), 2, think_cap=cap, answer_allowance=0,
+    return generate(model, tokenizer, prompts or _prompts(tokenizer), 2, think_cap=cap, answer_allowance=0,
                           temperature=1.0, generator=torch.Generator().manual_seed(SEED), **kwargs)
 
 

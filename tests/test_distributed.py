@@ -21,7 +21,7 @@ from rmt_lightning.cli import build_cli
 from rmt_lightning.runtime.distributed import shard_model, wrap_fsdp1
 from rmt_lightning.method import token_budget
 from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rmt_lightning.engine.generation import generate_group
+from generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -208,7 +208,7 @@ def _uneven_generation(rank: int, port: int, out: str, sharding: str) -> None:
     # they cannot be gathered once; tests/test_decoding_weights.py covers the gathered one), every decoding step
     # of rank 1 needs rank 0's shards.
     cap = 2 if rank == 0 else 40
-    rollout = generate_group(model, tokenizer, prompts, 2, think_cap=cap, answer_allowance=0, temperature=1.0,
+    rollout = generate(model, tokenizer, prompts, 2, think_cap=cap, answer_allowance=0, temperature=1.0,
                              generator=torch.Generator().manual_seed(5), all_finished=all_finished,
                              gather_weights=False)
     # Gradient clipping must see the global norm: Lightning clips FSDP2 gradients with clip_grad_norm_, the
@@ -234,7 +234,7 @@ def test_sharded_generation_with_uneven_lengths_finishes_and_matches_one_process
     # The sharded model generates exactly what the unsharded one does.
     tokenizer = load_tokenizer(BUILTIN_TINY)
     prompts = [tokenizer("three four five", add_special_tokens=False)["input_ids"]]
-    alone = generate_group(load_causal_lm(BUILTIN_TINY), tokenizer, prompts, 2, think_cap=40, answer_allowance=0,
+    alone = generate(load_causal_lm(BUILTIN_TINY), tokenizer, prompts, 2, think_cap=40, answer_allowance=0,
                            temperature=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.equal(alone.completion_ids, long["ids"])
 

@@ -16,7 +16,7 @@ from rmt_lightning import CompletionsTable, HuggingFaceExport, RMTDataModule, RM
 from rmt_lightning.evaluation.tier_metrics import TierAccuracy
 from rmt_lightning.method import TIER_NAMES, token_budget
 from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rmt_lightning.engine.generation import GroupRollout
+from rmt_lightning.engine.generation import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
@@ -190,7 +190,7 @@ class ScriptedModule(RMTModule):
             lengths += [k % 5, 3][:group] + [0] * max(0, group - 2)
         rows = len(texts)
         empty = torch.zeros((rows, 1), dtype=torch.bool)
-        return GroupRollout(torch.zeros((rows, 1), dtype=torch.long), empty, empty, texts, lengths, [False] * rows, [False] * rows)
+        return Rollout(torch.zeros((rows, 1), dtype=torch.long), empty, empty, texts, lengths, [False] * rows, [False] * rows)
 
 
 def test_reasoning_accuracy_on_scripted_completions_equals_the_hand_count(tmp_path):

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from distributed_probe import free_port, run_probe, run_ranks
 from rmt_lightning.runtime.checkpointing import AtomicCheckpointIO
 from rmt_lightning.runtime.distributed import shard_models
-from rmt_lightning.engine.forward import completion_logprobs
+from rmt_lightning.engine.forward import CompletionBatch, completion_logprobs
 from rmt_lightning.engine.models import BUILTIN_TINY, load_causal_lm, model_config
-from rmt_lightning.engine.generation import GroupRollout
+from rmt_lightning.engine.generation import Rollout
 from rmt_lightning.rl.trajectory import Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_checkpoints_load_to_the_cpu_whatever_device_wrote_them(tmp_path):
 def test_a_kept_trajectory_goes_into_a_checkpoint_as_cpu_tensors():
     """Every tensor of ``Trajectory.state_dict`` is copied with ``.cpu()`` and detached: the reference's and
     pi_old's log-probs are made on the GPU in a GPU run."""
-    rollout = GroupRollout(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
+    rollout = Rollout(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool),
                            torch.ones(2, 3, dtype=torch.bool), ["a", "b"], [1, 1], [False, False], [False, False])
     logprobs = torch.zeros(2, 3, requires_grad=True)
     trajectory = Trajectory([[1, 2]], rollout, torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(2),
@@ -122,7 +122,7 @@ def _completion_pass(rank: int, port: int, out: str) -> None:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value > 0)
 
-    logprobs = completion_logprobs(model, *inputs, group_size=2, all_agree=all_agree)
+    logprobs = completion_logprobs(model, CompletionBatch(*inputs, group_size=2), all_agree=all_agree)
     logprobs.sum().backward()
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     torch.save({"logprobs": logprobs.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
@@ -145,7 +145,7 @@ def test_a_rank_with_one_token_wide_completions_runs_the_pass_the_other_ranks_ru
     expected_grads = []
     for rank, result in enumerate(results):
         model.zero_grad()
-        logprobs = completion_logprobs(model, *_inputs(rank), group_size=2)
+        logprobs = completion_logprobs(model, CompletionBatch(*_inputs(rank), group_size=2))
         torch.testing.assert_close(result["logprobs"], logprobs.detach())
         logprobs.sum().backward()
         expected_grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
@@ -163,7 +163,7 @@ def test_the_module_hands_rollouts_its_gathering_choice_and_no_agreement_when_un
     monkeypatch.setattr(module_file, "generate_group", lambda *args, **kwargs: captured.update(kwargs))
     module = RMTModule(model_name_or_path=BUILTIN_TINY, gather_weights_for_rollouts=gather)
     module.configure_model()
-    module.rollout([[5, 6, 7]], budget=2)
+    module.generate_rollout([[5, 6, 7]], budget=2)
     assert captured["gather_weights"] is gather and captured["all_finished"] is None
     assert captured["generator"].device == torch.device("cpu")
 

@@ -14,7 +14,7 @@ from rmt_lightning.engine import prepacked
 from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
 from rmt_lightning.engine.prepacked import prepacked_linears
 from rmt_lightning.engine.prompts import build_prompt_ids
-from rmt_lightning.engine.generation import generate_group
+from generate import generate
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a PyTorch built with oneDNN")
 
@@ -121,7 +121,7 @@ def _rollouts(model, tokenizer, monkeypatch, seed: int, **kwargs) -> dict:
     runs = {}
     for pack in (True, False):
         before = len(calls)
-        runs[pack] = generate_group(model, tokenizer, _prompts(tokenizer), 3, answer_allowance=0, prepack_weights=pack,
+        runs[pack] = generate(model, tokenizer, _prompts(tokenizer), 3, answer_allowance=0, prepack_weights=pack,
                                     generator=torch.Generator().manual_seed(seed), **kwargs)
         runs[pack, "calls"] = len(calls) - before
         assert _replaced(model) == []

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from rmt_lightning.engine.models import BUILTIN_TINY, load_tokenizer
-from rmt_lightning.engine.forward import completion_logprobs, positions_from_mask
+from rmt_lightning.engine.forward import CompletionBatch, ForwardOptions, completion_logprobs, positions_from_mask
 from rmt_lightning.engine.prompts import DEFAULT_INSTRUCTION, build_prompt_ids, render_instruction
-from rmt_lightning.engine.generation import _sample, generate_group, invert_cdf
+from generate import generate
+from rmt_lightning.engine.generation import _sample, invert_cdf
 from rmt_lightning.engine.tokens import TokenBytes
 
 PREFIX = "<think>\n"
@@ -109,7 +110,7 @@ def _run_scripted(model, tokenizer, scripts, group_size, seed=0, **kwargs):
     # The scripted model picks each row's token by its index in the batch, which dropping finished rows would
     # renumber; compaction is checked on its own (test_compaction_changes_no_sample) and keeps every sample.
     kwargs.setdefault("compact_finished", False)
-    rollout = generate_group(lm, tokenizer, prompts, group_size, temperature=0.8, generator=generator, **kwargs)
+    rollout = generate(lm, tokenizer, prompts, group_size, temperature=0.8, generator=generator, **kwargs)
     return rollout, lm
 
 
@@ -442,7 +443,7 @@ def test_generate_group_real_model_shapes_seeds_and_groups(model, tokenizer):
     cap = think_cap + allowance
 
     def run(seed):
-        return generate_group(model, tokenizer, prompts, G, think_cap=think_cap, answer_allowance=allowance,
+        return generate(model, tokenizer, prompts, G, think_cap=think_cap, answer_allowance=allowance,
                               temperature=1.0, generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(3), run(3), run(4)
@@ -475,7 +476,7 @@ def test_generate_group_matches_uncached_reference(model, tokenizer):
     prompt draws with the same generator: row ``i`` continues prompt ``i // G``."""
     prompts = _prompts(tokenizer, ["2 + 2 = 4", "a longer context here: 7 * 6 = 42"])
     G, steps = 3, 10
-    rollout = generate_group(model, tokenizer, prompts, G, think_cap=steps, answer_allowance=0, temperature=1.0,
+    rollout = generate(model, tokenizer, prompts, G, think_cap=steps, answer_allowance=0, temperature=1.0,
                              generator=torch.Generator().manual_seed(11))
     draws = _reference_draws(model, prompts, G, steps, 1.0, torch.Generator().manual_seed(11))
     for r in range(len(prompts) * G):
@@ -515,7 +516,8 @@ def test_completion_logprobs_share_prompt_is_exact(model, tokenizer):
     results = []
     for share in (True, False):
         model.zero_grad(set_to_none=True)
-        lp = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=share)
+        lp = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, completions, cmask, group_size=G),
+                                 ForwardOptions(prefill_prompts_once=share))
         assert lp.shape == completions.shape
         (lp * weights * cmask).sum().backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -536,8 +538,9 @@ def test_completion_logprobs_single_token_completions(model, tokenizer):
     prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
     first, first_mask = completions[:, :1].clone(), torch.ones_like(cmask[:, :1])
     with torch.no_grad():
-        shared = completion_logprobs(model, prompt_ids, prompt_mask, first, first_mask, G, share_prompt=True)
-        plain = completion_logprobs(model, prompt_ids, prompt_mask, first, first_mask, G, share_prompt=False)
+        shared = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, first, first_mask, group_size=G))
+        plain = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, first, first_mask, group_size=G),
+                                    ForwardOptions(prefill_prompts_once=False))
         for r in range(first.shape[0]):
             logits = model(input_ids=torch.tensor([prompts[r // G]])).logits[0, -1]
             expected = torch.log_softmax(logits.float(), -1)[first[r, 0]]
@@ -548,8 +551,9 @@ def test_completion_logprobs_single_token_completions(model, tokenizer):
 @torch.no_grad()
 def test_completion_logprobs_match_independent_loop(model, tokenizer):
     prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
-    shared = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=True)
-    plain = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=False)
+    shared = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, completions, cmask, group_size=G))
+    plain = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, completions, cmask, group_size=G),
+                                ForwardOptions(prefill_prompts_once=False))
     for r in range(completions.shape[0]):
         prompt = prompts[r // G]
         n = int(cmask[r].sum())
@@ -597,7 +601,7 @@ def test_compaction_changes_no_sample(model, tokenizer, budget_forcing, top_p):
     results = []
     for compact in (False, True):
         lm = EndsByContent(model, tokenizer.eos_token_id)
-        rollout = generate_group(lm, tokenizer, prompts, G, think_cap=24, answer_allowance=6, temperature=1.0,
+        rollout = generate(lm, tokenizer, prompts, G, think_cap=24, answer_allowance=6, temperature=1.0,
                                  top_p=top_p, budget_forcing=budget_forcing, compact_finished=compact,
                                  generator=torch.Generator().manual_seed(7))
         results.append((rollout, lm.batch_sizes))
@@ -620,7 +624,7 @@ def test_compaction_keeps_stepping_for_other_processes(model, tokenizer):
     calling the model (on one padding row), and its completions are unchanged."""
     prompts = _prompts(tokenizer, ["2 + 3 = 5"])
     kwargs = dict(think_cap=10, answer_allowance=0, temperature=1.0)
-    alone = generate_group(EndsByContent(model, tokenizer.eos_token_id), tokenizer, prompts, 3,
+    alone = generate(EndsByContent(model, tokenizer.eos_token_id), tokenizer, prompts, 3,
                            generator=torch.Generator().manual_seed(1), **kwargs)
     extra_steps = 4
     waited = []
@@ -631,7 +635,7 @@ def test_compaction_keeps_stepping_for_other_processes(model, tokenizer):
         return local_done and len(waited) > extra_steps
 
     lm = EndsByContent(model, tokenizer.eos_token_id)
-    synced = generate_group(lm, tokenizer, prompts, 3, generator=torch.Generator().manual_seed(1),
+    synced = generate(lm, tokenizer, prompts, 3, generator=torch.Generator().manual_seed(1),
                             all_finished=others_still_going, **kwargs)
     assert torch.equal(alone.completion_ids, synced.completion_ids) and alone.texts == synced.texts
     assert lm.batch_sizes[-extra_steps:] == [1] * extra_steps
@@ -677,7 +681,7 @@ def test_expanded_cache_matches_repeated_cache(model, tokenizer):
 
 
 def test_completion_logprobs_only_where_asked(model, tokenizer):
-    """With ``logprob_mask`` the head projects only those positions: the same log-probs and gradients there as
+    """With a ``scored_mask`` the head projects only those positions: the same log-probs and gradients there as
     the full computation, 0 elsewhere, on both the shared-prompt and the plain path."""
     prompts, prompt_ids, prompt_mask, completions, cmask, G = _padded_batch(tokenizer)
     wanted = cmask.bool() & (torch.arange(completions.shape[1]) % 3 != 1)
@@ -687,8 +691,8 @@ def test_completion_logprobs_only_where_asked(model, tokenizer):
         runs = []
         for mask in (None, wanted):
             model.zero_grad(set_to_none=True)
-            lp = completion_logprobs(model, prompt_ids, prompt_mask, completions, cmask, G, share_prompt=share,
-                                     logprob_mask=mask)
+            lp = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, completions, cmask, mask, G),
+                                     ForwardOptions(prefill_prompts_once=share))
             (lp * weights * wanted).sum().backward()
             runs.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         (full, g_full), (narrow, g_narrow) = runs
@@ -731,7 +735,7 @@ def test_shared_prefix_prefill_matches_plain_prefill(model, tokenizer):
 
     prompts = _prompts(tokenizer, ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3", "9 - 4 = 5"])
     pad = tokenizer.pad_token_id
-    shared, plain = prefill(model, prompts, pad, "cpu"), prefill(model, prompts, pad, "cpu", share_prefix=False)
+    shared, plain = prefill(model, prompts, pad, "cpu"), prefill(model, prompts, pad, "cpu", prefill_common_prefix=False)
     assert shared.shared >= 8 and plain.shared == 0
     assert torch.allclose(shared.last_logits, plain.last_logits, atol=1e-5, rtol=0)
     assert torch.equal(shared.positions, plain.positions)
@@ -742,8 +746,8 @@ def test_shared_prefix_prefill_matches_plain_prefill(model, tokenizer):
         nexts.append(model(input_ids=token, attention_mask=attention, position_ids=start.positions[:, None] + 1,
                            cache=start.cache, use_cache=True).logits[:, -1])
     assert torch.allclose(nexts[0], nexts[1], atol=1e-5, rtol=0)
-    runs = [generate_group(model, tokenizer, prompts, 2, think_cap=12, answer_allowance=0, temperature=1.0,
-                           share_prefix=share, generator=torch.Generator().manual_seed(9)) for share in (True, False)]
+    runs = [generate(model, tokenizer, prompts, 2, think_cap=12, answer_allowance=0, temperature=1.0,
+                           prefill_common_prefix=share, generator=torch.Generator().manual_seed(9)) for share in (True, False)]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids) and runs[0].texts == runs[1].texts
 
 
@@ -754,17 +758,17 @@ def test_recorded_logprobs_are_the_policys_at_sampling_time(model, tokenizer):
     prompts = _prompts(tokenizer, ["2 + 2 = 4", "a longer context here: 7 * 6 = 42"])
     G = 3
     kwargs = dict(think_cap=3, answer_allowance=2, temperature=0.8, budget_forcing=True)
-    recorded = generate_group(model, tokenizer, prompts, G, generator=torch.Generator().manual_seed(2),
+    recorded = generate(model, tokenizer, prompts, G, generator=torch.Generator().manual_seed(2),
                               record_logprobs=True, **kwargs)
-    plain = generate_group(model, tokenizer, prompts, G, generator=torch.Generator().manual_seed(2), **kwargs)
+    plain = generate(model, tokenizer, prompts, G, generator=torch.Generator().manual_seed(2), **kwargs)
     assert plain.logprobs is None and torch.equal(recorded.completion_ids, plain.completion_ids)
     assert any(recorded.forced), "the case must have written tokens"
     prompt_ids, prompt_mask = (torch.tensor(t) for t in zip(*[(
         [tokenizer.pad_token_id] * (max(map(len, prompts)) - len(p)) + p,
         [0] * (max(map(len, prompts)) - len(p)) + [1] * len(p)) for p in prompts]))
     with torch.no_grad():
-        forward = completion_logprobs(model, prompt_ids, prompt_mask, recorded.completion_ids,
-                                      recorded.completion_mask.long(), group_size=G)
+        forward = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, recorded.completion_ids,
+                                                             recorded.completion_mask.long(), group_size=G))
     sampled = recorded.sampled_mask
     assert torch.allclose(recorded.logprobs[sampled], forward[sampled], atol=1e-5)
     assert (recorded.logprobs[~sampled] == 0).all()

@@ -15,12 +15,12 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from rmt_lightning.engine import attention
 from rmt_lightning.engine.attention import attend, merge_parts, shared_prompt_attention, shared_prompt_unsupported, two_part_attention
-from rmt_lightning.engine.forward import completion_logprobs, prefill
+from rmt_lightning.engine.forward import CompletionBatch, ForwardOptions, completion_logprobs, prefill
 from rmt_lightning.engine.kv_cache import SharedPromptCache, expand_cache
 from rmt_lightning.engine.models import BUILTIN_SMOLLM2, load_causal_lm, load_tokenizer
 from rmt_lightning.engine.padding import pad_left
 from rmt_lightning.engine.prompts import build_prompt_ids
-from rmt_lightning.engine.generation import generate_group
+from generate import generate
 
 CONTEXTS = ["1 + 1 = 2", "a much longer context: 3 * 4 = 12, and 5 - 2 = 3, then 6 + 1 = 7", "9 - 4 = 5"]
 
@@ -112,8 +112,8 @@ def test_greedy_rollout_equals_the_copied_cache_path_and_generate_per_prompt(mod
     assert model.config.num_attention_heads > model.config.num_key_value_heads
     prompts = _prompts(tokenizer)
     G, cap = 2, 12
-    runs = {share: generate_group(model, tokenizer, prompts, G, think_cap=cap, answer_allowance=0, temperature=0.0,
-                                  share_prompt=share) for share in (True, False)}
+    runs = {share: generate(model, tokenizer, prompts, G, think_cap=cap, answer_allowance=0, temperature=0.0,
+                                  share_prompt_attention=share) for share in (True, False)}
     assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
     for p, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])
@@ -128,7 +128,7 @@ def test_greedy_rollout_equals_the_copied_cache_path_and_generate_per_prompt(mod
 def test_seeded_rollout_draws_the_same_tokens_as_the_copied_cache_path(model, tokenizer, budget_forcing):
     prompts = _prompts(tokenizer)
     kwargs = dict(think_cap=6, answer_allowance=3, temperature=1.0, top_p=0.95, budget_forcing=budget_forcing)
-    runs = [generate_group(model, tokenizer, prompts, 4, generator=torch.Generator().manual_seed(7), share_prompt=share,
+    runs = [generate(model, tokenizer, prompts, 4, generator=torch.Generator().manual_seed(7), share_prompt_attention=share,
                            **kwargs) for share in (True, False)]
     assert torch.equal(runs[0].completion_ids, runs[1].completion_ids)
     assert torch.equal(runs[0].sampled_mask, runs[1].sampled_mask)
@@ -172,7 +172,7 @@ def test_the_rollouts_decode_through_the_two_part_attention(model, tokenizer, mo
         return original(*args, **kwargs)
 
     monkeypatch.setitem(attention.AttentionInterface._global_mapping, attention.SHARED_PROMPT_ATTENTION, counting)
-    generate_group(model, tokenizer, _prompts(tokenizer), 2, think_cap=3, answer_allowance=0, temperature=0.0)
+    generate(model, tokenizer, _prompts(tokenizer), 2, think_cap=3, answer_allowance=0, temperature=0.0)
     layers = model.config.num_hidden_layers
     assert len(calls) >= layers and len(calls) % layers == 0
     assert all(shape[2] == 1 for shape in calls)  # one new token per row per step
@@ -192,8 +192,8 @@ def test_loss_forward_log_probs_and_gradients_equal_the_repeated_cache_path(mode
     results = []
     for share in (True, False):
         model.zero_grad(set_to_none=True)
-        logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completions, completion_mask, G,
-                                       share_prompt_attention=share)
+        logprobs = completion_logprobs(model, CompletionBatch(prompt_ids, prompt_mask, completions, completion_mask, group_size=G),
+                                       ForwardOptions(share_prompt_attention=share))
         (logprobs * weights * completion_mask).sum().backward()
         results.append((logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     model.zero_grad(set_to_none=True)
@@ -221,12 +221,12 @@ def test_sliding_window_attention_falls_back_with_one_line(tokenizer, caplog, mo
     start = prefill(sliding, prompts, tokenizer.pad_token_id, "cpu")
     assert "sliding-window" in shared_prompt_unsupported(sliding, start.cache)
     with caplog.at_level(logging.WARNING, logger=attention.__name__):
-        runs = [generate_group(sliding, tokenizer, prompts, 2, think_cap=6, answer_allowance=0, temperature=1.0,
+        runs = [generate(sliding, tokenizer, prompts, 2, think_cap=6, answer_allowance=0, temperature=1.0,
                                generator=torch.Generator().manual_seed(0)) for _ in range(2)]
     lines = [r.getMessage() for r in caplog.records if "shared-prompt attention is off" in r.getMessage()]
     assert len(lines) == 1 and "sliding_window=16" in lines[0]
-    off = generate_group(sliding, tokenizer, prompts, 2, think_cap=6, answer_allowance=0, temperature=1.0,
-                         generator=torch.Generator().manual_seed(0), share_prompt=False)
+    off = generate(sliding, tokenizer, prompts, 2, think_cap=6, answer_allowance=0, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0), share_prompt_attention=False)
     assert torch.equal(runs[0].completion_ids, off.completion_ids)
 
 
@@ -245,19 +245,20 @@ def test_smollm2_rollouts_and_loss_forward_equal_the_copied_cache_path():
     tokenizer = load_tokenizer(BUILTIN_SMOLLM2)
     smollm2 = load_causal_lm(BUILTIN_SMOLLM2).eval()
     prompts = _prompts(tokenizer, CONTEXTS[:2])
-    greedy = [generate_group(smollm2, tokenizer, prompts, 2, think_cap=8, answer_allowance=0, temperature=0.0,
-                             share_prompt=share) for share in (True, False)]
+    greedy = [generate(smollm2, tokenizer, prompts, 2, think_cap=8, answer_allowance=0, temperature=0.0,
+                             share_prompt_attention=share) for share in (True, False)]
     assert torch.equal(greedy[0].completion_ids, greedy[1].completion_ids)
-    sampled = [generate_group(smollm2, tokenizer, prompts, 3, think_cap=8, answer_allowance=0, temperature=0.8,
-                              generator=torch.Generator().manual_seed(1), share_prompt=share) for share in (True, False)]
+    sampled = [generate(smollm2, tokenizer, prompts, 3, think_cap=8, answer_allowance=0, temperature=0.8,
+                              generator=torch.Generator().manual_seed(1), share_prompt_attention=share) for share in (True, False)]
     assert torch.equal(sampled[0].completion_ids, sampled[1].completion_ids)
     rollout = sampled[0]
     prompt_ids, prompt_mask = pad_left(prompts, tokenizer.pad_token_id)
     grads = []
     for share in (True, False):
         smollm2.zero_grad(set_to_none=True)
-        logprobs = completion_logprobs(smollm2, prompt_ids, prompt_mask, rollout.completion_ids,
-                                       rollout.completion_mask.long(), 3, share_prompt_attention=share)
+        logprobs = completion_logprobs(smollm2, CompletionBatch(prompt_ids, prompt_mask, rollout.completion_ids,
+                                                                rollout.completion_mask.long(), group_size=3),
+                                       ForwardOptions(share_prompt_attention=share))
         (logprobs * rollout.completion_mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in smollm2.model.layers.parameters()]))
     assert (grads[0] - grads[1]).norm() / grads[1].norm() < 1e-4
@@ -274,6 +275,6 @@ def test_the_module_option_turns_shared_prompt_attention_on_and_off(tokenizer, m
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     module = RMTModule(model_name_or_path=BUILTIN_TINY, group_size=2, share_prompt_attention=share)
     module.configure_model()
-    rollout = module.rollout(module._prompts([[5, 6, 7], [8, 9]], 4), 4)
+    rollout = module.generate_rollout(module._prompts([[5, 6, 7], [8, 9]], 4), 4)
     assert rollout.completion_ids.shape[0] == 4
     assert bool(calls) == share

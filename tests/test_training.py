@@ -231,14 +231,14 @@ def test_format_demonstrations_take_the_listed_budgets_in_turn(monkeypatch):
 
 @pytest.mark.parametrize("only_when_correct", [False, True])
 def test_score_adds_the_length_reward_to_every_completion_or_only_to_correct_ones(only_when_correct):
-    from rmt_lightning.engine.generation import GroupRollout
+    from rmt_lightning.engine.generation import Rollout
 
     module = RMTModule(model_name_or_path=BUILTIN_TINY, length_reward_weight=0.1,
                        length_reward_only_when_correct=only_when_correct)
     texts = ["<think> a b</think> \\boxed{ 7}", "<think> a</think> \\boxed{ 7}",   # right, lengths 2 and 1
              "<think> a b</think> \\boxed{.}", "<think> a</think> \\boxed{.}"]    # wrong, lengths 2 and 1
     empty = torch.zeros(4, 1)
-    rollout = GroupRollout(completion_ids=empty.long(), completion_mask=empty.bool(), sampled_mask=empty.bool(),
+    rollout = Rollout(completion_ids=empty.long(), completion_mask=empty.bool(), sampled_mask=empty.bool(),
                            texts=texts, reasoning_lengths=[2, 1, 2, 1], clipped=[False] * 4, forced=[False] * 4)
     total, correct, length = module.rewards(rollout, [[b" 7"], [b" 7"]], budget=2)
     assert correct.tolist() == [[1.0, 1.0], [0.0, 0.0]]

@@ -18,7 +18,8 @@ from rmt_lightning import PeriodicCheckpoint, RMTModule, TokenBudget
 from rmt_lightning.rl import losses
 from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.method import token_budget
-from rmt_lightning.module import REUSED_TRAJECTORIES, lr_factor
+from rmt_lightning.module import lr_factor
+from rmt_lightning.rl.reuse import CHECKPOINT_KEY as REUSED_TRAJECTORIES
 
 G = 4
 
@@ -163,7 +164,7 @@ def test_the_steps_of_a_rollout_share_one_draw_and_every_counter_counts_optimize
     original_rl, original_ntp = RMTModule.rl_backward, RMTModule.ntp_backward
 
     def rl_backward(module, part, old_logprobs=None, reference_logprobs=None):
-        trained.append({"part": part, "whole": module.reused_trajectory, "old": old_logprobs})
+        trained.append({"part": part, "whole": module.reuse.kept, "old": old_logprobs})
         return original_rl(module, part, old_logprobs, reference_logprobs)
 
     def ntp_backward(module, documents, attention, ntp_mask, weight):
@@ -251,7 +252,7 @@ def test_a_checkpoint_inside_a_rollouts_steps_resumes_exactly(resume_at, uninter
 def test_a_trajectory_kept_before_pi_old_came_from_the_losss_forward_resumes_on_its_recorded_logprobs(
         uninterrupted, dropout_model, tmp_path):
     """Checkpoints written before ``Trajectory.old_logprobs`` existed kept pi_old as the rollout's recorded
-    log-probs (``GroupRollout.logprobs``): such a checkpoint resumes on them. Emulated with the same values, laid out
+    log-probs (``Rollout.logprobs``): such a checkpoint resumes on them. Emulated with the same values, laid out
     as the rollout's rows, the resumed run logs the uninterrupted run's figures exactly."""
     folder, weights, full = uninterrupted
     checkpoint = torch.load(folder / "ckpt" / "periodic-step=00000003.ckpt", weights_only=True)

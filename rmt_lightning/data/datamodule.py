@@ -160,6 +160,9 @@ class RMTDataModule(L.LightningDataModule):
         self.val_candidates: Candidates | None = None
         """The held-out documents' positions (validation and test), in memory."""
         self.sampler: CurriculumBatchSampler | None = None
+        self.draw_repeats = DrawRepeats()
+        """Which training steps share one draw of positions (default: each its own). ``RMTModule.setup`` sets it
+        from its own arguments (the steps a rollout feeds), so the two cannot disagree."""
         self.scoring_passes: list[dict] = []
         """What each scoring pass of this process did: corpus, tokens scored (by every process), tokens an earlier
         pass had scored, seconds scoring and seconds loading the proxy, processes."""
@@ -409,18 +412,9 @@ class RMTDataModule(L.LightningDataModule):
                 limits.append(self.trainer.max_epochs * per_epoch)
         return max(1, min(limits)) if limits else per_epoch
 
-    def _draw_repeats(self) -> DrawRepeats:
-        """Which steps share a draw, as the module being trained says (``draw_repeats()``, which ``RMTModule``
-        has: its rollouts feed several optimizer steps); a module without it gets a draw per step. Asked when the
-        loader is made rather than set in the config: the module's own arguments decide it, so the two cannot
-        disagree, from the CLI and the Python API alike."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        draw_repeats = getattr(module, "draw_repeats", None)
-        return draw_repeats() if callable(draw_repeats) else DrawRepeats()
-
     def train_dataloader(self) -> DataLoader:
         self.sampler.total_batches = self._total_batches()
-        self.sampler.repeats = self._draw_repeats()
+        self.sampler.repeats = self.draw_repeats
         # Its own generator: creating the iterator would otherwise draw from the global one, which a resumed
         # run restores from the checkpoint and must find untouched.
         return DataLoader(self._batches(self.train_index), sampler=DrawsWithProgress(self.sampler), batch_size=None,

@@ -54,13 +54,13 @@ def common_prefix_length(prompts: list[list[int]]) -> int:
     return n
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: bool = True,
+def prefill(model, prompts: list[list[int]], pad_id: int, device, prefill_common_prefix: bool = True,
             all_agree: Callable[[bool], bool] | None = None) -> Prefill:
     """Run the prompts through the model once, for a cache to continue from (with gradients when enabled).
 
     Prompts built from one template start with the same tokens (chat template, system prompt, the task
     instruction with the budget: 79 of SmolLM2's 144 prompt tokens in the quickstart). With
-    ``share_prefix`` and two or more prompts, that common prefix runs once as a batch of one and its cache
+    ``prefill_common_prefix`` and two or more prompts, that common prefix runs once as a batch of one and its cache
     is copied to every prompt; the prompts' own suffixes then run, left-padded, against it. The cache
     layout is ``[prefix | padding | suffix]``: the padding is masked and position ids count only real
     tokens, so every prompt token sees exactly what it sees in a plain left-padded forward.
@@ -68,7 +68,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
     ``all_agree(flag) -> bool`` (True when ``flag`` holds on every process) makes all processes take the
     same path: under FSDP every forward is a collective, so they must all run two forwards or all one.
     """
-    shared = common_prefix_length(prompts) if share_prefix and len(prompts) > 1 else 0
+    shared = common_prefix_length(prompts) if prefill_common_prefix and len(prompts) > 1 else 0
     use = shared >= MIN_SHARED_PREFIX
     if all_agree is not None:
         use = all_agree(use)
@@ -93,27 +93,83 @@ def prefill(model, prompts: list[list[int]], pad_id: int, device, share_prefix: 
     return Prefill(last_logits, out.cache, mask, positions[:, -1], shared)
 
 
-def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                        completion_mask: Tensor, group_size: int = 1, share_prompt: bool = True,
-                        logprob_mask: Tensor | None = None, share_prefix: bool = True,
-                        all_agree: Callable[[bool], bool] | None = None, share_prompt_attention: bool = True) -> Tensor:
+@dataclass(frozen=True)
+class CompletionBatch:
+    """Completions to score after their prompts: ``G`` (``group_size``) rows per prompt, row ``i`` answering prompt
+    ``i // G``, every tensor on the device the forward runs on."""
+
+    prompt_ids: Tensor
+    """``[P, Lp]`` prompt tokens, left-padded."""
+    prompt_mask: Tensor
+    """``[P, Lp]`` 1 for a prompt token, 0 for padding."""
+    completion_ids: Tensor
+    """``[P * G, C]`` completion tokens, right-padded."""
+    completion_mask: Tensor
+    """``[P * G, C]`` 1 for a completion token (sampled or written for the model), 0 for padding."""
+    scored_mask: Tensor | None = None
+    """``[P * G, C]`` the tokens that get a log-prob (the policy's samples); None: every completion token."""
+    group_size: int = 1
+
+    @classmethod
+    def of(cls, prompts: list[list[int]], rollout, pad_id: int, device) -> CompletionBatch:
+        """The prompts (token lists) and the ``Rollout`` that answered them, scored at its sampled tokens."""
+        prompt_ids, prompt_mask = pad_left(prompts, pad_id)
+        tensors = (prompt_ids, prompt_mask, rollout.completion_ids, rollout.completion_mask.long(), rollout.sampled_mask)
+        return cls(*(t.to(device) for t in tensors), group_size=len(rollout.texts) // len(prompts))
+
+    @property
+    def rows(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def scored(self) -> Tensor:
+        return (self.completion_mask if self.scored_mask is None else self.scored_mask).bool()
+
+    def groups(self, micro_batch_size: int) -> Iterator[tuple[slice, CompletionBatch]]:
+        """``(rows, part)`` of each pass of ``micro_batch_size`` completions (whole groups, at least one): the
+        completions' slice and the part of the batch it is."""
+        per_pass = max(1, micro_batch_size // self.group_size)
+        for first in range(0, self.prompt_ids.shape[0], per_pass):
+            owners = slice(first, first + per_pass)
+            rows = slice(first * self.group_size, (first + per_pass) * self.group_size)
+            yield rows, CompletionBatch(self.prompt_ids[owners], self.prompt_mask[owners], self.completion_ids[rows],
+                                        self.completion_mask[rows],
+                                        None if self.scored_mask is None else self.scored_mask[rows], self.group_size)
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """How ``completion_logprobs`` runs its forward; every choice gives the same log-probs within float rounding."""
+
+    prefill_prompts_once: bool = True
+    """Run each prompt through the model once for its group (its keys and values shared by the group's rows),
+    instead of concatenating a copy of it before every completion."""
+    prefill_common_prefix: bool = True
+    """Run the prefix every prompt shares once for all of them (``prefill``)."""
+    share_prompt_attention: bool = True
+    """Keep a prompt's keys and values once for its group and read them by shared-prompt attention
+    (``attention.two_part_attention``), instead of a copy per row."""
+
+
+def completion_logprobs(model, batch: CompletionBatch, options: ForwardOptions = ForwardOptions(),
+                        all_agree: Callable[[bool], bool] | None = None) -> Tensor:
     """Log-probs ``[N, C]`` of each completion token given its prompt and the completion before it.
 
-    Prompts are ``[P, Lp]`` (left-padded), completions ``[P * group_size, C]`` (right-padded), row ``i``
-    belonging to prompt ``i // group_size``. With ``share_prompt`` each prompt runs through the model
-    once and the completions attend to its keys and values, still attached to the graph: stored once for the
-    group with ``share_prompt_attention`` (``attention.two_part_attention``, for models with plain full
-    attention; others fall back with one logged line), else repeated for the group's rows. Either way the
-    gradient through the shared prompt is computed once instead of G times. With ``share_prefix`` too, the
-    prefix all prompts share is computed once for all of them (``prefill``; ``all_agree`` as there).
+    With ``options.prefill_prompts_once`` each prompt runs through the model once and the completions attend to
+    its keys and values, still attached to the graph: stored once for the group with
+    ``options.share_prompt_attention`` (``attention.two_part_attention``, for models with plain full attention;
+    others fall back with one logged line), else repeated for the group's rows. Either way the gradient through
+    the shared prompt is computed once instead of G times. With ``options.prefill_common_prefix`` too, the prefix
+    all prompts share is computed once for all of them (``prefill``; ``all_agree`` as there).
 
-    Only the positions of ``logprob_mask`` (default: ``completion_mask``) get a log-prob, the others are 0:
+    Only the positions of ``batch.scored_mask`` (default: the completion mask) get a log-prob, the others are 0:
     the output head projects just those positions (``head_positions``), so padding and tokens written by
     budget forcing, which no loss reads, cost no vocabulary projection.
     """
-    keep = (completion_mask if logprob_mask is None else logprob_mask).bool()
+    prompt_ids, prompt_mask, group_size = batch.prompt_ids, batch.prompt_mask, batch.group_size
+    completion_ids, completion_mask = batch.completion_ids, batch.completion_mask
+    keep = batch.scored()
     out_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-    if not share_prompt:
+    if not options.prefill_prompts_once:
         ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], dim=1)
         attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0), completion_mask], dim=1)
         width = completion_ids.shape[1]
@@ -125,7 +181,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
                            logits_to_keep=width + 1).logits
             return out_logprobs.masked_scatter(keep, token_logprobs(pick(logits), completion_ids[keep]))
     prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
-    start = prefill(model, prompts, 0, prompt_ids.device, share_prefix=share_prefix, all_agree=all_agree)
+    start = prefill(model, prompts, 0, prompt_ids.device, options.prefill_common_prefix, all_agree)
     # The first completion token is predicted by its prompt's last position, shared by the group.
     first = token_logprobs(start.last_logits.repeat_interleave(group_size, 0), completion_ids[:, 0])
     parts = [torch.where(keep[:, 0], first, torch.zeros_like(first)).unsqueeze(1)]
@@ -142,7 +198,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         cached = start.attention.repeat_interleave(group_size, 0)
         attention = torch.cat([cached, completion_mask], dim=1)[:, :-1]
         positions = positions_from_mask(attention)[:, cached.shape[1]:]
-        if use_shared_prompt(model, start.cache, share_prompt_attention):
+        if use_shared_prompt(model, start.cache, options.share_prompt_attention):
             # The prompt's keys and values stay [P, ...] in the graph: their gradient is summed over the group
             # inside attention instead of through G copies.
             cache = SharedPromptCache(start.cache, start.attention, group_size, capacity=0)

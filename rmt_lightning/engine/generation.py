@@ -34,7 +34,7 @@ _THINKING, _ANSWERING, _DONE = 0, 1, 2
 
 
 @dataclass
-class GroupRollout:
+class Rollout:
     """Completions of a batch of prompts, ``G`` rows per prompt (row ``i`` belongs to prompt ``i // G``)."""
 
     completion_ids: Tensor
@@ -144,19 +144,71 @@ def _reasoning_length(char_ends: list[int], text: str, response_prefix: str) -> 
 
 
 @dataclass(frozen=True)
-class _Rules:
-    """What every row of one rollout follows: its caps, the tokens that end it, and budget forcing's scaffolds."""
+class GenerationSettings:
+    """What a rollout samples: ``group_size`` completions per prompt under the budget's caps."""
 
+    group_size: int
+    """G: completions per prompt."""
     think_cap: int
+    """Thinking tokens a completion may write (``method.thinking_cap``: 2B); with budget forcing the scaffold
+    ``</think> \\boxed{`` is written for it there."""
     answer_allowance: int
-    budget_forcing: bool
-    response_prefix: str
+    """Tokens the model may write after its thinking to close its answer."""
+    temperature: float = 0.8
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    budget_forcing: bool = False
+    """Write the answer scaffold for a completion whose thinking reaches the cap or ends without an answer."""
+    response_prefix: str = RESPONSE_PREFIX
+    """The text every response starts from (part of the prompt), read with the completion by the reward."""
+    max_new_tokens: int | None = None
+    """Hard cap on a completion's tokens (``method.generation_cap``)."""
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How the decoding runs; none of these changes the samples (prepacking: within float32 rounding)."""
+
+    compact_finished: bool = True
+    """Drop finished rows from the batch (and the cache) once they are a quarter of it."""
+    prefill_common_prefix: bool = True
+    """Prefill the prefix every prompt shares once for all of them (``forward.prefill``)."""
+    share_prompt_attention: bool = True
+    """Keep each prompt's keys and values once for its G rows, read by shared-prompt attention (``attention``;
+    models it does not cover fall back with one logged line), instead of a copy per row."""
+    record_logprobs: bool = False
+    """Keep each sampled token's log-prob under the untempered distribution (``Rollout.logprobs``)."""
+    prepack_weights: bool = True
+    """On a CPU, decode with the float32 linear weights reordered once for oneDNN (``prepacked``)."""
+    gather_weights: bool = True
+    """Under FSDP, gather the weights once for the rollout instead of at every decoding step."""
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """What every row of one rollout follows: the sampling, the caps, the tokens that end it, and budget forcing's
+    scaffolds."""
+
+    settings: GenerationSettings
+    cap: int
+    """New tokens a row may hold (``method.generation_cap``)."""
+    pad_id: int
     eos_ids: frozenset[int]
     answer_scaffold: tuple[int, ...]
     """Token ids of ``</think> \\boxed{``."""
     box_scaffold: tuple[int, ...]
     """Token ids of `` \\boxed{``."""
     token_bytes: TokenBytes
+
+    @classmethod
+    def of(cls, model, tokenizer, settings: GenerationSettings, token_bytes: TokenBytes | None) -> _Rules:
+        encode = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        answer_scaffold = encode(ANSWER_SCAFFOLD)
+        scaffold = len(answer_scaffold) if settings.budget_forcing else 0
+        cap = generation_cap(settings.think_cap, settings.answer_allowance, scaffold, settings.max_new_tokens)
+        return cls(settings, cap, tokenizer.pad_token_id, frozenset(end_of_sequence_ids(model, tokenizer)),
+                   answer_scaffold, encode(BOX_SCAFFOLD), token_bytes or TokenBytes(tokenizer))
 
 
 @dataclass
@@ -192,7 +244,7 @@ class _Row:
         token, by_policy = draw, True
         if self.queued:
             token, by_policy = self.queued.pop(0), False
-        elif token in rules.eos_ids and self.phase == _THINKING and rules.budget_forcing:
+        elif token in rules.eos_ids and self.phase == _THINKING and rules.settings.budget_forcing:
             # Ending without an answer: write the answer scaffold instead of the end token.
             self._force(rules.answer_scaffold)
             token, by_policy = self.queued.pop(0), False
@@ -206,19 +258,19 @@ class _Row:
             self.thinking_tokens += int(by_policy)
             if THINK_CLOSE in text:
                 self.phase = _ANSWERING
-                if rules.budget_forcing and not self.queued and BOXED not in text.split(THINK_CLOSE, 1)[1]:
+                if rules.settings.budget_forcing and not self.queued and BOXED not in text.split(THINK_CLOSE, 1)[1]:
                     self._force(rules.box_scaffold)
             elif token in rules.eos_ids:
                 self.phase = _DONE
-            elif rules.budget_forcing and not self.queued and self.thinking_tokens >= rules.think_cap:
+            elif rules.settings.budget_forcing and not self.queued and self.thinking_tokens >= rules.settings.think_cap:
                 self._force(rules.answer_scaffold)
                 self.phase = _ANSWERING
         else:
             self.answer_tokens += int(by_policy)
-            if extract_prediction(rules.response_prefix + text) is not None or token in rules.eos_ids:
+            if extract_prediction(rules.settings.response_prefix + text) is not None or token in rules.eos_ids:
                 if not self.queued:
                     self.phase = _DONE
-            elif rules.budget_forcing and self.answer_tokens >= rules.answer_allowance:
+            elif rules.settings.budget_forcing and self.answer_tokens >= rules.settings.answer_allowance:
                 self.phase, self.clipped = _DONE, True
         return token
 
@@ -232,7 +284,7 @@ def _logprobs_of(logits: Tensor, tokens: Tensor) -> list[float]:
     return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
 
 
-class _RolloutCache:
+class _DecodingCache:
     """The rollout's key/value cache and what each decoding step passes the model with it.
 
     With shared-prompt attention (models with plain full attention) the prompts' keys and values are stored once
@@ -240,9 +292,9 @@ class _RolloutCache:
     step passes the filled part of the rollout's attention mask.
     """
 
-    def __init__(self, model, start: Prefill, group_size: int, capacity: int, share_prompt: bool):
+    def __init__(self, model, start: Prefill, group_size: int, capacity: int, share_prompt_attention: bool):
         self.prompt_width = start.attention.shape[1]
-        if use_shared_prompt(model, start.cache, share_prompt):
+        if use_shared_prompt(model, start.cache, share_prompt_attention):
             self.cache = SharedPromptCache(start.cache, start.attention, group_size, capacity)
             self.mask, self.attending = None, shared_prompt_attention(model)
             return
@@ -265,7 +317,7 @@ class _RolloutCache:
         return {"cache": self.cache, "attention_mask": self.mask[:, : self.prompt_width + steps]}
 
 
-def _to_rollout(rows: list[_Row], pad_id: int, response_prefix: str, with_logprobs: bool) -> GroupRollout:
+def _to_rollout(rows: list[_Row], pad_id: int, response_prefix: str, with_logprobs: bool) -> Rollout:
     completion_ids, completion_mask = pad_right([row.tokens for row in rows], pad_id, min_width=1)
     sampled_mask = pad_right([[int(flag) for flag in row.sampled] for row in rows], 0, min_width=1)[0].bool()
     texts = [response_prefix + bytes(row.raw).decode("utf-8", errors="replace") for row in rows]
@@ -275,63 +327,89 @@ def _to_rollout(rows: list[_Row], pad_id: int, response_prefix: str, with_logpro
         logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32)
         for i, row in enumerate(rows):
             logprobs[i, : len(row.logprobs)] = torch.tensor(row.logprobs, dtype=torch.float32)
-    return GroupRollout(completion_ids, completion_mask.bool(), sampled_mask, texts, lengths,
+    return Rollout(completion_ids, completion_mask.bool(), sampled_mask, texts, lengths,
                         [row.clipped for row in rows], [row.forced for row in rows], logprobs)
 
 
+class _Batch:
+    """The rows still decoding and the model's state for them: batch row ``b`` holds rollout row ``active[b]``;
+    compaction drops finished rows from both."""
+
+    def __init__(self, model, start: Prefill, rules: _Rules, options: DecodingOptions, rows: int):
+        group_size = rules.settings.group_size
+        self.cache = _DecodingCache(model, start, group_size, rules.cap, options.share_prompt_attention)
+        self.logits = start.last_logits.repeat_interleave(group_size, dim=0)
+        self.next_position = start.positions.repeat_interleave(group_size) + 1
+        self.active = list(range(rows))
+        self.active_index = torch.arange(rows, device=self.logits.device)
+        self.steps = 0
+
+    def drop_finished(self, rows: list[_Row]) -> None:
+        """Drop the finished rows once they are a quarter of the batch (a process whose rows are all done keeps
+        one row, to step along with the others)."""
+        done = sum(rows[r].done for r in self.active)
+        if not done or 4 * done < len(self.active):
+            return
+        keep = [b for b, r in enumerate(self.active) if not rows[r].done] or [0]
+        if len(keep) < len(self.active):
+            keep_index = torch.tensor(keep, device=self.logits.device)
+            self.cache.select(keep_index)
+            self.next_position = self.next_position.index_select(0, keep_index)
+            self.active = [self.active[b] for b in keep]
+            self.active_index = self.active_index.index_select(0, keep_index)
+
+    def forward(self, model, tokens: list[int]) -> None:
+        """Run the model one step on each active row's token."""
+        ids = torch.tensor(tokens, device=self.logits.device).unsqueeze(1)
+        out = model(input_ids=ids, position_ids=self.next_position.unsqueeze(1), use_cache=True,
+                    **self.cache.inputs(self.steps))
+        self.logits = out.logits[:, -1]
+        self.next_position = self.next_position + 1
+
+
+def _decode(model, rows: list[_Row], batch: _Batch, rules: _Rules, options: DecodingOptions,
+            generator: torch.Generator | None, all_finished: Callable[[bool], bool] | None) -> None:
+    """Sample a token per row, advance each row by it, drop finished rows, run the model one step; until every row
+    is done (on every process, with ``all_finished``)."""
+    settings = rules.settings
+    while True:
+        # Past its own cap a process only steps along (padding) while another one is still generating.
+        step = {r: rules.pad_id for r in batch.active}
+        if batch.steps < rules.cap:
+            batch.steps += 1
+            drawn = _sample(batch.logits, settings.temperature, settings.top_p, generator, len(rows), batch.active_index)
+            logprobs = _logprobs_of(batch.logits, drawn) if options.record_logprobs else [0.0] * len(batch.active)
+            for r, draw, logprob in zip(batch.active, drawn.tolist(), logprobs):
+                if not rows[r].done:
+                    step[r] = rows[r].advance(draw, rules, logprob)
+        if batch.steps >= rules.cap:
+            for r in batch.active:
+                rows[r].stop_at_the_cap()
+        finished = all(rows[r].done for r in batch.active)
+        if all_finished(finished) if all_finished is not None else finished:
+            return
+        if options.compact_finished:
+            batch.drop_finished(rows)
+        batch.forward(model, [step[r] for r in batch.active])
+
+
 @torch.no_grad()
-def generate_group(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    group_size: int,
-    think_cap: int,
-    answer_allowance: int,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    budget_forcing: bool = False,
-    response_prefix: str = RESPONSE_PREFIX,
-    max_new_tokens: int | None = None,
-    generator: torch.Generator | None = None,
-    token_bytes: TokenBytes | None = None,
-    all_finished: Callable[[bool], bool] | None = None,
-    compact_finished: bool = True,
-    share_prefix: bool = True,
-    share_prompt: bool = True,
-    record_logprobs: bool = False,
-    prepack_weights: bool = True,
-    gather_weights: bool = True,
-) -> GroupRollout:
-    """Sample ``group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens each.
+def generate_group(model, tokenizer, prompts: list[list[int]], settings: GenerationSettings,
+                   options: DecodingOptions = DecodingOptions(), generator: torch.Generator | None = None,
+                   token_bytes: TokenBytes | None = None,
+                   all_finished: Callable[[bool], bool] | None = None) -> Rollout:
+    """Sample ``settings.group_size`` completions per prompt, at most ``think_cap + answer_allowance`` new tokens
+    each (plus the scaffold budget forcing writes; ``method.generation_cap``).
 
     Without budget forcing a row stops at its closed answer, at an end-of-sequence token or at the cap.
     With it, thinking stops at ``think_cap`` tokens and the answer gets ``answer_allowance`` tokens written
     by the model; the scaffold the generator writes does not count against either.
 
-    Each prompt is prefilled once (the prefix common to all prompts once for all, with ``share_prefix``; see
-    ``prefill``); with ``share_prompt`` its keys and values are stored once for its ``group_size`` rows and read
-    by shared-prompt attention (``attention``; models it does not cover fall back with one logged line), else
-    copied to each row. Either way each row's own tokens go to storage sized for the whole rollout, so
-    decoding writes in place. With ``compact_finished``, rows that are done
-    are dropped from the batch (and from the cache) once they are a quarter of it, so finished rows stop
-    costing compute; the samples are the same either way (see ``_sample``).
-
-    With ``prepack_weights``, on a CPU the decoding steps multiply by the float32 linear weights reordered once for
-    oneDNN (``prepacked.prepacked_linears``; the prefill keeps the model's own path): faster, equal within float32
-    rounding, one more copy of those weights while the rollout runs. Weights cast for autocast (below) are not
-    float32, so they are not packed.
-
-    With ``record_logprobs`` the rollout keeps the log-prob of every sampled token under the untempered
-    distribution, as the decoding computed it (``GroupRollout.logprobs``).
-
-    The prefill and the decoding steps run on weights prepared once for the rollout
-    (``decoding_weights.decoding_weights``). Under autocast with a lower-precision dtype than the weights (Lightning's
-    ``bf16-mixed``), the weights are cast once to it and autocast is off, so the key/value cache is in that dtype:
-    one more copy of the weights, in that dtype, while the rollout runs. Under FSDP2 or FSDP1, with
-    ``gather_weights``, the weights are gathered once for the rollout instead of at every step: every process
-    holds the whole model's weights while the rollout runs (as gathered, and once more in the compute dtype where
-    they are cast). ``gather_weights=False`` keeps them sharded, gathered at every step, where memory is too
-    short for that.
+    Each prompt is prefilled once (``forward.prefill``), its keys and values kept once for its rows or copied to
+    each (``DecodingOptions``); each row's own tokens go to storage sized for the whole rollout, so decoding
+    writes in place. The samples are the same whichever ``options`` (see ``_sample``). The prefill and the
+    decoding steps run on weights prepared once for the rollout (``decoding_weights.decoding_weights``: cast once
+    under ``bf16-mixed``, gathered once under FSDP with ``gather_weights``).
 
     ``all_finished(local_done) -> bool``, when given, decides when to stop from every process's state: each
     decoding step of a sharded model whose weights are not gathered is a collective, so a process whose rows are
@@ -339,62 +417,20 @@ def generate_group(
     on the prefill's path. Once the weights are gathered the forwards are no longer collectives: it is not called,
     and each process stops when its own rows are done.
     """
-    encode = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    rules = _Rules(think_cap, answer_allowance, budget_forcing, response_prefix,
-                   frozenset(end_of_sequence_ids(model, tokenizer)), encode(ANSWER_SCAFFOLD), encode(BOX_SCAFFOLD),
-                   token_bytes or TokenBytes(tokenizer))
-    pad_id = tokenizer.pad_token_id
-    cap = generation_cap(think_cap, answer_allowance, len(rules.answer_scaffold) if budget_forcing else 0, max_new_tokens)
-    rows = [_Row() for _ in range(len(prompts) * group_size)]
-
+    rules = _Rules.of(model, tokenizer, settings, token_bytes)
+    rows = [_Row() for _ in range(len(prompts) * settings.group_size)]
     was_training = model.training
     model.eval()
     try:
-        with decoding_weights(model, gather=gather_weights) as weights:
-            if weights.gathered:
-                all_finished = None
+        with decoding_weights(model, gather=options.gather_weights) as weights:
+            agree = None if weights.gathered else all_finished
             # Read once gathered: FSDP1 with offloaded parameters gathers them onto its compute device.
             device = next(model.parameters()).device
             # all_finished is an AND over processes: it also makes them agree on the prefill's path.
-            start = prefill(model, prompts, pad_id, device, share_prefix=share_prefix, all_agree=all_finished)
-            cache = _RolloutCache(model, start, group_size, cap, share_prompt)
-            logits = start.last_logits.repeat_interleave(group_size, dim=0)
-            next_position = start.positions.repeat_interleave(group_size) + 1
-            # Batch row b of the cache holds rollout row active[b]; compaction drops finished rows from both.
-            active = list(range(len(rows)))
-            active_index = torch.arange(len(rows), device=device)
-            steps = 0
-            with cache.attending, prepacked_linears(model, len(rows), enabled=prepack_weights):
-                while True:
-                    # Past its own cap a process only steps along (padding) while another one is still generating.
-                    step = {r: pad_id for r in active}
-                    if steps < cap:
-                        steps += 1
-                        drawn = _sample(logits, temperature, top_p, generator, len(rows), active_index)
-                        logprobs = _logprobs_of(logits, drawn) if record_logprobs else [0.0] * len(active)
-                        for r, draw, logprob in zip(active, drawn.tolist(), logprobs):
-                            if not rows[r].done:
-                                step[r] = rows[r].advance(draw, rules, logprob)
-                    if steps >= cap:
-                        for r in active:
-                            rows[r].stop_at_the_cap()
-                    finished = all(rows[r].done for r in active)
-                    if all_finished(finished) if all_finished is not None else finished:
-                        break
-                    done_rows = sum(rows[r].done for r in active)
-                    if compact_finished and done_rows and 4 * done_rows >= len(active):
-                        # A process whose rows are all done keeps one row to step along with the others.
-                        keep = [b for b, r in enumerate(active) if not rows[r].done] or [0]
-                        if len(keep) < len(active):
-                            keep_index = torch.tensor(keep, device=device)
-                            cache.select(keep_index)
-                            next_position = next_position.index_select(0, keep_index)
-                            active = [active[b] for b in keep]
-                            active_index = active_index.index_select(0, keep_index)
-                    tokens = torch.tensor([step[r] for r in active], device=device).unsqueeze(1)
-                    out = model(input_ids=tokens, position_ids=next_position.unsqueeze(1), use_cache=True, **cache.inputs(steps))
-                    logits = out.logits[:, -1]
-                    next_position = next_position + 1
+            start = prefill(model, prompts, rules.pad_id, device, options.prefill_common_prefix, agree)
+            batch = _Batch(model, start, rules, options, len(rows))
+            with batch.cache.attending, prepacked_linears(model, len(rows), enabled=options.prepack_weights):
+                _decode(model, rows, batch, rules, options, generator, agree)
     finally:
         model.train(was_training)
-    return _to_rollout(rows, pad_id, response_prefix, record_logprobs)
+    return _to_rollout(rows, rules.pad_id, settings.response_prefix, options.record_logprobs)

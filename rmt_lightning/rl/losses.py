@@ -11,98 +11,106 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from ..engine.forward import completion_logprobs, head_positions
+from ..engine.forward import CompletionBatch, ForwardOptions, completion_logprobs, head_positions
 from ..method import grpo_token_loss_terms, token_logprobs
 from ..runtime.distributed import agreement, is_sharded, max_over_ranks, world_size
 
 
-def model_logprobs(model, trainer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                   completion_mask: Tensor, group_size: int = 1, logprob_mask: Tensor | None = None,
-                   share_prompt_attention: bool = True) -> Tensor:
-    """``forward.completion_logprobs`` of ``model``, sharing each prompt's keys and values with its group unless
-    activation checkpointing (which turns the key/value cache off) is on; stored once for the group with
-    ``share_prompt_attention``."""
+@dataclass(frozen=True)
+class GRPOSettings:
+    """How the GRPO loss is computed (``method.grpo_token_loss_terms``) and how its passes run."""
+
+    clip_eps: float
+    """PPO clip range of the ratio ``pi / pi_old``."""
+    beta: float
+    """Weight of the k3 KL penalty to the reference."""
+    micro_batch_size: int
+    """Completions per forward/backward (whole groups, at least one)."""
+    forward: ForwardOptions = ForwardOptions()
+    """How the log-prob forward runs (``forward.ForwardOptions``)."""
+
+
+@dataclass(frozen=True)
+class RLBatch:
+    """What the GRPO loss reads of (part of) a trajectory, on the device the losses run on."""
+
+    completions: CompletionBatch
+    """The prompts and their ``G`` completions each, scored at the policy's samples."""
+    advantages: Tensor
+    """``[P * G]`` group-normalised advantages."""
+    old_logprobs: Tensor | None = None
+    """``[P * G, C]`` pi_old of the ratio, for updates that reuse a rollout: the log-probs the policy that sampled
+    the completions gave by this same forward (``policy_logprobs``, or ``"policy_logprobs"`` of the rollout's
+    first update). None: the current policy's own, detached, so the ratio is exactly 1."""
+    reference_logprobs: Tensor | None = None
+    """``[P * G, C]`` the reference model's log-probs of these completions from an earlier update of the same
+    rollout (the reference is frozen, so they are what its forward would give); None: the reference runs."""
+
+
+def model_logprobs(model, trainer, batch: CompletionBatch, options: ForwardOptions = ForwardOptions()) -> Tensor:
+    """``forward.completion_logprobs`` of ``model``, each prompt prefilled once for its group unless activation
+    checkpointing (which turns the key/value cache off) is on."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     # Under FSDP every forward is a collective: the processes agree on which passes they run (the shared prompt
     # prefix as a pass of its own, the pass over the completions after their first token). Under DDP they need not.
     all_agree = agreement(trainer) if is_sharded(model) else None
-    return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size,
-                               not checkpointing, logprob_mask=logprob_mask, all_agree=all_agree,
-                               share_prompt_attention=share_prompt_attention)
-
-
-def _micro_batches(prompts: int, group_size: int, micro_batch_size: int):
-    """``(owners, rows)`` of each pass over ``prompts`` prompts with ``group_size`` completions each: the prompts'
-    slice and their completions' slice, ``micro_batch_size`` completions (whole groups) per pass."""
-    prompts_per_pass = max(1, micro_batch_size // group_size)
-    for first in range(0, prompts, prompts_per_pass):
-        yield slice(first, first + prompts_per_pass), slice(first * group_size, (first + prompts_per_pass) * group_size)
+    return completion_logprobs(model, batch, replace(options, prefill_prompts_once=not checkpointing), all_agree)
 
 
 @torch.no_grad()
-def policy_logprobs(policy, trainer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                    completion_mask: Tensor, sampled_mask: Tensor, *, group_size: int, micro_batch_size: int,
-                    share_prompt_attention: bool = True) -> Tensor:
+def policy_logprobs(policy, trainer, batch: CompletionBatch, settings: GRPOSettings) -> Tensor:
     """Log-probs ``[P * G, C]`` of the sampled tokens under ``policy``, without gradients, by the passes
-    ``rl_backward`` makes over the same tensors (same micro-batches, forward and precision): taken before the
+    ``rl_backward`` makes over the same batch (same micro-batches, forward and precision): taken before the
     policy moves, they are the ``old_logprobs`` of later updates, whose ratio is then exactly 1 wherever the
     policy has not changed."""
-    out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-    for owners, rows in _micro_batches(prompt_ids.shape[0], group_size, micro_batch_size):
-        if int(sampled_mask[rows].sum()) == 0 and world_size(trainer) == 1:
+    out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=batch.completion_ids.device)
+    for rows, part in batch.groups(settings.micro_batch_size):
+        if int(part.scored().sum()) == 0 and world_size(trainer) == 1:
             continue
-        out[rows] = model_logprobs(policy, trainer, prompt_ids[owners], prompt_mask[owners], completion_ids[rows],
-                                   completion_mask[rows], group_size, logprob_mask=sampled_mask[rows],
-                                   share_prompt_attention=share_prompt_attention)
+        out[rows] = model_logprobs(policy, trainer, part, settings.forward)
     return out
 
 
-def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
-                completion_ids: Tensor, completion_mask: Tensor, sampled_mask: Tensor, advantages: Tensor, *,
-                group_size: int, micro_batch_size: int, clip_eps: float, beta: float,
-                old_logprobs: Tensor | None = None, share_prompt_attention: bool = True,
-                reference_logprobs: Tensor | None = None) -> dict:
+def rl_backward(policy, reference, trainer, backward: Callable[[Tensor], None], batch: RLBatch,
+                settings: GRPOSettings) -> dict:
     """GRPO loss (``method.grpo_token_loss_terms``) over the policy-sampled tokens of ``P`` prompts with ``G``
-    completions each, ``micro_batch_size`` completions per pass; the loss of each pass is weighted by its share of
-    the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
-    ``ppo_clip_fraction``, and under ``"policy_logprobs"`` the policy's log-probs ``[P * G, C]`` (detached).
-
-    ``old_logprobs`` (``[P * G, C]``) is pi_old of the ratio, for updates that reuse a rollout: the log-probs the
-    policy that sampled the completions gave by this same forward (``policy_logprobs``, or ``"policy_logprobs"``
-    of the rollout's first update). None: the current policy's own, detached, so the ratio is exactly 1.
-
-    ``reference_logprobs`` (``[P * G, C]``) are the reference model's log-probs of these completions from an
-    earlier update of the same rollout (the reference is frozen, so they are what its forward would give); None:
-    the reference runs. Where a reference is given, the result holds under ``"reference_logprobs"`` the ones
-    used, for the next update to reuse."""
-    total_tokens = max(1, int(sampled_mask.sum()))
+    completions each, ``settings.micro_batch_size`` completions per pass; the loss of each pass is weighted by its
+    share of the sampled tokens, so the sum is the loss over all of them. Returns ``loss_rl``, ``kl`` and
+    ``ppo_clip_fraction``, and under ``"policy_logprobs"`` the policy's log-probs ``[P * G, C]`` (detached); with a
+    reference, under ``"reference_logprobs"`` the reference's ones used (``batch.reference_logprobs`` or its
+    forward's), for the rollout's next update to reuse."""
+    completions = batch.completions
+    shape, device = completions.completion_ids.shape, completions.completion_ids.device
+    total_tokens = max(1, int(completions.scored().sum()))
     sums = {"loss_rl": 0.0, "kl": 0.0, "ppo_clip_fraction": 0.0}
-    used_policy = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    used_policy = torch.zeros(shape, dtype=torch.float32, device=device)
     used_reference = None
     if reference is not None:
-        used_reference = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device) \
-            if reference_logprobs is None else reference_logprobs
-    for owners, rows in _micro_batches(prompt_ids.shape[0], group_size, micro_batch_size):
-        tokens = int(sampled_mask[rows].sum())
+        used_reference = batch.reference_logprobs
+        if used_reference is None:
+            used_reference = torch.zeros(shape, dtype=torch.float32, device=device)
+    for rows, part in completions.groups(settings.micro_batch_size):
+        # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
+        scored = part.scored()
+        tokens = int(scored.sum())
         if tokens == 0 and world_size(trainer) == 1:
             continue
-        args = (prompt_ids[owners], prompt_mask[owners], completion_ids[rows], completion_mask[rows], group_size)
-        # Log-probs only where the loss reads them: tokens written by budget forcing are context, not actions.
-        options = {"logprob_mask": sampled_mask[rows], "share_prompt_attention": share_prompt_attention}
-        logprobs = model_logprobs(policy, trainer, *args, **options)
+        logprobs = model_logprobs(policy, trainer, part, settings.forward)
         used_policy[rows] = logprobs.detach()
-        if reference is not None and reference_logprobs is None:
+        if reference is not None and batch.reference_logprobs is None:
             with torch.no_grad():
-                used_reference[rows] = model_logprobs(reference, trainer, *args, **options)
-        old = logprobs.detach() if old_logprobs is None else old_logprobs[rows]
-        terms = grpo_token_loss_terms(logprobs, old, advantages[rows], sampled_mask[rows], clip_eps=clip_eps,
-                                      ref_logprobs=None if used_reference is None else used_reference[rows], beta=beta)
+                used_reference[rows] = model_logprobs(reference, trainer, part, settings.forward)
+        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        terms = grpo_token_loss_terms(logprobs, old, batch.advantages[rows], scored, clip_eps=settings.clip_eps,
+                                      ref_logprobs=None if used_reference is None else used_reference[rows],
+                                      beta=settings.beta)
         share = tokens / total_tokens
         backward(terms.loss * share)
         sums["loss_rl"] += float(terms.loss.detach()) * share
@@ -144,11 +152,10 @@ def ntp_backward(policy, trainer, backward: Callable[[Tensor], None], documents:
     return nll
 
 
-def demonstrations_backward(policy, trainer, backward: Callable[[Tensor], None], prompt_ids: Tensor, prompt_mask: Tensor,
-                            response_ids: Tensor, response_mask: Tensor) -> float:
-    """NLL of the response tokens of demonstrations after their prompts, backpropagated; returns it."""
-    logprobs = model_logprobs(policy, trainer, prompt_ids, prompt_mask, response_ids, response_mask)
-    mask = response_mask.float()
+def demonstrations_backward(policy, trainer, backward: Callable[[Tensor], None], batch: CompletionBatch) -> float:
+    """NLL of the demonstrations (``batch``'s completions) after their prompts, backpropagated; returns it."""
+    logprobs = model_logprobs(policy, trainer, batch)
+    mask = batch.completion_mask.float()
     loss = -(logprobs * mask).sum() / mask.sum()
     backward(loss)
     return float(loss.detach())

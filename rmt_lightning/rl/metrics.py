@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..data.batches import PositionBatch
-from ..engine.generation import GroupRollout
+from ..engine.generation import Rollout
 from ..method import TIER_NAMES, zero_std_groups
 from .trajectory import Trajectory
 
@@ -64,7 +64,7 @@ def show_in_progress_bar(module, shown: dict[str, float], batch_size: int) -> No
                     batch_size=batch_size)
 
 
-def completion_samples(tokenizer, batch: PositionBatch, rollout: GroupRollout, rewards: Tensor, limit: int) -> list[dict]:
+def completion_samples(tokenizer, batch: PositionBatch, rollout: Rollout, rewards: Tensor, limit: int) -> list[dict]:
     """Up to ``limit`` rows for the completions table: the first completion of each position."""
     group = len(rollout.texts) // len(batch.contexts)
     rows = [p * group for p in range(len(batch.contexts))][:limit]

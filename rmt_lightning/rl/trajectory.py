@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from torch import Tensor
 
-from ..engine.generation import GroupRollout
+from ..engine.generation import Rollout
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Trajectory:
 
     prompts: list[list[int]]
     """Prompt token ids, one per position."""
-    rollout: GroupRollout
+    rollout: Rollout
     """The ``P * G`` completions; row ``i`` answers prompt ``i // G``."""
     rewards: Tensor
     """``[P, G]`` total reward."""
@@ -43,7 +43,7 @@ class Trajectory:
             return self
         group = len(self.rollout.texts) // len(self.prompts)
         rows = slice(part.start * group, part.stop * group)
-        # Every field of a GroupRollout is per completion (a tensor or a list of N) or absent.
+        # Every field of a Rollout is per completion (a tensor or a list of N) or absent.
         rollout = replace(self.rollout, **{f.name: value[rows] for f in fields(self.rollout)
                                            if (value := getattr(self.rollout, f.name)) is not None})
         return Trajectory(self.prompts[part], rollout, self.rewards[part], self.correct[part], self.length[part],
@@ -60,4 +60,4 @@ class Trajectory:
     @classmethod
     def from_state_dict(cls, state: dict) -> Trajectory:
         """The trajectory ``state_dict`` wrote."""
-        return cls(**{**state, "rollout": GroupRollout(**state["rollout"])})
+        return cls(**{**state, "rollout": Rollout(**state["rollout"])})
