@@ -2,7 +2,7 @@
 and read by shared-prompt attention) against ``model.generate(num_return_sequences=G)`` (the prompt repeated G
 times before the prefill) and against ``generate_group`` without shared-prompt attention (the cache copied to each row: the
 path before shared-prompt attention), same model, prompts, seeds and sampling settings, in one process. Ours decodes
-with the linear weights packed once per rollout for oneDNN on a CPU (``prepacked.py``); ``unpacked`` is ours
+with the linear weights packed once per rollout for oneDNN on a CPU (``engine/prepacked.py``); ``unpacked`` is ours
 without that (the path before it), and ``generate packed`` is ``generate`` under the same packing (prefill
 included), to tell what the shared prompt gains from what the packing gains.
 

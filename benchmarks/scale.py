@@ -91,7 +91,7 @@ def score_share(kwargs: dict, rank: int, world_size: int, barrier, results) -> N
     import torch
 
     from rmt_lightning.data.datamodule import RMTDataModule
-    from rmt_lightning.data.entropy_shards import entropy_folder, score_shards
+    from rmt_lightning.data.entropy_shards import ShardScoring, entropy_folder, score_shards
 
     torch.set_num_threads(1)
     datamodule = RMTDataModule(**kwargs)
@@ -101,10 +101,9 @@ def score_share(kwargs: dict, rank: int, world_size: int, barrier, results) -> N
     hp = datamodule.hparams
     barrier.wait()
     started = time.perf_counter()
-    scored = score_shards(proxy, store, entropy_folder(datamodule.cache_folder, key), key=key, rank=rank,
-                          world_size=world_size, window=hp.scoring_window, stride=hp.scoring_stride, top_k=hp.scoring_top_k,
-                          batch_size=hp.scoring_batch_size, pad_token_id=datamodule.tokenizer.pad_token_id,
-                          shard_tokens=hp.scoring_shard_tokens)
+    scoring = ShardScoring(hp.scoring_window, hp.scoring_stride, hp.scoring_top_k, hp.scoring_batch_size,
+                           datamodule.tokenizer.pad_token_id, hp.scoring_shard_tokens, rank, world_size)
+    scored = score_shards(proxy, store, entropy_folder(datamodule.cache_folder, key), key, scoring)
     results.put({"rank": rank, "seconds": time.perf_counter() - started, "shards": scored})
 
 

@@ -120,15 +120,15 @@ class RMTModule(L.LightningModule):
         gradient_checkpointing: Recompute each decoder layer's activations in backward to save memory (Hugging
             Face activation checkpointing, non-reentrant; works under every strategy, FSDP included).
         share_prompt_attention: Rollouts and the loss forward read each prompt's keys and values once for its G
-            completions (two-part attention merged by log-sum-exp, ``attention.py``), instead of a copy per
+            completions (two-part attention merged by log-sum-exp, ``engine/attention.py``), instead of a copy per
             completion; models whose attention it does not cover (sliding windows, linear attention) keep the
             copies with one logged line. False: always the copies (same samples and gradients, slower).
         prepack_weights: On a CPU, rollouts' decoding steps multiply by the linear layers' weights reordered once
-            per rollout for oneDNN (``prepacked.py``): about 40% off the matmuls of a float32 decoding step,
+            per rollout for oneDNN (``engine/prepacked.py``): about 40% off the matmuls of a float32 decoding step,
             at the memory of one more copy of those weights while a rollout runs. Results equal the unpacked
             path's within float32 rounding. No effect on GPUs, other dtypes or FSDP-sharded weights.
         gather_weights_for_rollouts: Under FSDP1/FSDP2, a rollout gathers the whole model's weights on every process
-            once (``decoding_weights.py``), so its decoding steps are not collectives: every process then holds the
+            once (``engine/decoding_weights.py``), so its decoding steps are not collectives: every process then holds the
             full weights while it generates (under ``bf16-mixed`` as gathered, and once more in bf16). False keeps
             them sharded and gathers them layer by layer at every decoding step (slower; for models whose full
             weights do not fit on one device). No effect without FSDP.

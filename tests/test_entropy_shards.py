@@ -13,6 +13,7 @@ from safetensors import safe_open
 from rmt_lightning.data import entropy_shards
 from rmt_lightning.data.entropy_shards import (
     ShardFolderError,
+    ShardScoring,
     load_shards,
     load_shards_flat,
     missing_shards,
@@ -39,8 +40,9 @@ def documents(tokenizer):
 
 
 def run(model, tokenizer, documents, folder, rank=0, world_size=1, key=KEY, **extra):
-    return score_shards(model, documents, folder, key=key, rank=rank, world_size=world_size,
-                        pad_token_id=tokenizer.pad_token_id, **{**SETTINGS, **extra})
+    calls = {name: extra.pop(name) for name in ("stop", "progress", "lengths") if name in extra}
+    scoring = ShardScoring(pad_token_id=tokenizer.pad_token_id, rank=rank, world_size=world_size, **{**SETTINGS, **extra})
+    return score_shards(model, documents, folder, key, scoring, **calls)
 
 
 def bits(scores):

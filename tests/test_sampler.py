@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmt_lightning.runtime.errors import InputError
-from rmt_lightning.data.sampler import CurriculumBatchSampler, DrawRepeats
+from rmt_lightning.data.sampler import CurriculumBatchSampler, CurriculumSchedule, DrawRepeats
 from rmt_lightning.method import assign_tiers, tier_probabilities
 
 P1, P2, T1, T2 = (0.6, 0.3, 0.1), (0.1, 0.3, 0.6), 0.3, 0.7
@@ -24,10 +24,15 @@ def _tiers(entropy: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(tier == d).flatten() for d in range(3)]
 
 
-def _sampler(**overrides) -> CurriculumBatchSampler:
-    kwargs = dict(tier_candidates=_tiers(_entropies()), batch_size=4, batches_per_epoch=10, p1=P1, p2=P2, t1=T1, t2=T2)
+def _sampler(total_batches=None, repeats=None, curriculum=True, **overrides) -> CurriculumBatchSampler:
+    kwargs = dict(tier_candidates=_tiers(_entropies()), batch_size=4, batches_per_epoch=10,
+                  schedule=CurriculumSchedule(P1, P2, T1, T2, curriculum))
     kwargs.update(overrides)
-    return CurriculumBatchSampler(**kwargs)
+    sampler = CurriculumBatchSampler(**kwargs)
+    sampler.total_batches = total_batches
+    if repeats is not None:
+        sampler.repeats = repeats
+    return sampler
 
 
 def _frequencies(sampler: CurriculumBatchSampler, batch: int) -> list[float]:

@@ -193,7 +193,7 @@ def test_open_or_build_reuses_its_own_store_and_rebuilds_for_other_settings(toke
         return read
 
     def store_for(subset, tok=tokenizer, max_document_tokens=MAX_DOCUMENT_TOKENS):
-        settings = ts.read_settings("some/hub-corpus", subset=subset)
+        settings = ts.read_settings(ts.CorpusSource("some/hub-corpus", subset=subset))
         return ts.open_or_build(tmp_path, tok, settings, max_document_tokens=max_document_tokens, texts=texts(subset))
 
     first = store_for("a")
@@ -212,7 +212,7 @@ def test_open_or_build_reuses_its_own_store_and_rebuilds_for_other_settings(toke
 
 
 def test_a_folder_holding_another_key_or_a_cut_short_store_is_rebuilt_not_used(tokenizer, tmp_path):
-    settings = ts.read_settings("some/hub-corpus")
+    settings = ts.read_settings(ts.CorpusSource("some/hub-corpus"))
     built = ts.open_or_build(tmp_path, tokenizer, settings, max_document_tokens=MAX_DOCUMENT_TOKENS, texts=TEXTS)
     expected = as_lists(built)
     manifest_path = built.folder / "manifest.json"
@@ -236,12 +236,12 @@ def test_a_folder_holding_another_key_or_a_cut_short_store_is_rebuilt_not_used(t
 def test_a_local_corpus_edited_in_place_gets_another_key(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "one"}\n')
-    before = ts.read_settings(str(corpus))
+    before = ts.read_settings(ts.CorpusSource(str(corpus)))
     corpus.write_text('{"text": "one"}\n{"text": "two"}\n')
-    assert ts.read_settings(str(corpus)) != before
+    assert ts.read_settings(ts.CorpusSource(str(corpus))) != before
     # The embedded corpus's size and seed are part of its settings; a hub corpus ignores them.
-    assert ts.read_settings("embedded:math", seed=1) != ts.read_settings("embedded:math", seed=2)
-    assert ts.read_settings("org/corpus", seed=1) == ts.read_settings("org/corpus", seed=2)
+    assert ts.read_settings(ts.CorpusSource("embedded:math", seed=1)) != ts.read_settings(ts.CorpusSource("embedded:math", seed=2))
+    assert ts.read_settings(ts.CorpusSource("org/corpus", seed=1)) == ts.read_settings(ts.CorpusSource("org/corpus", seed=2))
 
 
 # ---- digest ------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def test_streaming_jsonl_reads_as_load_texts(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
     for kwargs in ({}, {"max_documents": 4}, {"text_template": "{q}\n{a}", "max_documents": 3}):
-        assert list(ts.iter_texts(str(corpus), **kwargs)) == load_texts(str(corpus), **kwargs)
+        assert list(ts.iter_texts(ts.CorpusSource(str(corpus), **kwargs))) == load_texts(str(corpus), **kwargs)
 
 
 def test_streaming_read_with_max_tokens_stops_early_and_reads_no_further(tokenizer, tmp_path):
@@ -290,25 +290,25 @@ def test_streaming_read_with_max_tokens_stops_early_and_reads_no_further(tokeniz
         handle.write(line * (JsonConfig.chunksize // len(line) + 1000))
         handle.write("{not json\n")
     with pytest.raises(InputError, match="cannot be read"):
-        for _ in ts.iter_texts(str(corpus)):
+        for _ in ts.iter_texts(ts.CorpusSource(str(corpus))):
             pass
 
     per_document = len(tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"])
-    texts = ts.iter_texts(str(corpus), max_tokens=10 * per_document + per_document // 2, tokenizer=tokenizer)
+    texts = ts.iter_texts(ts.CorpusSource(str(corpus), max_tokens=10 * per_document + per_document // 2), tokenizer)
     assert len(list(texts)) == 10
 
     # The same path into a store: at most max_tokens tokens, keyed on max_tokens.
-    settings = ts.read_settings(str(corpus), max_tokens=5 * per_document)
+    settings = ts.read_settings(ts.CorpusSource(str(corpus), max_tokens=5 * per_document))
     store = ts.open_or_build(tmp_path / "cache", tokenizer, settings, max_document_tokens=256)
     assert len(store) == 5 and store.num_tokens == 5 * per_document
     assert store.manifest["settings"]["max_tokens"] == 5 * per_document
 
 
 def test_embedded_corpus_streams_from_the_generator(tokenizer):
-    texts = list(ts.iter_texts("embedded:math", embedded_documents=30, seed=4))
+    texts = list(ts.iter_texts(ts.CorpusSource("embedded:math", embedded_documents=30, seed=4)))
     assert texts == generate_math_corpus(30, seed=4)
     limit = sum(len(ids) for ids in tokenizer(texts[:3], add_special_tokens=False)["input_ids"])
-    assert list(ts.iter_texts("embedded:math", max_tokens=limit, tokenizer=tokenizer, embedded_documents=30, seed=4)) == texts[:3]
+    assert list(ts.iter_texts(ts.CorpusSource("embedded:math", max_tokens=limit, embedded_documents=30, seed=4), tokenizer)) == texts[:3]
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
@@ -321,9 +321,9 @@ def test_a_corpus_with_no_text_is_an_input_error(tokenizer, tmp_path):
     corpus = tmp_path / "blank.jsonl"
     corpus.write_text('{"text": ""}\n{"text": "   "}\n')
     with pytest.raises(InputError, match=r"corpus '.*blank.jsonl' is empty: no record has text in \['text'\]"):
-        ts.iter_texts(str(corpus))
+        ts.iter_texts(ts.CorpusSource(str(corpus)))
     with pytest.raises(InputError, match=r"has no field \['body'\]; its fields are \['text'\]"):
-        ts.iter_texts(str(corpus), text_field="body")
+        ts.iter_texts(ts.CorpusSource(str(corpus), text_field="body"))
     with pytest.raises(InputError, match="no document of at least min_document_tokens=3"):
         build(["hi", "a"], tokenizer, tmp_path / "store")
 
@@ -333,10 +333,10 @@ def test_max_tokens_below_the_first_document_names_its_length(tokenizer, tmp_pat
     corpus.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     first = len(tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"])
     with pytest.raises(InputError, match=rf"max_tokens=5 is below the first document .* which has {first} tokens; valid: at least {first}"):
-        ts.iter_texts(str(corpus), max_tokens=5, tokenizer=tokenizer)
+        ts.iter_texts(ts.CorpusSource(str(corpus), max_tokens=5), tokenizer)
     # Raised by open_or_build before anything is written.
     with pytest.raises(InputError, match="max_tokens=5"):
-        ts.open_or_build(tmp_path / "cache", tokenizer, ts.read_settings(str(corpus), max_tokens=5), max_document_tokens=64)
+        ts.open_or_build(tmp_path / "cache", tokenizer, ts.read_settings(ts.CorpusSource(str(corpus), max_tokens=5)), max_document_tokens=64)
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []
 
 
@@ -344,12 +344,12 @@ def test_a_cache_folder_that_cannot_be_written_is_an_input_error(tokenizer, tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(InputError, match="cache folder .*a-file/tokens' cannot be created: .* is a file"):
-        ts.open_or_build(blocker / "tokens", tokenizer, ts.read_settings("org/corpus"), max_document_tokens=64, texts=TEXTS)
+        ts.open_or_build(blocker / "tokens", tokenizer, ts.read_settings(ts.CorpusSource("org/corpus")), max_document_tokens=64, texts=TEXTS)
     if os.geteuid() != 0:  # permissions do not stop root
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         with pytest.raises(InputError, match="not writable"):
-            ts.open_or_build(locked, tokenizer, ts.read_settings("org/corpus"), max_document_tokens=64, texts=TEXTS)
+            ts.open_or_build(locked, tokenizer, ts.read_settings(ts.CorpusSource("org/corpus")), max_document_tokens=64, texts=TEXTS)
 
 
 @pytest.mark.parametrize(

@@ -27,12 +27,14 @@ from ..method import TIER_NAMES, assign_tiers, tier_probabilities
 from ..runtime.errors import InputError, as_input_error, at_least, check_writable_directory
 from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
 from .corpus import EMBEDDED_CORPUS, check_corpus_source
-from .entropy_shards import entropy_folder, read_plan, score_shards
-from .sampler import CurriculumBatchSampler, DrawRepeats
+from .entropy_shards import ShardScoring, entropy_folder, read_plan, score_shards
+from .sampler import CurriculumBatchSampler, CurriculumSchedule, DrawRepeats
 from .scoring import fingerprint_tokens, proxy_identity, window_plan
 from .scoring_pass import ScoringPass, ScoringStopped
 from .tier_index import TierIndex, index_folder, index_key, open_or_build_index
-from .token_store import Documents, TokenStore, is_token_store, open_or_build, open_prebuilt, read_settings
+from .token_store import (
+    CorpusSource, Documents, TokenStore, is_token_store, open_or_build, open_prebuilt, read_settings,
+)
 
 
 class RMTDataModule(L.LightningDataModule):
@@ -210,9 +212,8 @@ class RMTDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
         if is_token_store(corpus):
             return open_prebuilt(corpus, self.tokenizer, hp.max_document_tokens)
-        settings = read_settings(corpus, split=split, text_field=hp.text_field, text_template=hp.text_template,
-                                 subset=hp.subset, max_documents=max_documents, max_tokens=max_tokens,
-                                 embedded_documents=hp.embedded_documents, seed=hp.seed)
+        settings = read_settings(CorpusSource(corpus, split, hp.text_field, hp.text_template, hp.subset, max_documents,
+                                              max_tokens, hp.embedded_documents, hp.seed))
         processes = hp.tokenize_processes or min(8, os.cpu_count() or 1)
         return open_or_build(self.cache_folder, self.tokenizer, settings, max_document_tokens=hp.max_document_tokens,
                              num_proc=processes)
@@ -285,12 +286,10 @@ class RMTDataModule(L.LightningDataModule):
                 return strategy.reduce(tensor.to(strategy.root_device), reduce_op=op).cpu()
 
         with ScoringPass(store.num_tokens, reduce, show=rank == 0, description=f"entropy of {name}") as scoring:
-            score_shards(
-                scoring.timed_loading(self._load_proxy), store, folder, key=key, rank=rank, world_size=world_size, window=hp.scoring_window,
-                stride=hp.scoring_stride, top_k=hp.scoring_top_k, batch_size=hp.scoring_batch_size,
-                pad_token_id=self.tokenizer.pad_token_id, shard_tokens=hp.scoring_shard_tokens, stop=scoring.stop,
-                progress=scoring.progress, lengths=store.lengths,
-            )
+            settings = ShardScoring(hp.scoring_window, hp.scoring_stride, hp.scoring_top_k, hp.scoring_batch_size,
+                                    self.tokenizer.pad_token_id, hp.scoring_shard_tokens, rank, world_size)
+            score_shards(scoring.timed_loading(self._load_proxy), store, folder, key, settings, stop=scoring.stop,
+                         progress=scoring.progress, lengths=store.lengths)
             scoring.stop()  # the last round's tokens, and a signal that came during it
         gc.collect()
         self.scoring_passes.append({"corpus": name, "tokens": scoring.scored_tokens, "resumed_tokens": scoring.resumed_tokens,
@@ -379,8 +378,8 @@ class RMTDataModule(L.LightningDataModule):
         rank, world_size = self._rank_and_world_size()
         self.sampler = CurriculumBatchSampler(
             tier_sizes=sizes, batch_size=hp.batch_size, batches_per_epoch=hp.batches_per_epoch,
-            p1=hp.p1, p2=hp.p2, t1=hp.t1, t2=hp.t2, curriculum=hp.curriculum, seed=hp.seed,
-            rank=rank, world_size=world_size,
+            schedule=CurriculumSchedule(hp.p1, hp.p2, hp.t1, hp.t2, hp.curriculum), seed=hp.seed, rank=rank,
+            world_size=world_size,
         )
         if self._pending_sampler_state is not None:
             self.sampler.load_state_dict(self._pending_sampler_state)

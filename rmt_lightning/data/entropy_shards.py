@@ -24,6 +24,7 @@ import socket
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -207,30 +208,31 @@ def missing_shards(folder: str | os.PathLike, key: str, plan: Sequence[tuple[int
     return [index for index, span in enumerate(plan) if read_shard(folder, index, span, key, sizes) is None]
 
 
-def score_shards(
-    proxy: torch.nn.Module | Callable[[], torch.nn.Module],
-    documents: Sequence,
-    folder: str | os.PathLike,
-    *,
-    key: str,
-    rank: int,
-    world_size: int,
-    window: int,
-    stride: int,
-    top_k: int | None,
-    batch_size: int,
-    pad_token_id: int,
-    shard_tokens: int,
-    stop: Callable[[], bool] | None = None,
-    progress: Callable[[int], None] | None = None,
-    lengths: Sequence[int] | None = None,
-) -> int:
+@dataclass(frozen=True)
+class ShardScoring:
+    """How a scoring pass runs: the proxy's windows and batches (``score_entropy``), the shards' size, and which
+    shards this process takes."""
+
+    window: int
+    stride: int
+    top_k: int | None
+    batch_size: int
+    pad_token_id: int
+    shard_tokens: int
+    """Tokens per shard (``plan_shards``)."""
+    rank: int = 0
+    world_size: int = 1
+
+
+def score_shards(proxy: torch.nn.Module | Callable[[], torch.nn.Module], documents: Sequence,
+                 folder: str | os.PathLike, key: str, scoring: ShardScoring, *, stop: Callable[[], bool] | None = None,
+                 progress: Callable[[int], None] | None = None, lengths: Sequence[int] | None = None) -> int:
     """Score this process's share of the shards that ``folder`` does not hold yet; returns how many it scored.
 
     ``proxy`` is the scoring model, or a function without arguments that loads it (called only when this process
     has a shard to score, so a process whose shards are all done loads nothing). ``documents[i]`` is document
-    ``i``'s token ids (a list or 1-D array). Process ``rank`` of ``world_size`` takes the shards ``i`` with
-    ``i % world_size == rank`` of ``plan_shards(lengths, shard_tokens)`` and scores each with ``score_entropy``
+    ``i``'s token ids (a list or 1-D array). Process ``rank`` of ``world_size`` (``scoring``'s) takes the shards ``i``
+    with ``i % world_size == rank`` of ``plan_shards(lengths, shard_tokens)`` and scores each with ``score_entropy``
     over that shard's documents, then writes it atomically. ``folder`` gets a manifest with ``key`` and the plan
     on first use; a folder made for another key or plan raises ``ShardFolderError`` before any work.
 
@@ -246,13 +248,14 @@ def score_shards(
     stall the proxy; at most one write is pending, all are finished before returning, and a failed write is
     raised here.
     """
+    rank, world_size = scoring.rank, scoring.world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size {world_size})")
     folder = Path(folder)
     lengths = _lengths(documents) if lengths is None else np.asarray(lengths, dtype=np.int64).reshape(-1)
     if len(lengths) != len(documents):
         raise ValueError(f"{len(lengths)} lengths for {len(documents)} documents")
-    plan = plan_shards(lengths, shard_tokens)
+    plan = plan_shards(lengths, scoring.shard_tokens)
     ensure_manifest(folder, key, plan, lengths)
     todo = {i for i in range(rank, len(plan), world_size) if read_shard(folder, i, plan[i], key, lengths) is None}
     if progress is not None:
@@ -272,8 +275,9 @@ def score_shards(
                     model = proxy()
                 first, end = plan[index]
                 shard_documents = [documents[d] for d in range(first, end)]
-                scores = score_entropy(model, shard_documents, window=window, stride=stride, top_k=top_k,
-                                       batch_size=batch_size, pad_token_id=pad_token_id)
+                scores = score_entropy(model, shard_documents, window=scoring.window, stride=scoring.stride,
+                                       top_k=scoring.top_k, batch_size=scoring.batch_size,
+                                       pad_token_id=scoring.pad_token_id)
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(write_shard, folder, index, (first, end), key, scores)

@@ -13,7 +13,7 @@ from torch.utils.data import Sampler
 from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.method import TIER_NAMES, renormalise_over_nonempty, rollout_update, tier_probabilities
 
-__all__ = ["CurriculumBatchSampler", "DrawRepeats"]
+__all__ = ["CurriculumBatchSampler", "CurriculumSchedule", "DrawRepeats"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,20 @@ class DrawRepeats:
     """Consecutive steps after them that share one draw (the updates of one rollout)."""
 
 
+@dataclass(frozen=True)
+class CurriculumSchedule:
+    """The tier mix at each point of training: RMT's easy-to-hard curriculum (``method.tier_probabilities``), or,
+    with ``curriculum`` off, the union of the tiers drawn uniformly (the RPT baseline)."""
+
+    p1: Sequence[float]
+    """Tier distribution (easy, medium, hard) before ``t1``."""
+    p2: Sequence[float]
+    """Tier distribution from ``t1`` up to ``t2``; after ``t2`` the hard tier only."""
+    t1: float
+    t2: float
+    curriculum: bool = True
+
+
 class CurriculumBatchSampler(Sampler[list[int]]):
     """Draws per-rank batches of candidate ids, tier by tier, following the RMT curriculum.
 
@@ -38,17 +52,16 @@ class CurriculumBatchSampler(Sampler[list[int]]):
       through the tiers in order (easy's ``0 .. n_easy - 1``, then medium's, then hard's: a ``TierIndex``'s ids).
       The draws are the same as with ``tier_candidates`` listing those ids, and the sampler holds no id.
     - ``batch_size``: items per rank and batch; ``batches_per_epoch``: ``len(self)``.
-    - ``p1``, ``p2``, ``t1``, ``t2``: as in ``tier_probabilities``.
-    - ``curriculum``: if False, draw uniformly over the union of all tiers (RPT baseline).
+    - ``schedule``: the tier mix over training (``CurriculumSchedule``).
     - ``seed``, ``rank``, ``world_size``: batch ``b`` of epoch ``e`` comes from an RNG
       seeded by ``(seed, e, b)``; every rank draws the same global batch of
       ``batch_size * world_size`` ids and keeps slice ``[rank*batch_size, (rank+1)*batch_size)``.
     - ``total_batches``: batches of the whole run, for progress
       ``s = min(1, (e * batches_per_epoch + b) / total_batches)``; None means one epoch.
-      May be reassigned before iterating.
+      An attribute, set before iterating.
     - ``repeats``: which batches repeat an earlier one's draw (``DrawRepeats``; default: none). Batch ``b`` of
       epoch ``e`` is the run's step ``t = e * batches_per_epoch + b``; a repeat is the draw of the step that drew
-      it (``t - rollout_update(t, ...)``), with that step's progress. May be reassigned before iterating.
+      it (``t - rollout_update(t, ...)``), with that step's progress. An attribute, set before iterating.
 
     After each yielded batch, ``last_progress``, ``last_probabilities`` (renormalised),
     ``last_tier_counts``, ``last_tiers`` (tier of each yielded id), ``last_drawn_at`` (the step that drew it)
@@ -62,16 +75,10 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         tier_sizes: Sequence[int] | None = None,
         batch_size: int,
         batches_per_epoch: int,
-        p1: Sequence[float],
-        p2: Sequence[float],
-        t1: float,
-        t2: float,
-        curriculum: bool = True,
+        schedule: CurriculumSchedule,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        total_batches: int | None = None,
-        repeats: DrawRepeats | None = None,
     ) -> None:
         if (tier_candidates is None) == (tier_sizes is None):
             raise ValueError("give exactly one of tier_candidates and tier_sizes")
@@ -100,13 +107,13 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         self._starts = np.concatenate([[0], np.cumsum(self._sizes)[:-1]])
         if self._sizes.sum() == 0:
             raise ValueError("all tiers (easy, medium, hard) are empty: there is no candidate id to sample")
-        tier_probabilities(0.0, p1, p2, t1, t2)  # fail at construction, not mid-training
-        self.p1, self.p2, self.t1, self.t2 = tuple(p1), tuple(p2), float(t1), float(t2)
+        tier_probabilities(0.0, schedule.p1, schedule.p2, schedule.t1, schedule.t2)  # fail at construction, not mid-training
+        self.schedule = schedule
         self.batch_size, self.batches_per_epoch = int(batch_size), int(batches_per_epoch)
-        self.curriculum, self.seed = bool(curriculum), int(seed)
+        self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.total_batches = total_batches
-        self.repeats = repeats or DrawRepeats()
+        self.total_batches: int | None = None
+        self.repeats = DrawRepeats()
         self.epoch = 0
         self._yielded = 0
         self.last_progress: float = 0.0
@@ -135,9 +142,10 @@ class CurriculumBatchSampler(Sampler[list[int]]):
 
     def probabilities(self, progress: float) -> tuple[float, float, float]:
         """Tier distribution actually sampled from at ``progress``, after dropping empty tiers."""
-        if not self.curriculum:
+        schedule = self.schedule
+        if not schedule.curriculum:
             return tuple(float(n) for n in self._sizes / self._sizes.sum())  # type: ignore[return-value]
-        probs = tier_probabilities(progress, self.p1, self.p2, self.t1, self.t2)
+        probs = tier_probabilities(progress, schedule.p1, schedule.p2, schedule.t1, schedule.t2)
         return renormalise_over_nonempty(probs, self._sizes > 0)  # type: ignore[return-value]
 
     def draw(self, batch: int, epoch: int | None = None) -> tuple[list[int], list[int]]:
@@ -147,7 +155,7 @@ class CurriculumBatchSampler(Sampler[list[int]]):
         n = self.batch_size * self.world_size
         # Positions are drawn without replacement within a global batch (while a tier has enough), so the
         # ranks' shares of a step never hold the same position twice.
-        if self.curriculum:
+        if self.schedule.curriculum:
             probs = np.asarray(self.probabilities(self.progress(batch, epoch)))
             tiers = rng.choice(len(TIER_NAMES), size=n, p=probs / probs.sum())
             within = np.zeros(n, dtype=np.int64)

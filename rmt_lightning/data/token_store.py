@@ -29,6 +29,7 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,28 +103,47 @@ def _source_stamp(source: str) -> str | None:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def read_settings(
-    corpus: str,
-    split: str = "train",
-    text_field: str = "text",
-    text_template: str | None = None,
-    subset: str | None = None,
-    max_documents: int | None = None,
-    max_tokens: int | None = None,
-    embedded_documents: int = 2000,
-    seed: int = 0,
-) -> dict:
+@dataclass(frozen=True)
+class CorpusSource:
+    """Which texts a corpus gives: where it is and how its records are read (the data module's corpus keys)."""
+
+    corpus: str
+    """The embedded corpus, a local jsonl/json/txt/parquet/csv file or folder, or a hub dataset."""
+    split: str = "train"
+    text_field: str = "text"
+    text_template: str | None = None
+    """A ``str.format`` template over the record's fields (instead of ``text_field``)."""
+    subset: str | None = None
+    """The hub dataset's configuration (subset)."""
+    max_documents: int | None = None
+    """The first records only (None: all)."""
+    max_tokens: int | None = None
+    """The first texts whose tokens add up to at most this (None: all)."""
+    embedded_documents: int = 2000
+    """Documents of the embedded corpus."""
+    seed: int = 0
+    """Seed of the embedded corpus."""
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> CorpusSource:
+        """The source ``read_settings`` recorded."""
+        return cls(settings["corpus"], settings["split"], settings["text_field"], settings["text_template"],
+                   settings["subset"], settings["max_documents"], settings["max_tokens"],
+                   settings["embedded_documents"] or 2000, settings["seed"] or 0)
+
+
+def read_settings(source: CorpusSource) -> dict:
     """The settings that decide which texts ``iter_texts`` reads, as a manifest records them and a key hashes them.
 
     ``embedded_documents`` and ``seed`` only change the embedded corpus, so they are recorded (as None otherwise)
     only for it; a local corpus also records a stamp of its files' sizes and times, so editing it changes the key.
     """
-    embedded = corpus == EMBEDDED_CORPUS
+    embedded = source.corpus == EMBEDDED_CORPUS
     return {
-        "corpus": corpus, "split": split, "subset": subset, "text_field": text_field, "text_template": text_template,
-        "max_documents": max_documents, "max_tokens": max_tokens,
-        "embedded_documents": embedded_documents if embedded else None, "seed": seed if embedded else None,
-        "source_stamp": _source_stamp(corpus),
+        "corpus": source.corpus, "split": source.split, "subset": source.subset, "text_field": source.text_field,
+        "text_template": source.text_template, "max_documents": source.max_documents, "max_tokens": source.max_tokens,
+        "embedded_documents": source.embedded_documents if embedded else None, "seed": source.seed if embedded else None,
+        "source_stamp": _source_stamp(source.corpus),
     }
 
 
@@ -551,12 +571,7 @@ def open_or_build(
         if store is not None:
             return store
         if texts is None:
-            texts = iter_texts(
-                settings["corpus"], split=settings["split"], text_field=settings["text_field"],
-                text_template=settings["text_template"], subset=settings["subset"],
-                max_documents=settings["max_documents"], max_tokens=settings["max_tokens"], tokenizer=tokenizer,
-                embedded_documents=settings["embedded_documents"] or 2000, seed=settings["seed"] or 0,
-            )
+            texts = iter_texts(CorpusSource.from_settings(settings), tokenizer)
         elif callable(texts):
             texts = texts()
         return _build(texts, tokenizer, folder, max_document_tokens, min_document_tokens, num_proc, settings, BATCH_TEXTS)
@@ -598,19 +613,8 @@ def _limit_tokens(texts: Iterator[str], tokenizer, max_tokens: int) -> Iterator[
             yield text
 
 
-def iter_texts(
-    source: str,
-    split: str = "train",
-    text_field: str = "text",
-    text_template: str | None = None,
-    subset: str | None = None,
-    max_documents: int | None = None,
-    max_tokens: int | None = None,
-    tokenizer=None,
-    embedded_documents: int = 2000,
-    seed: int = 0,
-) -> Iterator[str]:
-    """Document texts of ``source`` (the embedded corpus, a local jsonl/json/txt/parquet/csv file or folder, or a
+def iter_texts(source: CorpusSource, tokenizer=None) -> Iterator[str]:
+    """Document texts of ``source.corpus`` (the embedded corpus, a local jsonl/json/txt/parquet/csv file or folder, or a
     hub dataset), read with ``datasets`` streaming: nothing past what is kept is downloaded or parsed (beyond the
     reader's own block).
 
@@ -619,6 +623,10 @@ def iter_texts(
     (``tokenizer``, no special tokens) add up to at most ``max_tokens``. The source, its fields, that it has a
     text and that ``max_tokens`` holds its first document are checked here, before the iterator is returned.
     """
+    max_documents, max_tokens, text_field, text_template = (source.max_documents, source.max_tokens,
+                                                             source.text_field, source.text_template)
+    split, subset, embedded_documents, seed, source = (source.split, source.subset, source.embedded_documents,
+                                                       source.seed, source.corpus)
     if max_documents is not None and max_documents < 1:
         raise InputError(f"max_documents={max_documents} is not valid: it must be >= 1 (or None: all)")
     if max_tokens is not None:

@@ -132,8 +132,8 @@ def _prompt_layout(per_row: Tensor, prompts: int, slots: int, slot_index: Tensor
     return per_row.view(prompts, slots, kv_heads, group, n).transpose(1, 2).reshape(prompts, kv_heads, slots * group, n)
 
 
-def _decode(gathered: Tensor, own_query: Tensor, prompt_keys: Tensor, prompt_values: Tensor, visible_prompt: Tensor | None,
-            own_keys: Tensor, own_values: Tensor, slots: int, slot_index: Tensor | None, scaling: float) -> Tensor:
+def _decode(gathered: Tensor, own_query: Tensor, own_keys: Tensor, own_values: Tensor, shared_prompt: SharedPromptCache,
+            layer_idx: int, scaling: float) -> Tensor:
     """One decoding step of two-part attention with one softmax over both parts' scores side by side.
 
     ``gathered [P, kv_heads, slots * group, dim]`` is the step's query laid out per prompt, as the prompt part
@@ -143,6 +143,9 @@ def _decode(gathered: Tensor, own_query: Tensor, prompt_keys: Tensor, prompt_val
     float rounding, at less cost: one exponential per score instead of two, and no merge. Returns
     ``[rows, heads, 1, dim]``.
     """
+    layer = shared_prompt.layers[layer_idx]
+    prompt_keys, prompt_values, visible_prompt = layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt
+    slots, slot_index = shared_prompt.rows_per_prompt, shared_prompt.slot_index
     prompts = gathered.shape[0]
     rows, kv_heads, group, dim = own_query.shape
     scores_p = _scores(gathered, prompt_keys, visible_prompt, scaling)
@@ -175,8 +178,7 @@ def two_part_attention(module, query: Tensor, key: Tensor, value: Tensor, attent
     gathered = _prompt_layout(per_row_query, prompts, slots, slot_index)
     decoding = q == 1 and dropout == 0 and not (torch.is_grad_enabled() and query.requires_grad)
     if decoding:
-        out = _decode(gathered, per_row_query, layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt,
-                      key, value, slots, slot_index, scaling)
+        out = _decode(gathered, per_row_query, key, value, shared_prompt, module.layer_idx, scaling)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
     out_p, lse_p = attend(gathered, layer.prompt_keys, layer.prompt_values, shared_prompt.visible_prompt, scaling, dropout)
     out_p = _rows_layout(out_p, slots, slot_index).reshape(rows, heads, q, dim)

@@ -127,10 +127,10 @@ class CompletionBatch:
     def groups(self, micro_batch_size: int) -> Iterator[tuple[slice, CompletionBatch]]:
         """``(rows, part)`` of each pass of ``micro_batch_size`` completions (whole groups, at least one): the
         completions' slice and the part of the batch it is."""
-        per_pass = max(1, micro_batch_size // self.group_size)
-        for first in range(0, self.prompt_ids.shape[0], per_pass):
-            owners = slice(first, first + per_pass)
-            rows = slice(first * self.group_size, (first + per_pass) * self.group_size)
+        per_pass, prompts = max(1, micro_batch_size // self.group_size), self.prompt_ids.shape[0]
+        for first in range(0, prompts, per_pass):
+            owners = slice(first, min(first + per_pass, prompts))
+            rows = slice(first * self.group_size, owners.stop * self.group_size)
             yield rows, CompletionBatch(self.prompt_ids[owners], self.prompt_mask[owners], self.completion_ids[rows],
                                         self.completion_mask[rows],
                                         None if self.scored_mask is None else self.scored_mask[rows], self.group_size)
