@@ -49,7 +49,7 @@ def smoke_assets():
     """The built-in tiny tokenizer and tiny Llama- and Qwen2-shaped configs: what the CPU smoke run builds."""
     from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 
-    from rmt_lightning.engine.models import build_builtin_tiny
+    from rmt_lightning.engine.builtin_models import build_builtin_tiny
 
     tokenizer = AutoTokenizer.from_pretrained(build_builtin_tiny())
     shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

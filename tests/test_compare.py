@@ -328,7 +328,7 @@ def test_a_bad_start_is_one_error_before_any_work(make, message, tmp_path, monke
 def test_a_start_with_another_vocabulary_than_the_proxy_is_refused_before_training(tmp_path, monkeypatch):
     import shutil
 
-    from rmt_lightning.engine.models import build_builtin_tiny
+    from rmt_lightning.engine.builtin_models import build_builtin_tiny
 
     start = tmp_path / "other-vocabulary"
     shutil.copytree(build_builtin_tiny(), start)
@@ -454,7 +454,7 @@ def test_a_preempted_row_resumes_from_its_preemption_checkpoint(resumed, tmp_pat
     ({"configs": [str(CONFIGS / "rmt.yaml")]}, r"holds row 'base model \(untrained\)' run with other inputs"),
 ])
 def test_a_rerun_with_other_inputs_is_refused_before_any_work(change, message, resumed, monkeypatch):
-    from rmt_lightning.engine.models import build_builtin_tiny
+    from rmt_lightning.engine.builtin_models import build_builtin_tiny
 
     out = resumed["folder"] / "out"
     before = {p: p.read_text() for p in (out / "rows").iterdir()}

@@ -22,7 +22,7 @@ from rmt_lightning.__main__ import main as package_main
 from rmt_lightning.callbacks import Preempted
 from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.cli import build_cli, find_last_checkpoint
-from rmt_lightning.engine.models import build_builtin_tiny
+from rmt_lightning.engine.builtin_models import build_builtin_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

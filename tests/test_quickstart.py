@@ -35,7 +35,7 @@ def _scalars(run_dir):
 
 
 def test_quickstart_one_step_then_one_rl_step_reusing_the_caches(tmp_path):
-    from rmt_lightning.engine.models import cache_root
+    from rmt_lightning.engine.builtin_models import cache_root
 
     _fit(tmp_path)
     run = tmp_path / "logs" / "quickstart" / "version_0"
