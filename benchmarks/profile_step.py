@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from common import PeakMemory, add_common_arguments, apply_threads, print_table, quiet_transformers, write_json
 from harness import corpus_batch, make_module, run_steps
 
-PHASES = ("rollout", "rewards", "rl_backward", "ntp_backward", "update_or_skip")
+PHASES = ("generate_rollout", "rewards", "rl_backward", "ntp_backward", "update_or_skip")
 """RMTModule methods marked as phases: the rollout, the rewards, the RL and NTP losses with their backward, the
 optimizer step (or the skip)."""
 

@@ -173,7 +173,7 @@ class ScriptedModule(RMTModule):
         self.batch = batch
         return super().training_step(batch, batch_idx)
 
-    def rollout(self, prompts, budget, group_size=None, temperature=None):
+    def generate_rollout(self, prompts, budget, group_size=None, temperature=None):
         if not self.trainer.training:
             self.seen_budgets.append(budget)
         group = group_size or self.hparams.group_size

@@ -160,11 +160,12 @@ def test_the_module_hands_rollouts_its_gathering_choice_and_no_agreement_when_un
     from rmt_lightning import RMTModule
 
     captured = {}
-    monkeypatch.setattr(module_file, "generate_group", lambda *args, **kwargs: captured.update(kwargs))
+    monkeypatch.setattr(module_file, "generate_group",
+                        lambda model, tokenizer, prompts, settings, options, **kwargs: captured.update(options=options, **kwargs))
     module = RMTModule(model_name_or_path=BUILTIN_TINY, gather_weights_for_rollouts=gather)
     module.configure_model()
     module.generate_rollout([[5, 6, 7]], budget=2)
-    assert captured["gather_weights"] is gather and captured["all_finished"] is None
+    assert captured["options"].gather_weights is gather and captured["all_finished"] is None
     assert captured["generator"].device == torch.device("cpu")
 
 
