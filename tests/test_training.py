@@ -205,8 +205,8 @@ def test_format_demonstrations_take_the_listed_budgets_in_turn(monkeypatch):
     continuations = [[b" eleven"]] * 4
     captured = {}
 
-    def record(policy, trainer, backward, prompt_ids, prompt_mask, response_ids, response_mask):
-        captured["prompts"], captured["responses"] = prompt_ids, response_ids
+    def record(policy, trainer, backward, batch):
+        captured["prompts"], captured["responses"] = batch.prompt_ids, batch.completion_ids
         return 0.0
 
     monkeypatch.setattr(losses, "demonstrations_backward", record)
