@@ -35,7 +35,7 @@ _THINKING, _ANSWERING, _DONE = 0, 1, 2
 
 @dataclass
 class Rollout:
-    """Completions of a batch of prompts, ``G`` rows per prompt (row ``i`` belongs to prompt ``i // G``)."""
+    """A rollout: the ``G`` completions of each prompt of one draw (row ``i`` belongs to prompt ``i // G``)."""
 
     completion_ids: Tensor
     """``[N, C]`` generated tokens, padded on the right."""
@@ -335,13 +335,14 @@ class _Batch:
     """The rows still decoding and the model's state for them: batch row ``b`` holds rollout row ``active[b]``;
     compaction drops finished rows from both."""
 
-    def __init__(self, model, start: Prefill, rules: _Rules, options: DecodingOptions, rows: int):
+    def __init__(self, model, start: Prefill, rules: _Rules, options: DecodingOptions, rows: int, device):
+        self.device = device
         group_size = rules.settings.group_size
         self.cache = _DecodingCache(model, start, group_size, rules.cap, options.share_prompt_attention)
         self.logits = start.last_logits.repeat_interleave(group_size, dim=0)
         self.next_position = start.positions.repeat_interleave(group_size) + 1
         self.active = list(range(rows))
-        self.active_index = torch.arange(rows, device=self.logits.device)
+        self.active_index = torch.arange(rows, device=device)
         self.steps = 0
 
     def drop_finished(self, rows: list[_Row]) -> None:
@@ -352,7 +353,7 @@ class _Batch:
             return
         keep = [b for b, r in enumerate(self.active) if not rows[r].done] or [0]
         if len(keep) < len(self.active):
-            keep_index = torch.tensor(keep, device=self.logits.device)
+            keep_index = torch.tensor(keep, device=self.device)
             self.cache.select(keep_index)
             self.next_position = self.next_position.index_select(0, keep_index)
             self.active = [self.active[b] for b in keep]
@@ -360,7 +361,7 @@ class _Batch:
 
     def forward(self, model, tokens: list[int]) -> None:
         """Run the model one step on each active row's token."""
-        ids = torch.tensor(tokens, device=self.logits.device).unsqueeze(1)
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
         out = model(input_ids=ids, position_ids=self.next_position.unsqueeze(1), use_cache=True,
                     **self.cache.inputs(self.steps))
         self.logits = out.logits[:, -1]
@@ -428,7 +429,7 @@ def generate_group(model, tokenizer, prompts: list[list[int]], settings: Generat
             device = next(model.parameters()).device
             # all_finished is an AND over processes: it also makes them agree on the prefill's path.
             start = prefill(model, prompts, rules.pad_id, device, options.prefill_common_prefix, agree)
-            batch = _Batch(model, start, rules, options, len(rows))
+            batch = _Batch(model, start, rules, options, len(rows), device)
             with batch.cache.attending, prepacked_linears(model, len(rows), enabled=options.prepack_weights):
                 _decode(model, rows, batch, rules, options, generator, agree)
     finally:
