@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..engine.builtin_models import cache_root
-from ..engine.models import check_fits_model, check_model_source
 from ..engine.models import (
-    DTYPES, load_causal_lm, load_tokenizer, max_positions, model_config, parse_dtype, resolve_model_source,
+    DTYPES, check_fits_model, check_model_source, load_causal_lm, load_tokenizer, max_positions, model_config,
+    parse_dtype, resolve_model_source,
 )
 from ..engine.tokens import TokenBytes
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities

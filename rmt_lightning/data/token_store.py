@@ -126,10 +126,11 @@ class CorpusSource:
 
     @classmethod
     def from_settings(cls, settings: dict) -> CorpusSource:
-        """The source ``read_settings`` recorded."""
+        """The source ``read_settings`` recorded (which leaves the embedded corpus's size and seed out, as None, for
+        other corpora: they read the defaults, which change nothing there)."""
         return cls(settings["corpus"], settings["split"], settings["text_field"], settings["text_template"],
                    settings["subset"], settings["max_documents"], settings["max_tokens"],
-                   settings["embedded_documents"] or 2000, settings["seed"] or 0)
+                   settings["embedded_documents"] or cls.embedded_documents, settings["seed"] or cls.seed)
 
 
 def read_settings(source: CorpusSource) -> dict:
