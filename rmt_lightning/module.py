@@ -1,59 +1,35 @@
-"""RMTModule: one training step = rollout -> rewards -> GRPO on key positions + NTP on the rest -> optimizer step."""
+"""RMTModule, the next-token task of mid-training: one training step = rollout -> rewards -> GRPO on key positions
++ NTP on the rest -> optimizer step (the step itself and the shared hooks: ``grpo_module.GRPOModule``)."""
 
 from __future__ import annotations
 
-import copy
-import math
 import sys
 import time
 
-import lightning as L
-from lightning.fabric.utilities.device_dtype_mixin import _update_properties
 from lightning.pytorch.trainer.states import TrainerFn
-import numpy as np
 import torch
 from torch import Tensor
 
-from .checks import check_mini_batches, check_module_arguments
+from .checks import check_module_arguments
 from .data.batches import PositionBatch
-from .data.datamodule import RMTDataModule
-from .data.sampler import DrawRepeats
 from .engine.builtin_models import BUILTIN_SMOLLM2
-from .engine.forward import CompletionBatch, ForwardOptions
-from .engine.generation import DecodingOptions, GenerationSettings, Rollout, generate_group
-from .engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
+from .engine.forward import CompletionBatch
+from .engine.generation import GenerationSettings, Rollout
 from .engine.padding import pad_left, pad_right
 from .engine.prompts import DEFAULT_INSTRUCTION, RESPONSE_PREFIX, build_prompt_ids, demonstration_ids
-from .engine.tokens import TokenBytes
 from .evaluation.tier_metrics import (
     EVAL_STAGES, EvaluationMetrics, argmax_hits, evaluation_budget, evaluation_record, write_figures,
 )
+from .grpo_module import GRPOModule, NonFiniteLossError, lr_factor
 from .method import completion_rewards, contiguous_share, group_advantages, thinking_cap
 from .rl import losses
-from .rl.reuse import RolloutReuse
 from .rl.metrics import as_tensors, completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
 from .rl.trajectory import Trajectory
-from .runtime.checkpointing import (
-    as_batch_end_checkpoint, count_the_next_epoch_after_resume, restore_rng_states, rng_states,
-)
-from .runtime.distributed import (
-    agreement, all_ranks, gather_objects, gradients_finite, is_fsdp1, is_sharded, shard_models, world_size,
-)
+
+__all__ = ["RMTModule", "NonFiniteLossError", "lr_factor"]
 
 
-def lr_factor(step: int, format_warmup_steps: int, lr_warmup_steps: int, format_factor: float) -> float:
-    """Learning rate at optimizer step ``step`` as a multiple of ``lr``: ``format_factor`` during the format
-    warm-up, then a linear warm-up over ``lr_warmup_steps`` (0: none) to a constant 1."""
-    if step < format_warmup_steps:
-        return format_factor
-    return min(1.0, (step - format_warmup_steps + 1) / max(1, lr_warmup_steps))
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients were NaN/inf on ``max_consecutive_skips`` steps in a row."""
-
-
-class RMTModule(L.LightningModule):
+class RMTModule(GRPOModule):
     """Reinforcement Mid-Training: GRPO on curriculum-selected key tokens plus next-token prediction on the rest.
 
     Args:
@@ -199,23 +175,14 @@ class RMTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_module_arguments(self.hparams)
-        self.automatic_optimization = False
+        self.init_rl_state()
         self.budget = budget
         """Current reasoning budget B: ``budget``, or where the TokenBudget callback's schedule is (it sets it)."""
         self.final_budget = budget
         """Budget at the end of training (progress 1), what a finished model is evaluated with outside ``fit``:
         ``budget``, or the TokenBudget callback's final budget (it sets it)."""
-        self.policy = None
-        self.reference = None
-        self.tokenizer = None
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.last_samples: list[dict] = []
         self.last_sampled_entropies: Tensor | None = None
         self.last_reasoning_lengths: Tensor | None = None
-        self._policy_sharded = self._reference_sharded = False
-        self.reuse = RolloutReuse(updates_per_rollout, mini_batches_per_rollout)
-        """Several steps on one rollout: the draw-repeat rule, the kept trajectory and its checkpoint part."""
         self.eval_metrics = torch.nn.ModuleDict({stage: EvaluationMetrics() for stage in EVAL_STAGES})
         self.eval_samples: list[dict] = []
         """A few completions of the latest evaluation, for the completions table."""
@@ -243,7 +210,8 @@ class RMTModule(L.LightningModule):
             loss = metrics["train/loss_ntp"] = self.ntp_backward(documents, attention, attention.bool(), 1.0)
             shown = {"ntp_loss": loss}
         else:
-            loss, rl_metrics = self.rl_step(batch, budget)
+            loss, rl_metrics = self.rl_step(
+                batch, lambda: self.collect_trajectory(contexts, continuations, budget))
             started += rl_metrics["timing/generate"]
             metrics.update(rl_metrics)
             shown = {"reward": metrics["train/reward"], "budget": float(budget)}
@@ -255,34 +223,6 @@ class RMTModule(L.LightningModule):
         self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
                       batch_size=len(contexts))
         show_in_progress_bar(self, shown, batch_size=len(contexts))
-
-    def rl_step(self, batch: PositionBatch, budget: int) -> tuple[float, dict[str, float]]:
-        """The RL step's backward: the trajectory (collected, or kept from an earlier step of its rollout), GRPO on
-        this step's mini-batch of it and lambda NTP on its share of the documents; returns the loss and figures."""
-        hp, reuse, started = self.hparams, self.reuse, time.perf_counter()
-        if reuse.reuses:
-            check_mini_batches(hp.mini_batches_per_rollout, len(batch.contexts))
-        trajectory, fresh = reuse.trajectory_for(
-            batch.drawn_at_step, lambda: self.collect_trajectory(batch.contexts, batch.continuations, budget))
-        generated = time.perf_counter()
-        update = batch.rollout_update or 0
-        mini_batch = reuse.mini_batch(update)
-        if reuse.reuses and fresh:
-            # The policy is still the one that sampled this rollout: pi_old of the other mini-batches is taken now,
-            # by the loss's own forward (pi_old and pi in one precision and path: the ratio is exactly 1 wherever
-            # the policy has not moved). This mini-batch's is its own forward's, below.
-            for other in reuse.other_mini_batches(mini_batch):
-                trajectory.old_logprobs[other] = self.policy_logprobs(reuse.part(trajectory, other))
-        part = reuse.part(trajectory, mini_batch)
-        old_logprobs = reuse.old_logprobs(trajectory, mini_batch, fresh)
-        terms = self.rl_backward(part, old_logprobs, trajectory.reference_logprobs.get(mini_batch))
-        reuse.record(trajectory, mini_batch, update, old_logprobs, terms)
-        loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
-        metrics = rl_step_metrics(part, terms, loss_ntp)
-        metrics.update({"train/rollout_update": float(update), "timing/generate": generated - started})
-        self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
-        reuse.finish_step(update)
-        return terms["loss_rl"] + hp.ntp_weight * loss_ntp, metrics
 
     # ---- a rollout and its rewards --------------------------------------------------------------------
 
@@ -303,12 +243,7 @@ class RMTModule(L.LightningModule):
             group_size or hp.group_size, thinking_cap(budget), hp.answer_allowance,
             temperature=hp.temperature if temperature is None else temperature, top_p=hp.top_p,
             budget_forcing=hp.budget_forcing, response_prefix=hp.response_prefix, max_new_tokens=hp.max_response_length)
-        options = DecodingOptions(share_prompt_attention=hp.share_prompt_attention, prepack_weights=hp.prepack_weights,
-                                  gather_weights=hp.gather_weights_for_rollouts)
-        # Only sharded weights make a forward a collective that every process must run (not under DDP).
-        all_finished = agreement(self._trainer) if self._policy_sharded else None
-        return generate_group(self.policy, self.tokenizer, prompts, settings, options, generator=self._generator(),
-                              token_bytes=self._token_bytes, all_finished=all_finished)
+        return self._generate(prompts, settings)
 
     def rewards(self, rollout: Rollout, continuations: list[list[bytes]], budget: int) -> tuple[Tensor, Tensor, Tensor]:
         """Rewards ``[P, G]``: total, correctness and length parts (``method.completion_rewards``)."""
@@ -325,38 +260,14 @@ class RMTModule(L.LightningModule):
             for ctx, b in zip(contexts, budgets)
         ]
 
-    def _generator(self) -> torch.Generator:
-        seed = int(np.random.SeedSequence([self.hparams.sample_seed, self.global_step, self.global_rank]).generate_state(1)[0])
-        return torch.Generator(device=self.root_device).manual_seed(seed)
+    # ---- the other losses (rl/losses.py) -------------------------------------------------------------
 
-    # ---- losses (rl/losses.py) and the update --------------------------------------------------------
-
-    def _grpo_settings(self) -> losses.GRPOSettings:
+    def finish_rl_backward(self, batch: PositionBatch, part: Trajectory, mini_batch: int,
+                           terms: dict) -> tuple[float, dict[str, float]]:
+        """lambda NTP on the mini-batch's share of the documents; the RL step's figures."""
         hp = self.hparams
-        return losses.GRPOSettings(hp.clip_eps, hp.beta, hp.rl_micro_batch_size,
-                                   ForwardOptions(share_prompt_attention=hp.share_prompt_attention))
-
-    def _completions(self, trajectory: Trajectory) -> CompletionBatch:
-        """What the losses read of a trajectory's completions, on the root device."""
-        return CompletionBatch.of(trajectory.prompts, trajectory.rollout, self.tokenizer.pad_token_id, self.root_device)
-
-    def rl_backward(self, trajectory: Trajectory, old_logprobs: Tensor | None = None,
-                    reference_logprobs: Tensor | None = None) -> dict:
-        """GRPO loss over all policy-sampled tokens, backpropagated in micro-batches; returns its logged terms
-        and the policy's and reference's log-probs (``losses.rl_backward``). ``old_logprobs`` are pi_old (None: the
-        current policy, ratio 1); ``reference_logprobs``, from an earlier update of these completions, stand in
-        for the reference's forward."""
-        old_logprobs, reference_logprobs = (None if t is None else t.to(self.root_device)
-                                            for t in (old_logprobs, reference_logprobs))
-        batch = losses.RLBatch(self._completions(trajectory), trajectory.advantages.to(self.root_device),
-                               old_logprobs, reference_logprobs)
-        return losses.rl_backward(self.policy, self._reference_model(), self._trainer, self.manual_backward, batch,
-                                  self._grpo_settings())
-
-    def policy_logprobs(self, trajectory: Trajectory) -> Tensor:
-        """The current policy's log-probs of the trajectory's sampled tokens, by the loss's own forward, without
-        gradients (``losses.policy_logprobs``)."""
-        return losses.policy_logprobs(self.policy, self._trainer, self._completions(trajectory), self._grpo_settings())
+        loss_ntp = self.ntp_backward(*self._ntp_share(batch, mini_batch), hp.ntp_weight) if hp.ntp_weight > 0 else 0.0
+        return hp.ntp_weight * loss_ntp, rl_step_metrics(part, terms, loss_ntp)
 
     def ntp_backward(self, documents: Tensor, attention: Tensor, ntp_mask: Tensor, weight: float) -> float:
         """Teacher-forced NLL over the masked positions of the documents, scaled by ``weight``; returns the NLL."""
@@ -378,34 +289,6 @@ class RMTModule(L.LightningModule):
         tensors = (*pad_left(self._prompts(contexts, budgets), pad), *pad_right(responses, pad))
         batch = CompletionBatch(*(t.to(self.root_device) for t in tensors))
         return losses.demonstrations_backward(self.policy, self._trainer, self.manual_backward, batch)
-
-    def update_or_skip(self, loss: float) -> None:
-        """Clip the gradients and step the optimizer and the LR schedule, or, when the loss or a gradient is not
-        finite on any rank, drop this update (and stop the run after ``max_consecutive_skips`` in a row)."""
-        hp = self.hparams
-        optimizer = self.optimizers()
-        # One rank's non-finite loss reaches every rank through the gradient all-reduce: all skip together.
-        if not all_ranks(self._trainer, math.isfinite(loss) and gradients_finite(self.policy)):
-            # A non-finite loss or gradient would poison the weights and the optimizer moments.
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= hp.max_consecutive_skips:
-                raise NonFiniteLossError(
-                    f"the loss or the gradients were NaN/inf on {self.consecutive_skips} consecutive steps (up to step "
-                    f"{self.global_step}, epoch {self.current_epoch}; max_consecutive_skips={hp.max_consecutive_skips}), "
-                    f"so the run stops; lower lr (now {hp.lr}), check the corpus, or resume from an earlier checkpoint"
-                )
-            return
-        self.consecutive_skips = 0
-        if hp.grad_clip > 0 and is_fsdp1(self.policy):
-            # The norm over all shards; Lightning's FSDP1 precision plugin refuses norm clipping.
-            self.policy.clip_grad_norm_(hp.grad_clip)
-        elif hp.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.lr_schedulers().step()
 
     def _ntp_share(self, batch: PositionBatch, mini_batch: int) -> tuple[Tensor, Tensor, Tensor]:
         """Documents, attention mask and NTP mask of mini-batch ``mini_batch``'s share of the batch's documents
@@ -482,63 +365,11 @@ class RMTModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
 
-    # ---- Lightning hooks: models, optimizer, checkpoints -------------------------------------------------
+    # ---- what the shared step reads of this task ---------------------------------------------------
 
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        hp = self.hparams
-        self.tokenizer = load_tokenizer(hp.model_name_or_path, trust_remote_code=hp.trust_remote_code)
-        self._token_bytes = TokenBytes(self.tokenizer)
-        self.policy = load_causal_lm(hp.model_name_or_path, dtype=parse_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code)
-        self.policy.train()  # from_pretrained returns eval mode; dropout, where a model has it, belongs to training
-        if hp.gradient_checkpointing:
-            enable_gradient_checkpointing(self.policy)
-        reference = copy.deepcopy(self.policy).eval().requires_grad_(False) if hp.beta > 0 and hp.rl else None
-        if reference is not None and hp.reference_dtype is not None:
-            reference.to(parse_dtype(hp.reference_dtype))
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        self.policy, reference = shard_models(strategy, self.device_mesh, self.policy, reference)
-        if is_fsdp1(self.policy):
-            # FSDP1 placed the wrapped models and Lightning leaves a module with FSDP inside it where it is, so the
-            # module's own device (what Lightning's own code reads) is set here, without moving anything: a move
-            # would put FSDP1's CPU-offloaded parameters on the GPU.
-            _update_properties(self, device=strategy.root_device)
-        self._policy_sharded = is_sharded(self.policy)
-        self._reference_sharded = reference is not None and is_sharded(reference)
-        # Not a registered submodule: the frozen initial policy stays out of the state dict (checkpoints, strict
-        # loading of sharded checkpoints), out of the DDP wrapper and out of Lightning's precision and device
-        # handling. It follows the policy's device when it is used.
-        object.__setattr__(self, "reference", reference)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        format_factor = 1.0 if hp.format_warmup_lr is None else hp.format_warmup_lr / hp.lr
-        # A plain function, not an object: LambdaLR's state dict then holds no schedule state (as in checkpoints so far).
-        def factor(step: int) -> float:
-            return lr_factor(step, self.format_steps, hp.lr_warmup_steps, format_factor)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def setup(self, stage: str) -> None:
-        # The datamodule's sampler repeats a draw for the steps of one rollout: this module's arguments decide
-        # which, so it tells the datamodule (whose setup has run) before the loaders are made.
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if isinstance(datamodule, RMTDataModule):
-            datamodule.draw_repeats = self.draw_repeats()
-
-    def draw_repeats(self) -> DrawRepeats:
-        """Which training steps share a draw of positions: every format warm-up step and every NTP-only step
-        draws its own; RL steps come ``steps_per_rollout`` to a draw (``RolloutReuse.draw_repeats``)."""
-        return self.reuse.draw_repeats(self.format_steps) if self.hparams.rl else DrawRepeats()
+    @property
+    def uses_rl(self) -> bool:
+        return bool(self.hparams.rl)
 
     @property
     def format_steps(self) -> int:
@@ -546,51 +377,6 @@ class RMTModule(L.LightningModule):
         return sys.maxsize if self.hparams.get("format_only") else self.hparams.format_warmup_steps
 
     @property
-    def steps_per_rollout(self) -> int:
-        """Optimizer steps each rollout feeds: ``updates_per_rollout * mini_batches_per_rollout``."""
-        return self.reuse.steps_per_rollout
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rmt_skipped_steps"] = self.skipped_steps
-        checkpoint["rmt_consecutive_skips"] = self.consecutive_skips
-        checkpoint["rng_states"] = rng_states()
-        self.reuse.save(checkpoint, gather_objects)
-        if self._trainer is not None:
-            as_batch_end_checkpoint(checkpoint, self.trainer.num_training_batches)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        as_batch_end_checkpoint(checkpoint)
-        self.skipped_steps = checkpoint.get("rmt_skipped_steps", 0)
-        self.consecutive_skips = checkpoint.get("rmt_consecutive_skips", 0)
-        self.reuse.load(checkpoint, self.global_rank, world_size(self._trainer))
-        if "rng_states" in checkpoint:
-            # Nothing draws from them between here and the first resumed step (the loaders have their own
-            # generators), so the resumed steps see the generators the interrupted run would have.
-            restore_rng_states(checkpoint["rng_states"])
-
-    def on_train_start(self) -> None:
-        count_the_next_epoch_after_resume(self.trainer)
-
-    def on_fit_start(self) -> None:
-        # Runs after the strategy's setup, where the precision plugin casts the weights (bf16-true, 16-true), and
-        # before the first step: the dtypes read here are the ones the optimizer updates.
-        from .runtime.precision import warn_if_updates_round_away
-
-        if self.global_rank == 0:
-            warn_if_updates_round_away(self.policy.parameters(), self.hparams.lr)
-
-    @property
-    def root_device(self) -> torch.device:
-        """The device this process computes on: the strategy's root device, under every strategy. Everything the
-        module creates or moves goes there (``self.device`` is not enough: under FSDP1 the models are wrapped inside
-        the module, so Lightning never moves the module itself)."""
-        return self._trainer.strategy.root_device if self._trainer is not None else self.device
-
-    def _reference_model(self):
-        """The frozen reference, where the policy is: not a registered submodule, so nothing moves it with the
-        module; a sharded one was placed by its sharding."""
-        if self.reference is not None and not self._reference_sharded:
-            policy_device = next(self.policy.parameters()).device
-            if next(self.reference.parameters()).device != policy_device:
-                self.reference.to(policy_device)
-        return self.reference
+    def format_lr_factor(self) -> float:
+        hp = self.hparams
+        return 1.0 if hp.format_warmup_lr is None else hp.format_warmup_lr / hp.lr

@@ -368,7 +368,7 @@ def test_bad_input_stops_before_any_model_loads_with_one_message(case, workspace
     monkeypatch.chdir(workspace)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     loaded = []
-    monkeypatch.setattr("rmt_lightning.module.load_causal_lm", lambda *a, **k: loaded.append(a) or pytest.fail("policy loaded"))
+    monkeypatch.setattr("rmt_lightning.grpo_module.load_causal_lm", lambda *a, **k: loaded.append(a) or pytest.fail("policy loaded"))
     monkeypatch.setattr("rmt_lightning.data.datamodule.load_causal_lm", lambda *a, **k: loaded.append(a) or pytest.fail("proxy loaded"))
     files = {
         "unknown_key": yaml_file(workspace, "unknown_key.yaml", {"model": {"lrr": 0.1}}),

@@ -58,6 +58,11 @@ class PositionBatch:
     """How many steps after ``drawn_at_step`` this batch's step is: 0 collects the rollout, 1 and on reuse it
     (training batches only)."""
 
+    @property
+    def size(self) -> int:
+        """How many positions the batch holds."""
+        return len(self.contexts)
+
 
 @dataclass(frozen=True)
 class Candidates:
