@@ -27,8 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
 from .checks import check_mini_batches, check_rollout_fits
 from .data.datamodule import RMTDataModule
+from .data.drawn import DrawnDataModule
+from .data.question_datamodule import QuestionDataModule
 from .data.scoring_pass import ScoringStopped
+from .grpo_module import GRPOModule
 from .module import NonFiniteLossError, RMTModule
+from .posttrain import PostTrainModule
 from .runtime.checkpointing import (
     remove_partial_writes, unsafe_checkpoint_error, use_atomic_checkpoint_io, verify_checkpoint_file,
 )
@@ -96,13 +100,18 @@ class RMTCLI(LightningCLI):
         return {**commands, "score": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
-        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
+        parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
 
     def parse_arguments(self, parser, args) -> None:
         self.given_arguments = args
-        super().parse_arguments(parser, args)
+        if isinstance(args, (dict, Namespace)):
+            super().parse_arguments(parser, args)
+            return
+        args = with_default_classes(list(sys.argv[1:] if args is None else args), self.subcommands())
+        self.given_arguments = args
+        self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters before anything else: a damaged file must be one
@@ -143,6 +152,9 @@ class RMTCLI(LightningCLI):
         self.preflight("test")
 
     def before_score(self) -> None:
+        if not isinstance(self.datamodule, RMTDataModule):
+            raise InputError(f"score scores a corpus's token entropy for mid-training (RMTDataModule); "
+                             f"{type(self.datamodule).__name__} has nothing to score")
         self.datamodule.check_inputs()
 
     def preflight(self, subcommand: str) -> None:
@@ -151,16 +163,72 @@ class RMTCLI(LightningCLI):
         trainer = self.trainer
         for folder, what in _output_folders(trainer):
             check_writable_directory(folder, what)
+        check_task_pair(self.model, self.datamodule)
         self.datamodule.check_inputs()
-        schedule = TokenBudget.of(trainer)
-        check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens,
-                           schedule.b0 if schedule is not None else self.model.hparams.budget)
-        if self.model.hparams.rl:
+        if isinstance(self.model, RMTModule):
+            schedule = TokenBudget.of(trainer)
+            check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens,
+                               schedule.b0 if schedule is not None else self.model.hparams.budget)
+        if self.model.uses_rl:
             check_mini_batches(self.model.hparams.mini_batches_per_rollout, self.datamodule.hparams.batch_size)
         config = self.config_init[subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             config["ckpt_path"] = find_last_checkpoint(trainer)
+
+
+DEFAULT_CLASSES = {"model": "rmt_lightning.RMTModule", "data": "rmt_lightning.RMTDataModule"}
+"""The classes of a run whose configs and flags name none: mid-training."""
+
+
+def _yaml_names_class(path: str, key: str, subcommand: str) -> bool:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # the parser reports an unreadable config itself
+    for tree in (config, config.get(subcommand) if isinstance(config, dict) else None):
+        value = tree.get(key) if isinstance(tree, dict) else None
+        if isinstance(value, str) or (isinstance(value, dict) and "class_path" in value):
+            return True
+    return False
+
+
+def with_default_classes(args: list[str], subcommands) -> list[str]:
+    """``args`` with ``--model=rmt_lightning.RMTModule`` and ``--data=rmt_lightning.RMTDataModule`` put right after
+    the subcommand where no config or flag names a class for them, so a config of plain arguments is a
+    mid-training run (as it always was) and ``configs/posttrain/`` name their own classes.
+
+    Not a parser default: jsonargparse keeps a default class's argument values when a config then names another
+    class, so the post-training module would silently take the mid-training module's defaults (its ``beta``)."""
+    position = next((i for i, arg in enumerate(args) if arg in subcommands), None)
+    if position is None:
+        return args
+    subcommand, named = args[position], set()
+    for i, arg in enumerate(args):
+        flag, _, inline = arg.partition("=")
+        if flag in ("--config", "-c") and (inline or i + 1 < len(args)):
+            named |= {key for key in DEFAULT_CLASSES if _yaml_names_class(inline or args[i + 1], key, subcommand)}
+        named |= {key for key in DEFAULT_CLASSES if flag in (f"--{key}", f"--{key}.class_path")}
+    defaults = [f"--{key}={value}" for key, value in DEFAULT_CLASSES.items() if key not in named]
+    return [*args[: position + 1], *defaults, *args[position + 1 :]]
+
+
+TASKS = ((RMTModule, RMTDataModule), (PostTrainModule, QuestionDataModule))
+"""Each task's module and the datamodule whose batches it reads."""
+
+
+def check_task_pair(model, datamodule) -> None:
+    """The module and the datamodule belong to the same task, else an InputError naming the right pair."""
+    for module_class, data_class in TASKS:
+        if isinstance(model, module_class) and not isinstance(datamodule, data_class):
+            raise InputError(f"model {type(model).__name__} reads the batches of {data_class.__name__}, not of "
+                             f"{type(datamodule).__name__}: set data.class_path rmt_lightning.{data_class.__name__}")
+        if isinstance(datamodule, data_class) and not isinstance(model, module_class):
+            raise InputError(f"data {type(datamodule).__name__} feeds {module_class.__name__}, not "
+                             f"{type(model).__name__}: set model.class_path rmt_lightning.{module_class.__name__}")
 
 
 def _root_value_error(error: BaseException) -> ValueError | None:
@@ -244,8 +312,10 @@ def find_last_checkpoint(trainer) -> str | None:
 def build_cli(args=None, run: bool = True) -> RMTCLI:
     """The CLI; ``args`` as a list replaces ``sys.argv`` and ``run=False`` only builds the objects (for tests)."""
     return RMTCLI(
-        RMTModule,
-        RMTDataModule,
+        GRPOModule,
+        DrawnDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         seed_everything_default=0,
         trainer_defaults={
             # The curriculum sampler shards the global batch across ranks itself.

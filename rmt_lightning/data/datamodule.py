@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ..runtime.errors import InputError, as_input_error, at_least, check_writabl
 from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
 from .corpus import EMBEDDED_CORPUS, check_corpus_source
 from .entropy_shards import ShardScoring, entropy_folder, read_plan, score_shards
+from .drawn import DrawnDataModule
 from .sampler import CurriculumBatchSampler, CurriculumSchedule, DrawRepeats
 from .scoring import fingerprint_tokens, proxy_identity, window_plan
 from .scoring_pass import ScoringPass, ScoringStopped
@@ -37,7 +37,7 @@ from .token_store import (
 )
 
 
-class RMTDataModule(L.LightningDataModule):
+class RMTDataModule(DrawnDataModule):
     """Corpus, entropy tiers and the easy-to-hard curriculum sampler of RMT.
 
     Args:
@@ -161,15 +161,9 @@ class RMTDataModule(L.LightningDataModule):
         """``val_corpus``'s index (its documents all held out), when there is one."""
         self.val_candidates: Candidates | None = None
         """The held-out documents' positions (validation and test), in memory."""
-        self.sampler: CurriculumBatchSampler | None = None
-        self.draw_repeats = DrawRepeats()
-        """Which training steps share one draw of positions (default: each its own). ``RMTModule.setup`` sets it
-        from its own arguments (the steps a rollout feeds), so the two cannot disagree."""
         self.scoring_passes: list[dict] = []
         """What each scoring pass of this process did: corpus, tokens scored (by every process), tokens an earlier
         pass had scored, seconds scoring and seconds loading the proxy, processes."""
-        self._pending_sampler_state: dict | None = None
-        self._consumed: dict | None = None
 
     # ---- corpus and scores -------------------------------------------------------------------------
 
@@ -257,9 +251,6 @@ class RMTDataModule(L.LightningDataModule):
 
     def _scoring_device(self) -> torch.device:
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
 
     @property
     def scoring_dtype(self) -> str:
@@ -381,9 +372,7 @@ class RMTDataModule(L.LightningDataModule):
             schedule=CurriculumSchedule(hp.p1, hp.p2, hp.t1, hp.t2, hp.curriculum), seed=hp.seed, rank=rank,
             world_size=world_size,
         )
-        if self._pending_sampler_state is not None:
-            self.sampler.load_state_dict(self._pending_sampler_state)
-            self._pending_sampler_state = None
+        self._load_pending_sampler_state()
 
     def tier_sizes(self) -> dict[str, int]:
         """Number of training candidates per tier."""
@@ -397,19 +386,6 @@ class RMTDataModule(L.LightningDataModule):
             self.documents, candidates, TokenBytes(self.tokenizer), self.tokenizer.pad_token_id,
             hp.max_context_tokens, hp.continuation_tokens,
         )
-
-    def _loader_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.hparams.seed)
-
-    def _total_batches(self) -> int:
-        per_epoch = self.hparams.batches_per_epoch
-        limits = []
-        if self.trainer is not None:
-            if self.trainer.max_steps is not None and self.trainer.max_steps > 0:
-                limits.append(self.trainer.max_steps)
-            if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
-                limits.append(self.trainer.max_epochs * per_epoch)
-        return max(1, min(limits)) if limits else per_epoch
 
     def train_dataloader(self) -> DataLoader:
         self.sampler.total_batches = self._total_batches()
@@ -443,31 +419,5 @@ class RMTDataModule(L.LightningDataModule):
 
     # ---- state -------------------------------------------------------------------------------------
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # The sampler runs one batch ahead of training; the resume point is the last batch trained on.
-        if isinstance(batch, PositionBatch) and batch.curriculum_batch is not None:
-            self._consumed = {"epoch": batch.curriculum_epoch, "batches_yielded": batch.curriculum_batch + 1}
-        return batch
 
-    def state_dict(self) -> dict:
-        if self.sampler is None:
-            return {}
-        state = self.sampler.state_dict()
-        if self._consumed is not None:
-            state.update(self._consumed)
-        return {"sampler": state}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state = state_dict.get("sampler")
-        if state is None:
-            return
-        if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
-            # Where training stood matters to training only; validate and test take any global batch size.
-            return
-        # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is stateful; here
-        # the sampler resumes from this state instead, exactly.
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-        if self.sampler is None:
-            self._pending_sampler_state = state
-        else:
-            self.sampler.load_state_dict(state)

@@ -974,3 +974,76 @@ def generate_math_corpus(num_documents: int, seed: int = 0) -> list[str]:
         ValueError: If ``num_documents`` is less than 1.
     """
     return [problem.text for problem in generate_math_problems(num_documents, seed)]
+
+
+# ---------------------------------------------------------------------------
+# Questions by difficulty (the built-in post-training set)
+# ---------------------------------------------------------------------------
+
+QUESTION_DIFFICULTIES = (1, 2, 3, 4)
+"""Difficulty levels of :func:`generate_questions`: 1, one addition or subtraction of numbers up to 20 written as
+arithmetic; 2, the same in a one-sentence word problem, numbers up to 20; 3, two steps in a word problem, numbers
+up to 20; 4, the embedded corpus's GSM8K-style problems of two to four steps."""
+
+
+def _arithmetic_question(rng: random.Random) -> tuple[str, list[str], int]:
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    if rng.random() < 0.5:
+        return f"What is {a} + {b}?", [f"{a} + {b} = {a + b}."], a + b
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} - {b}?", [f"{a} - {b} = {a - b}."], a - b
+
+
+def _one_step_question(rng: random.Random) -> tuple[str, list[str], int]:
+    p = _person(rng)
+    _, plural = rng.choice(_COUNTABLES)
+    a, b = rng.randint(2, 20), rng.randint(1, 20)
+    if rng.random() < 0.5:
+        question = f"{p.name} has {a} {plural} and gets {b} more. How many {plural} does {p.he} have now?"
+        return question, [f"{p.name} has {a} + {b} = {a + b} {plural}."], a + b
+    a, b = max(a, b), min(a, b)
+    question = f"{p.name} has {a} {plural} and gives away {b}. How many {plural} does {p.he} have left?"
+    return question, [f"{p.name} has {a} - {b} = {a - b} {plural} left."], a - b
+
+
+def _two_step_question(rng: random.Random) -> tuple[str, list[str], int]:
+    p = _person(rng)
+    _, plural = rng.choice(_COUNTABLES)
+    a, b = rng.randint(5, 20), rng.randint(1, 20)
+    c = rng.randint(1, a + b)
+    question = (f"{p.name} has {a} {plural}. {_cap(p.he)} gets {b} more and then gives away {c}. "
+                f"How many {plural} does {p.he} have now?")
+    steps = [f"After getting more, {p.he} has {a} + {b} = {a + b} {plural}.",
+             f"After giving some away, {p.he} has {a + b} - {c} = {a + b - c} {plural}."]
+    return question, steps, a + b - c
+
+
+_QUESTION_LEVELS: dict[int, _TemplateFn] = {1: _arithmetic_question, 2: _one_step_question, 3: _two_step_question}
+
+
+def generate_questions(num_questions: int, difficulty: int = 1, seed: int = 0,
+                       exclude: frozenset[str] = frozenset()) -> list[MathProblem]:
+    """``num_questions`` distinct questions of ``difficulty`` (:data:`QUESTION_DIFFICULTIES`), deterministic in
+    ``seed``, none of whose question texts is in ``exclude`` (the held-out set, when drawing the training one).
+
+    Raises:
+        ValueError: For an unknown difficulty, or when the level has fewer distinct questions than asked for.
+    """
+    if difficulty not in QUESTION_DIFFICULTIES:
+        raise ValueError(f"difficulty {difficulty!r} is not a level; valid: {list(QUESTION_DIFFICULTIES)}")
+    rng = random.Random(seed)
+    found: dict[str, MathProblem] = {}
+    attempts = 0
+    while len(found) < num_questions:
+        attempts += 1
+        if attempts > 50 * num_questions + 1000:
+            raise ValueError(f"difficulty {difficulty} gave only {len(found)} distinct questions of the {num_questions} "
+                             "asked for (outside the excluded ones); ask for fewer, or a higher difficulty")
+        if difficulty in _QUESTION_LEVELS:
+            question, steps, answer = _QUESTION_LEVELS[difficulty](rng)
+            problem = MathProblem(f"level{difficulty}", question, "\n".join(steps) + f"\n#### {answer}", answer)
+        else:
+            problem = generate_problem(rng)
+        if problem.question not in exclude and problem.question not in found:
+            found[problem.question] = problem
+    return list(found.values())

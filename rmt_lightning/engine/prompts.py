@@ -8,7 +8,7 @@ from ..method.rewards import BOXED, THINK_CLOSE, THINK_OPEN
 
 __all__ = [
     "THINK_OPEN", "THINK_CLOSE", "BOXED", "RESPONSE_PREFIX", "ANSWER_SCAFFOLD", "BOX_SCAFFOLD", "DEFAULT_INSTRUCTION",
-    "render_instruction", "build_prompt_ids", "demonstration",
+    "render_instruction", "build_prompt_ids", "demonstration", "DEFAULT_QUESTION_INSTRUCTION", "question_prompt_ids",
 ]
 
 RESPONSE_PREFIX = f"{THINK_OPEN}\n"
@@ -61,3 +61,19 @@ def demonstration_ids(tokenizer, contexts: list[list[int]], continuations: list[
         thought = thought.replace("{next_token}", target)
         responses.append(tokenizer(demonstration(thought, target), add_special_tokens=False)["input_ids"])
     return responses
+
+
+DEFAULT_QUESTION_INSTRUCTION = f"{{question}}\nPut your final answer within {BOXED}}}."
+"""The question task's prompt (the instruction of open-r1 and Qwen's math models); ``{question}`` is filled in."""
+
+
+def question_prompt_ids(tokenizer, question: str | list[dict], instruction: str = DEFAULT_QUESTION_INSTRUCTION,
+                        use_chat_template: bool = True) -> list[int]:
+    """Prompt token ids of a question: ``instruction`` around the question text as a user turn, or a conversation
+    (chat messages) as it is, in the tokenizer's chat template when it has one and ``use_chat_template``."""
+    messages = question if isinstance(question, list) else [
+        {"role": "user", "content": instruction.replace("{question}", question)}]
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer("\n".join(m["content"] for m in messages) + "\n")["input_ids"]

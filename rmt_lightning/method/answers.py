@@ -19,7 +19,7 @@ from torch import Tensor
 from .rewards import BOXED
 
 __all__ = [
-    "last_boxed", "gsm8k_reference", "reference_answers", "parse_reference", "verify_parsed", "verify_answer",
+    "last_boxed", "has_answer", "gsm8k_reference", "reference_answers", "parse_reference", "verify_parsed", "verify_answer",
     "answer_rewards", "REFERENCE_FORMS",
 ]
 
@@ -45,6 +45,13 @@ def last_boxed(completion: str) -> str | None:
         found = completion[pos + len(BOXED) : i - 1]
         pos = completion.find(BOXED, i)
     return found
+
+
+def has_answer(completion: str) -> bool:
+    """Whether ``completion`` gives an answer: a last ``\\boxed{}`` with something in it (an empty box, which a
+    model learns to copy from the instruction, is no answer)."""
+    content = last_boxed(completion)
+    return content is not None and bool(content.strip())
 
 
 def gsm8k_reference(solution: str) -> str | None:
@@ -139,7 +146,7 @@ def verify_answer(completion: str, reference: str) -> bool:
 
 def answer_rewards(correct: Tensor, answered: Tensor, format_weight: float = 0.0) -> Tensor:
     """Reward of each completion of a question task: ``r = r_correct + format_weight * r_answered``, where
-    ``r_correct`` is 1 for a verified answer and ``r_answered`` 1 for a completion with a ``\\boxed{}`` answer
+    ``r_correct`` is 1 for a verified answer and ``r_answered`` 1 for a completion with a non-empty ``\\boxed{}`` answer (``has_answer``)
     (open-r1's accuracy and format rewards, summed with weights). ``format_weight = 0`` is plain correctness,
     as the paper post-trains."""
     if format_weight < 0:

@@ -36,6 +36,24 @@ def rl_step_metrics(trajectory: Trajectory, terms: dict[str, float], loss_ntp: f
     }
 
 
+def question_step_metrics(trajectory: Trajectory, terms: dict[str, float], verify_timeouts: int) -> dict[str, float]:
+    """The figures of a question task's RL step: its loss terms, the rewards (total, correctness), the share of
+    completions with an answer, lengths and the canaries (clipped, zero-std, verifications timed out)."""
+    rollout, rewards = trajectory.rollout, trajectory.rewards
+    return {
+        "train/loss_rl": terms["loss_rl"],
+        "train/kl": terms["kl"],
+        "train/ppo_clip_fraction": terms["ppo_clip_fraction"],
+        "train/reward": float(rewards.mean()),
+        "train/reward_correct": float(trajectory.correct.mean()),
+        "train/answer_rate": float(trajectory.length.mean()),
+        "train/completion_length": float(rollout.completion_mask.sum(1).float().mean()),
+        "train/frac_reward_zero_std": float(zero_std_groups(rewards).float().mean()),
+        "train/clipped_ratio": float(np.mean(rollout.clipped)),
+        "train/verify_timeouts": float(verify_timeouts),
+    }
+
+
 def curriculum_metrics(batch: PositionBatch) -> dict[str, float]:
     """The tier mix scheduled for the batch, the mix drawn, and the curriculum's progress."""
     probabilities, tiers = batch.curriculum_probabilities.tolist(), batch.tiers
@@ -78,4 +96,23 @@ def completion_samples(tokenizer, batch: PositionBatch, rollout: Rollout, reward
             "reward": float(rewards.flatten()[r]),
         }
         for r in rows
+    ]
+
+
+def question_samples(batch, rollout: Rollout, rewards: Tensor, limit: int) -> list[dict]:
+    """Up to ``limit`` rows for the completions table of the question task: the first completion of each question
+    (``batch`` is a ``QuestionBatch``)."""
+    from ..method.answers import last_boxed
+
+    group = len(rollout.texts) // batch.size
+    return [
+        {
+            "tier": "question",
+            "context": batch.texts[r // group][-200:],
+            "completion": rollout.texts[r],
+            "target": " | ".join(batch.answers[r // group]),
+            "prediction": last_boxed(rollout.texts[r]),
+            "reward": float(rewards.flatten()[r]),
+        }
+        for r in [q * group for q in range(batch.size)][:limit]
     ]

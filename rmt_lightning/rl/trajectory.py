@@ -24,7 +24,8 @@ class Trajectory:
     correct: Tensor
     """``[P, G]`` correctness part."""
     length: Tensor
-    """``[P, G]`` length part."""
+    """``[P, G]`` length part (next-token task); for the question task, whether each completion gave a
+    ``\\boxed{}`` answer (the format part before its weight)."""
     advantages: Tensor
     """``[P * G]`` group-normalised advantages."""
     drawn_at_step: int | None = None
