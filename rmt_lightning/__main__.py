@@ -26,7 +26,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the commands, or dispatch ``compare`` to :mod:`rmt_lightning.compare`, ``export`` to
+    """Print the commands, or dispatch ``compare`` to :mod:`rmt_lightning.commands.compare`, ``export`` to
     ``export_checkpoint`` and the others to the LightningCLI."""
     words = list(sys.argv[1:] if argv is None else argv)
     if not words or words[0] in ("-h", "--help"):
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"error: {error}\n")
             sys.exit(2)
     elif words[:1] == ["compare"]:
-        from .evaluation.compare import main as compare
+        from .commands.compare import main as compare
 
         compare(words[1:])
     else:

@@ -109,7 +109,10 @@ class RMTCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             super().parse_arguments(parser, args)
             return
-        args = with_default_classes(list(sys.argv[1:] if args is None else args), self.subcommands())
+        # Without subcommands (``run=False``) the classes' arguments sit at the top level.
+        with_subcommands = getattr(parser, "_subcommands_action", None) is not None
+        args = with_default_classes(list(sys.argv[1:] if args is None else args),
+                                    self.subcommands() if with_subcommands else None)
         self.given_arguments = args
         self.config = parser.parse_args(args)
 
@@ -189,7 +192,7 @@ def _yaml_names_class(path: str, key: str, subcommand: str) -> bool:
             config = yaml.safe_load(handle) or {}
     except (OSError, yaml.YAMLError):
         return False  # the parser reports an unreadable config itself
-    for tree in (config, config.get(subcommand) if isinstance(config, dict) else None):
+    for tree in (config, config.get(subcommand) if isinstance(config, dict) and subcommand else None):
         value = tree.get(key) if isinstance(tree, dict) else None
         if isinstance(value, str) or (isinstance(value, dict) and "class_path" in value):
             return True
@@ -198,15 +201,19 @@ def _yaml_names_class(path: str, key: str, subcommand: str) -> bool:
 
 def with_default_classes(args: list[str], subcommands) -> list[str]:
     """``args`` with ``--model=rmt_lightning.RMTModule`` and ``--data=rmt_lightning.RMTDataModule`` put right after
-    the subcommand where no config or flag names a class for them, so a config of plain arguments is a
+    the subcommand (first, with ``subcommands`` None: a parser without them) where no config or flag names a class for them, so a config of plain arguments is a
     mid-training run (as it always was) and ``configs/posttrain/`` name their own classes.
 
     Not a parser default: jsonargparse keeps a default class's argument values when a config then names another
     class, so the post-training module would silently take the mid-training module's defaults (its ``beta``)."""
-    position = next((i for i, arg in enumerate(args) if arg in subcommands), None)
-    if position is None:
-        return args
-    subcommand, named = args[position], set()
+    if subcommands is None:
+        position, subcommand = -1, None
+    else:
+        position = next((i for i, arg in enumerate(args) if arg in subcommands), None)
+        if position is None:
+            return args
+        subcommand = args[position]
+    named = set()
     for i, arg in enumerate(args):
         flag, _, inline = arg.partition("=")
         if flag in ("--config", "-c") and (inline or i + 1 < len(args)):

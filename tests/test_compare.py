@@ -14,14 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import rmt_lightning.evaluation.compare as compare_module
+import rmt_lightning.commands.compare as compare_module
 from rmt_lightning import RMTModule
 from rmt_lightning.callbacks import Preempted
 from rmt_lightning.evaluation.charts import read_attempts, wilson_interval
 from rmt_lightning.runtime.errors import InputError
 from rmt_lightning.cli import build_cli
-from rmt_lightning.evaluation.compare import compare
-from rmt_lightning.evaluation.compare_rows import BASE_ROW, START_ROW
+from rmt_lightning.commands.compare import compare
+from rmt_lightning.commands.compare_rows import BASE_ROW, START_ROW
 from rmt_lightning.method import TIER_NAMES, token_budget
 from rmt_lightning.engine.models import BUILTIN_TINY
 from test_charts import assert_png

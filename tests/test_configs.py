@@ -14,7 +14,7 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 def test_every_config_the_readme_and_compare_name_is_there():
-    from rmt_lightning.evaluation.compare import DEFAULT_CONFIGS
+    from rmt_lightning.commands.compare import DEFAULT_CONFIGS
 
     pages = [CONFIG_DIR.parent / "README.md", *(CONFIG_DIR.parent / "docs").glob("*.md")]
     named = {name for page in pages for name in re.findall(r"configs/[a-z0-9_/]+\.yaml", page.read_text())} | set(DEFAULT_CONFIGS)
@@ -123,9 +123,12 @@ def test_print_config_prints_every_section(capsys):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--config", str(CONFIG_DIR / "tiny.yaml"), "--model.lr", "0.5", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["lr"] == 0.5
-    assert printed["model"]["model_name_or_path"] == "builtin:tiny-llama"
-    assert "model_name_or_path" not in printed["data"]  # linked from model, so not settable twice
+    # The task's classes by name (a plain config is mid-training), their arguments under init_args.
+    assert printed["model"]["class_path"] == "rmt_lightning.RMTModule"
+    assert printed["data"]["class_path"] == "rmt_lightning.RMTDataModule"
+    assert printed["model"]["init_args"]["lr"] == 0.5
+    assert printed["model"]["init_args"]["model_name_or_path"] == "builtin:tiny-llama"
+    assert "model_name_or_path" not in printed["data"]["init_args"]  # linked from model, so not settable twice
     assert any("TokenBudget" in c["class_path"] for c in printed["trainer"]["callbacks"])
 
 

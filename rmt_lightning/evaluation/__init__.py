@@ -1,2 +1,3 @@
-"""Scoring a model: next-token accuracy by entropy tier (``tier_metrics.py``, what validation and test log), and the
-``compare`` command (``compare.py``, ``compare_rows.py``, ``charts.py``), which runs ``validate`` for several configs."""
+"""Scoring a model, what validation and test log: next-token accuracy by entropy tier (``tier_metrics.py``),
+answer accuracy on held-out questions (``answer_metrics.py``), and the intervals and charts of a comparison
+(``charts.py``). The ``compare`` command that runs them for several configs is in ``commands/``."""

@@ -192,12 +192,31 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix.rstrip("."): tree}
 
 
+def _as_plain_keys(flat: dict) -> dict:
+    """``model.init_args.lr`` as ``model.lr`` (and ``data.`` alike), the task's classes only where they are not
+    the default mid-training ones: the keys rows were defined by before a config could name its classes, so
+    records of earlier comparisons still match."""
+    from ..cli import DEFAULT_CLASSES
+
+    plain = {}
+    for key, value in flat.items():
+        section, _, rest = key.partition(".")
+        if section in DEFAULT_CLASSES and rest == "class_path":
+            if value != DEFAULT_CLASSES[section]:
+                plain[key] = value
+            continue
+        if section in DEFAULT_CLASSES and rest.startswith("init_args."):
+            key = f"{section}.{rest.removeprefix('init_args.')}"
+        plain[key] = value
+    return plain
+
+
 def row_definition(config: str, arguments: list[str], train: bool, start: dict | None) -> dict:
     """What defines a row, as flat ``key: value`` pairs: the full resolved config (every config file, override
     and default, less ``NOT_DEFINING``), whether it trains, and the start model's kind and SHA-256."""
     with _quiet_lightning():
         cli = build_run(["--config", config, *arguments])
-    resolved = _flatten(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
+    resolved = _as_plain_keys(_flatten(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))))
     defining = {k: v for k, v in resolved.items() if not any(k == n or k.startswith(n + ".") for n in NOT_DEFINING)}
     return {**defining, "row.trained": train, "start.kind": start and start["kind"], "start.sha256": start and start["sha256"]}
 

@@ -36,7 +36,7 @@ from ..callbacks import HuggingFaceExport, Preempted
 from ..method import TIER_NAMES, nested_tier_masks
 from ..runtime.atomic import staged_file
 from ..runtime.errors import InputError
-from .charts import split_intervals, write_charts
+from ..evaluation.charts import split_intervals, write_charts
 from .compare_rows import (
     BASE_ROW, METHOD_NAMES, ROWS_FOLDER, Row, build_run, check_records, check_start, check_start_tokenizer,
     export_start, now_utc, plan_rows, write_json,
