@@ -260,7 +260,10 @@ def _validate_figures(folder: Path, model: str, cache: Path) -> dict:
 
 
 def _config_of(row: dict) -> dict:
-    return yaml.safe_load((Path(row["log_dir"]) / "config.yaml").read_text())
+    """The row's saved config, with its model's and data's arguments where a config without class_path has them."""
+    config = yaml.safe_load((Path(row["log_dir"]) / "config.yaml").read_text())
+    assert (config["model"]["class_path"], config["data"]["class_path"]) == ("rmt_lightning.RMTModule", "rmt_lightning.RMTDataModule")
+    return {**config, "model": config["model"]["init_args"], "data": config["data"]["init_args"]}
 
 
 @pytest.fixture(scope="module")
