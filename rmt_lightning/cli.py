@@ -12,6 +12,7 @@ finds the newest checkpoint across the logger's version folders.
 from __future__ import annotations
 
 import difflib
+import inspect
 import pickle
 import re
 import sys
@@ -48,15 +49,43 @@ class RMTArgumentParser(LightningArgumentParser):
         if not self.exit_on_error:
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
+        message = _one_line_for_a_class_argument(message)
         unknown = re.search(r"does not accept option '([^']+)'", message)
         if unknown:
             options = [action.dest for action in parser._actions]
+            section, _, name = unknown.group(1).partition(".")
+            class_path = re.search(r" \[class_path '([^']+)'\]", message)
+            if class_path:  # a class's argument: the options are its constructor's
+                options = [f"{section}.{option}" for option in _constructor_arguments(class_path.group(1))]
+                message = message.replace(class_path.group(0), "")
             close = difflib.get_close_matches(unknown.group(1), options, n=1)
             if close:
                 message += f"; did you mean '{close[0]}'?"
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {message}\n`{prog} --help` lists every valid option\n")
         sys.exit(2)
+
+
+def _one_line_for_a_class_argument(message: str) -> str:
+    """jsonargparse's several lines about a model's or data's unknown argument (their classes are chosen by
+    class_path) as the one line a plain option gets."""
+    key = re.search(r'Parser key "(\w+)"', message)
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    class_path = re.search(r"given class_path '([^']+)'", message)
+    if not (key and option):
+        return message
+    # The class stays named for the suggestion (``RMTArgumentParser.error`` reads it and drops it).
+    where = f" [class_path '{class_path.group(1)}']" if class_path else ""
+    return f"does not accept option '{key.group(1)}.{option.group(1)}'{where}"
+
+
+def _constructor_arguments(class_path: str) -> list[str]:
+    from jsonargparse.typing import import_object  # noqa: PLC0415
+
+    try:
+        return list(inspect.signature(import_object(class_path).__init__).parameters)[1:]
+    except (ImportError, AttributeError, ValueError):
+        return []
 
 
 class RMTTrainer(Trainer):
