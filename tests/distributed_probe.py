@@ -81,8 +81,8 @@ class DeviceSpy:
             self.seen[kind].add(str(value.device) if isinstance(value, torch.Tensor) else type(value).__name__)
 
     def patches(self):
+        from rmt_lightning.grpo_module import GRPOModule
         from rmt_lightning.rl import losses
-        from rmt_lightning.module import RMTModule
 
         spy = self
 
@@ -92,7 +92,7 @@ class DeviceSpy:
                 return function(*args, **kwargs)
             return wrapper
 
-        make_generator, log_dict = RMTModule._generator, RMTModule.log_dict
+        make_generator, log_dict = GRPOModule._generator, GRPOModule.log_dict
 
         def generator(module):
             made = make_generator(module)
@@ -103,7 +103,7 @@ class DeviceSpy:
             spy._tensors("logged", values.values())
             return log_dict(module, values, *args, **kwargs)
 
-        import rmt_lightning.module as module_file
+        import rmt_lightning.grpo_module as module_file
 
         def counted(function, agreement: bool):
             def wrapper(*args, **kwargs):
@@ -125,9 +125,9 @@ class DeviceSpy:
             agreement = name in ("all_reduce", "barrier")
             yield mock.patch.object(torch.distributed, name, counted(getattr(torch.distributed, name), agreement))
         yield mock.patch.object(module_file, "generate_group", generating)
-        yield mock.patch.object(RMTModule, "device", new_callable=mock.PropertyMock, return_value=torch.device("meta"))
-        yield mock.patch.object(RMTModule, "_generator", generator)
-        yield mock.patch.object(RMTModule, "log_dict", logged)
+        yield mock.patch.object(GRPOModule, "device", new_callable=mock.PropertyMock, return_value=torch.device("meta"))
+        yield mock.patch.object(GRPOModule, "_generator", generator)
+        yield mock.patch.object(GRPOModule, "log_dict", logged)
         for name in ("rl_backward", "ntp_backward", "demonstrations_backward", "policy_logprobs"):
             yield mock.patch.object(losses, name, recording(getattr(losses, name)))
 
@@ -157,8 +157,9 @@ class Probe(L.Callback):
         self.record["steps"].append({
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
-            "budget": int(pl_module.budget),
-            "draws": [[int(d), int(p)] for d, p in zip(batch.position_documents.tolist(), batch.positions.tolist())],
+            "budget": int(getattr(pl_module, "budget", 0)),  # the question task has none
+            "draws": ([[int(d), int(p)] for d, p in zip(batch.position_documents.tolist(), batch.positions.tolist())]
+                      if hasattr(batch, "positions") else [[int(q)] for q in batch.question_ids.tolist()]),
         })
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -230,6 +231,14 @@ def assert_trained(records: list[dict]) -> None:
     assert records[0]["reference_after"] == records[0]["reference_before"]
 
 
+def _first_token_is_even(module, rollout, references):
+    """The question task's toy reward for a model that never writes an answer: 1 where a completion's first token
+    has an even id (set by RMT_PROBE_TOY_REWARD=1)."""
+    group = len(rollout.texts) // len(references)
+    correct = (rollout.completion_ids[:, 0] % 2 == 0).float().view(len(references), group)
+    return correct, torch.ones_like(correct), 0
+
+
 def main() -> None:
     out_dir, ckpt_path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
@@ -237,6 +246,10 @@ def main() -> None:
     with contextlib.ExitStack() as patches:
         for patch in devices.patches():
             patches.enter_context(patch)
+        if os.environ.get("RMT_PROBE_TOY_REWARD") == "1":
+            from rmt_lightning.posttrain import PostTrainModule
+
+            patches.enter_context(mock.patch.object(PostTrainModule, "verify", _first_token_is_even))
         cli = build_cli(args, run=False)
         cli.trainer.callbacks.append(Probe(out_dir, devices))
         ckpt_path = None if ckpt_path == "none" else ckpt_path

@@ -217,6 +217,18 @@ def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(value, whole[name]), f"{name} differs after the resume"
 
 
+def test_several_updates_reuse_one_rollout(tmp_path, monkeypatch):
+    monkeypatch.setattr(PostTrainModule, "verify", _first_token_is_even)
+    rollouts = []
+    generate = PostTrainModule.generate_rollout
+    monkeypatch.setattr(PostTrainModule, "generate_rollout", lambda self, *a, **k: rollouts.append(a) or generate(self, *a, **k))
+    module, datamodule, trainer = _run(tmp_path, model={"updates_per_rollout": 2, "mini_batches_per_rollout": 2},
+                                       max_steps=4)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 4 and len(rollouts) == 1  # 2 passes x 2 mini-batches on one rollout
+    assert float(trainer.callback_metrics["train/rollout_update"]) == 3
+
+
 def test_validation_writes_answer_accuracy_with_intervals(tmp_path, monkeypatch):
     monkeypatch.setattr(PostTrainModule, "verify", _first_token_is_even)
     module, datamodule, trainer = _run(tmp_path, model={"val_group_size": 2, "val_temperature": 1.0},
