@@ -39,7 +39,7 @@ from ..runtime.errors import InputError
 from ..evaluation.charts import split_intervals, write_charts
 from .compare_rows import (
     BASE_ROW, METHOD_NAMES, ROWS_FOLDER, Row, build_run, check_records, check_start, check_start_tokenizer,
-    export_start, now_utc, plan_rows, write_json,
+    export_start, now_utc, plan_posttrain_rows, plan_rows, starting_models, write_json,
 )
 
 DEFAULT_CONFIGS = ("configs/rmt.yaml", "configs/rpt_baseline.yaml", "configs/ntp_only.yaml")
@@ -71,6 +71,32 @@ def _version_folders(run_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[8:]))
 
 
+def tier_figures(figures: dict, data) -> dict:
+    """A mid-training row's figures: accuracy in % by nested split (reasoning mode, else the argmax), reasoning
+    length, answer rate, argmax accuracy, the evaluation budget and the positions behind each split."""
+    scored_by = figures["scored_by"]
+    prefix = "val/acc" if scored_by == "reasoning" else "val/ntp_acc"
+    return {
+        **{split: _percent(figures.get(f"{prefix}_{split}")) for split in (*TIER_NAMES, "avg")},
+        "reasoning_length": figures.get("val/reasoning_length") if scored_by == "reasoning" else None,
+        "answer_rate": figures.get("val/answer_rate"),
+        "argmax_avg": _percent(figures.get("val/ntp_acc_avg")),
+        "eval_budget": figures.get("budget"),
+        "positions": figures.get("positions"),
+        "split_positions": split_positions(data),
+    }
+
+
+def answer_figures(figures: dict) -> dict:
+    """A post-training row's figures: held-out answer accuracy and pass@k in %, with their 95% intervals, the
+    answer rate, the response length and the number of questions."""
+    percent = {name: _percent(figures.get(f"val/{name}")) for name in ("answer_acc", "answer_pass_at_k")}
+    intervals = {f"{name}_interval": [100.0 * end for end in figures[f"val/{name}_interval"]]
+                 for name in ("answer_acc", "answer_pass_at_k") if figures.get(f"val/{name}_interval")}
+    return {**percent, **intervals, "answer_rate": figures.get("val/answer_rate"),
+            "response_length": figures.get("val/response_length"), "questions": figures.get("questions")}
+
+
 def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, overrides: list[str], train: bool = True,
                  keep_artifacts: bool = False, resume: bool = False) -> dict:
     """Build ``config`` with ``overrides`` through the project's LightningCLI, fit it (unless ``train`` is
@@ -92,7 +118,7 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
     # Score the corpus before the clock starts, so a cold entropy cache is not charged to the first row (with
     # several processes they score it together inside fit).
     data.prepare_data()
-    if trainer.world_size == 1:
+    if trainer.world_size == 1 and hasattr(data, "score_corpus"):
         data.trainer = trainer  # the device that scores decides the proxy's precision, so the key fit will use
         data.score_corpus()
     train_seconds = train_cpu_seconds = 0.0
@@ -110,26 +136,18 @@ def evaluate_run(config: str, label: str, run_name: str, out_dir: Path, override
     trainer.validate(model, datamodule=data, verbose=False)
     eval_seconds = time.perf_counter() - started
     figures = dict(model.last_evaluation)
-    scored_by = figures["scored_by"]
-    prefix = "val/acc" if scored_by == "reasoning" else "val/ntp_acc"
     row = {
         "method": label,
         "config": config,
         "trained": train,
-        "scored_by": scored_by,
-        **{split: _percent(figures.get(f"{prefix}_{split}")) for split in (*TIER_NAMES, "avg")},
-        "reasoning_length": figures.get("val/reasoning_length") if scored_by == "reasoning" else None,
-        "answer_rate": figures.get("val/answer_rate"),
-        "argmax_avg": _percent(figures.get("val/ntp_acc_avg")),
-        "eval_budget": figures.get("budget"),
-        "positions": figures.get("positions"),
-        "split_positions": split_positions(data),
+        "scored_by": figures["scored_by"],
+        **(answer_figures(figures) if figures["scored_by"] == "answer" else tier_figures(figures, data)),
         "steps": int(trainer.global_step),
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
         "eval_seconds": eval_seconds,
         "model": model.hparams.model_name_or_path,
-        "proxy": data.proxy_source,
+        "proxy": getattr(data, "proxy_source", None),
         "resumed_from": resumed_from,
         "resumed_at_step": first_step.step if resumed_from else None,
         "log_dir": trainer.log_dir,
@@ -166,10 +184,17 @@ def run_row(row: Row, record: dict | None, out_dir: Path, keep_artifacts: bool) 
 
 
 def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), seed: int = 0,
-            base: bool = True, keep_artifacts: bool = False, start: str | None = None) -> dict:
+            base: bool = True, keep_artifacts: bool = False, start: str | None = None,
+            posttrain: str | None = None, starts: list[str] = ()) -> dict:
     """Run every config (and the untrained model of the first, with ``base``), each from ``start`` when given,
     write ``{out_dir}/comparison.md``, ``comparison.json``, ``comparison.png`` and ``curves.png``, and return the
-    JSON's content. Rows an earlier run of the same comparison finished are kept; an unfinished one resumes."""
+    JSON's content. Rows an earlier run of the same comparison finished are kept; an unfinished one resumes.
+
+    With ``posttrain`` (a post-training config), Table B instead: each of ``starts`` (``NAME=MODEL``) is
+    evaluated, post-trained by that config and evaluated again, and the table gives each start's answer accuracy
+    before and after."""
+    if posttrain is not None:
+        configs = [posttrain]
     if not configs:
         raise InputError("compare needs at least one config (--configs)")
     missing = [c for c in configs if not Path(c).is_file()]
@@ -177,10 +202,15 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
         raise InputError(f"config file(s) not found: {missing} (relative paths are read from {os.getcwd()}); give "
                          "existing YAML files, e.g. the configs/ of this repository")
     out_dir = Path(out_dir)
+    if posttrain is not None and start is not None:
+        raise InputError("--start gives the mid-training rows one model; with --posttrain, give the models as --starts")
     started = check_start(start, out_dir) if start is not None else None
     # One seed for the data split, the curriculum draws, the validation positions, initialisation and sampling.
     common = [*overrides, "--seed_everything", str(seed), "--data.seed", str(seed), "--model.sample_seed", str(seed)]
-    rows = plan_rows(list(configs), common, base, started)
+    if posttrain is not None:
+        rows = plan_posttrain_rows(posttrain, starting_models(list(starts)), common)
+    else:
+        rows = plan_rows(list(configs), common, base, started)
     records = check_records(out_dir, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     if started is not None:
@@ -198,8 +228,12 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
             finished.append(run_row(row, record, out_dir, keep_artifacts))
         # Rewritten after every row: a long comparison can be read while it runs, and an interrupted one keeps
         # the rows it finished.
-        result, markdown = write_table(finished, out_dir, seed, overrides, pending=len(rows) - len(finished), start=started)
-        write_charts(finished, out_dir)
+        if posttrain is not None:
+            result, markdown = write_posttrain_table(finished, out_dir, seed, overrides, pending=len(rows) - len(finished))
+        else:
+            result, markdown = write_table(finished, out_dir, seed, overrides, pending=len(rows) - len(finished),
+                                           start=started)
+            write_charts(finished, out_dir)
     print(markdown)
     return result
 
@@ -300,6 +334,43 @@ def write_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str]
     return result, markdown
 
 
+def posttrain_table(rows: list[dict]) -> str:
+    """Table B: each starting model's held-out answer accuracy (%) before and after post-training, with 95% Wilson
+    intervals over the questions, the answer rates and the steps."""
+    columns = ["start", "before: answer acc", "after: answer acc", "gain (points)", "answer rate before / after",
+               "pass@k after", "steps", "train time (s)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    by_start: dict[str, dict] = {}
+    for row in rows:
+        by_start.setdefault(row["method"], {})["after" if row["trained"] else "before"] = row
+    for start, pair in by_start.items():
+        before, after = pair.get("before"), pair.get("after")
+        acc = [None if r is None else _with_interval(r["answer_acc"], r.get("answer_acc_interval")) for r in (before, after)]
+        gain = (after["answer_acc"] - before["answer_acc"]) if before and after else None
+        rates = " / ".join(_number(None if r is None else r["answer_rate"]) for r in (before, after))
+        cells = [start, acc[0] or "pending", acc[1] or "pending", _number(gain), rates,
+                 _with_interval(after["answer_pass_at_k"], after.get("answer_pass_at_k_interval")) if after else "pending",
+                 str(after["steps"]) if after else "-", _number(after["train_seconds"], 0) if after else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_posttrain_table(rows: list[dict], out_dir: Path, seed: int, overrides: list[str], pending: int = 0) -> tuple[dict, str]:
+    """Write Table B's ``comparison.md`` and ``comparison.json`` for the rows so far."""
+    result = {"rows": rows, "seed": seed, "overrides": list(overrides), "pending_rows": pending, "table": "posttrain"}
+    questions = rows[0].get("questions")
+    notes = [f"Answer accuracy in % on {questions} held-out questions, before and after post-training each start with "
+             f"{rows[0]['config']} (same data, steps and seed {seed}). In brackets: the 95% Wilson interval over the "
+             "questions. Answer rate: the share of completions with a boxed answer at all."]
+    if pending:
+        notes.append(f"{pending} more row(s) still to run.")
+    markdown = posttrain_table(rows) + "\n\n" + "\n".join(notes) + "\n"
+    with staged_file(out_dir / "comparison.md") as staging:
+        staging.write_text(markdown)
+    write_json(out_dir / "comparison.json", result)
+    return result, markdown
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rmt_lightning compare",
@@ -318,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model every row starts from: a Hugging Face folder (e.g. a format stage's hf_export) or a "
                              ".ckpt file this project wrote (its policy is exported once to OUT/start/model); the "
                              "entropy proxy stays the one the configs name")
+    parser.add_argument("--posttrain", default=None, metavar="CONFIG",
+                        help="Table B: post-train every --starts model with this post-training config (configs/posttrain/) "
+                             "and tabulate its answer accuracy before and after; --configs is not read")
+    parser.add_argument("--starts", nargs="+", default=[], metavar="NAME=MODEL",
+                        help="with --posttrain: the starting models (Hugging Face folders such as a mid-trained run's "
+                             "hf_export, built-in models or hub ids), each named for its rows")
     parser.add_argument("--keep_artifacts", action="store_true",
                         help="keep each run's checkpoints and HF export (otherwise a row's checkpoints are deleted once it has finished)")
     return parser
@@ -335,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         return compare(args.configs, args.out, overrides, seed=args.seed, base=args.base,
-                       keep_artifacts=args.keep_artifacts, start=args.start)
+                       keep_artifacts=args.keep_artifacts, start=args.start, posttrain=args.posttrain,
+                       starts=args.starts)
     except InputError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)

@@ -285,3 +285,42 @@ def write_json(path: Path, content: dict) -> None:
 def now_utc() -> str:
     """The time now, UTC, to the second (ISO 8601): when a row's record was written."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---- Table B: post-training each starting model ---------------------------------------------------------------
+
+
+def starting_models(starts: list[str]) -> dict[str, str]:
+    """``NAME=MODEL`` (or ``MODEL``, named by its folder) of each start to post-train, checked before any work: a
+    Hugging Face folder, a built-in model or a hub id. A checkpoint is exported first
+    (``python -m rmt_lightning export``), so every start is a model ``from_pretrained`` loads as it is."""
+    from ..engine.models import check_model_source
+
+    named: dict[str, str] = {}
+    for start in starts:
+        name, _, model = start.rpartition("=") if "=" in start else ("", "", start)
+        name = name or Path(model.rstrip("/")).name.replace(":", "-") or model
+        if model.endswith(".ckpt"):
+            raise InputError(f"--starts '{start}' is a checkpoint; export its policy first (python -m rmt_lightning "
+                             "export CKPT OUT) and give the folder")
+        check_model_source(model, f"--starts '{start}'")
+        if not name.replace("-", "_").replace(".", "_").isidentifier():
+            raise InputError(f"--starts '{start}': the name '{name}' names a run folder: use letters, digits, '-', '_'")
+        if name in named:
+            raise InputError(f"--starts names '{name}' twice; give each start its own NAME=MODEL")
+        named[name] = model
+    if not named:
+        raise InputError("--posttrain needs at least one starting model (--starts NAME=MODEL ...)")
+    return named
+
+
+def plan_posttrain_rows(config: str, starts: dict[str, str], common: list[str]) -> list[Row]:
+    """Two rows per starting model: its answer accuracy before post-training (``validate``) and after ``config``'s
+    post-training from it, every start with the same config, data and seed."""
+    rows = []
+    for name, model in starts.items():
+        arguments = [*common, "--model.model_name_or_path", model]
+        for train, when in ((False, "before"), (True, "after")):
+            rows.append(Row(config, name, f"{name}_{when}", train, arguments,
+                            row_definition(config, arguments, train, None)))
+    return rows
