@@ -20,6 +20,8 @@ TOKEN = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\(\))?`")
 NOT_CODE = {
     # Config keys and command-line flags (``model.lr``, ``data.corpus``), and the loggers' names.
     "model", "data", "trainer", "preemption", "optimizer", "lr_scheduler",
+    # Fields of a dataset's records (Skywork-OR1's ``reward_model.ground_truth``).
+    "reward_model",
     # Other libraries.
     "torch", "F", "np", "numpy", "L", "lightning", "transformers", "datasets", "math_verify", "wandb", "mlflow",
     "trl", "yaml", "json", "os", "sys", "signal", "sympy", "tokenizers", "jsonargparse",

@@ -1,5 +1,6 @@
 """The RMT paper's formulas as small pure functions (arXiv 2509.24375)."""
 
+from .answers import answer_rewards, has_answer, last_boxed, reference_answers, verify_answer
 from .budget import generation_cap, length_reward, thinking_cap, token_budget
 from .curriculum import TIER_NAMES, assign_tiers, nested_tier_masks, renormalise_over_nonempty, tier_probabilities
 from .entropy import token_entropy
@@ -32,4 +33,9 @@ __all__ = [
     "token_logprobs",
     "rollout_update",
     "contiguous_share",
+    "last_boxed",
+    "has_answer",
+    "reference_answers",
+    "verify_answer",
+    "answer_rewards",
 ]
