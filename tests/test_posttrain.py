@@ -3,13 +3,17 @@ draws, and PostTrainModule on the shared GRPO step (every weight moves, a toy re
 validation writes answer accuracy with intervals)."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from rmt_lightning import PostTrainModule, QuestionDataModule, RMTDataModule, RMTModule
+from rmt_lightning import (
+    CompletionsTable, PostTrainModule, PreemptionCheckpoint, QuestionDataModule, RMTDataModule, RMTModule,
+)
 from rmt_lightning.cli import build_cli
 from rmt_lightning.data.mathgen import generate_questions
 from rmt_lightning.data.questions import QuestionSource, field_value, parse_references, read_questions
@@ -227,6 +231,53 @@ def test_several_updates_reuse_one_rollout(tmp_path, monkeypatch):
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4 and len(rollouts) == 1  # 2 passes x 2 mini-batches on one rollout
     assert float(trainer.callback_metrics["train/rollout_update"]) == 3
+
+
+class _SignalAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_preempted_run_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM mid-step (a verifier worker may be running): the step finishes, preempted.ckpt is written, and the
+    resumed run ends on the weights of an uninterrupted one."""
+    from rmt_lightning.callbacks import Preempted
+
+    monkeypatch.setattr(PostTrainModule, "verify", _first_token_is_even)
+    L.seed_everything(0)
+    module, datamodule, trainer = _run(tmp_path / "whole", max_steps=4)
+    trainer.fit(module, datamodule=datamodule)
+    whole = {n: v.clone() for n, v in module.policy.state_dict().items()}
+
+    L.seed_everything(0)
+    preemption = PreemptionCheckpoint(dirpath=str(tmp_path / "preempted"))
+    module, datamodule, trainer = _run(tmp_path / "first", max_steps=4, callbacks=[preemption, _SignalAt(2)])
+    with pytest.raises(Preempted) as stopped:
+        trainer.fit(module, datamodule=datamodule)
+    assert stopped.value.step == 3 and Path(stopped.value.path).is_file()
+    module, datamodule, trainer = _run(tmp_path / "second", max_steps=4)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=stopped.value.path)
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(value, whole[name]), f"{name} differs after the preempted run resumed"
+
+
+def test_completions_and_histograms_reach_the_loggers(tmp_path, monkeypatch):
+    monkeypatch.setattr(PostTrainModule, "verify", _first_token_is_even)
+    module, datamodule, trainer = _run(tmp_path, max_steps=2, limit_val_batches=None, val_check_interval=2,
+                                       check_val_every_n_epoch=None, callbacks=[CompletionsTable()],
+                                       logger=L.pytorch.loggers.CSVLogger(str(tmp_path)))
+    trainer.fit(module, datamodule=datamodule)
+    rows = [json.loads(line) for line in Path(trainer.log_dir, "completions.jsonl").read_text().splitlines()]
+    tags = {row["tag"] for row in rows}
+    assert {"completions", "completions/val"} <= tags, tags
+    first = next(row for row in rows if row["tag"] == "completions")
+    assert first["tier"] == "question" and first["context"] in {q.content for q in datamodule.train_set.questions}
+    histograms = Path(trainer.log_dir, "histograms.jsonl").read_text()
+    assert "train/reasoning_length_hist" in histograms and "val/reasoning_length_hist" in histograms
 
 
 def test_validation_writes_answer_accuracy_with_intervals(tmp_path, monkeypatch):
