@@ -17,7 +17,7 @@ from .runtime.errors import (
 __all__ = [
     "InputError", "as_input_error", "at_least", "between", "in_open_interval", "names_a_local_path",
     "check_writable_directory", "check_model_source", "check_fits_model", "check_rollout_fits", "check_mini_batches",
-    "check_module_arguments",
+    "check_module_arguments", "check_question_fits",
 ]
 
 
@@ -43,6 +43,20 @@ def check_rollout_fits(model, max_context_tokens: int, budget: int) -> None:
             f"(budget {budget}) = {longest} tokens, is longer than model '{hp.model_name_or_path}' supports ({limit} "
             "positions); valid: a sum within it: lower data.max_context_tokens, the budget (TokenBudget b0, model.budget) "
             "or model.max_response_length"
+        )
+
+
+def check_question_fits(model, max_prompt_tokens: int) -> None:
+    """The longest post-training sequence, a prompt of ``max_prompt_tokens`` and a completion of
+    ``max_response_length``, fits the policy's positions."""
+    hp = model.hparams
+    limit = max_positions(model_config(hp.model_name_or_path, hp.trust_remote_code))
+    longest = max_prompt_tokens + max(hp.max_response_length, hp.val_max_response_length or 0)
+    if limit is not None and longest > limit:
+        raise InputError(
+            f"the longest sequence, data.max_prompt_tokens={max_prompt_tokens} + a completion of model.max_response_length="
+            f"{hp.max_response_length} (val_max_response_length={hp.val_max_response_length}) = {longest} tokens, is longer "
+            f"than model '{hp.model_name_or_path}' supports ({limit} positions); valid: a sum within it"
         )
 
 

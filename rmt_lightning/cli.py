@@ -26,7 +26,7 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from .callbacks import HuggingFaceExport, PeriodicCheckpoint, Preempted, PreemptionCheckpoint, TokenBudget
-from .checks import check_mini_batches, check_rollout_fits
+from .checks import check_mini_batches, check_question_fits, check_rollout_fits
 from .data.datamodule import RMTDataModule
 from .data.drawn import DrawnDataModule
 from .data.question_datamodule import QuestionDataModule
@@ -201,6 +201,8 @@ class RMTCLI(LightningCLI):
             schedule = TokenBudget.of(trainer)
             check_rollout_fits(self.model, self.datamodule.hparams.max_context_tokens,
                                schedule.b0 if schedule is not None else self.model.hparams.budget)
+        else:
+            check_question_fits(self.model, self.datamodule.hparams.max_prompt_tokens)
         if self.model.uses_rl:
             check_mini_batches(self.model.hparams.mini_batches_per_rollout, self.datamodule.hparams.batch_size)
         config = self.config_init[subcommand]

@@ -318,3 +318,27 @@ def test_a_module_with_the_other_tasks_data_is_refused_before_models_load(tmp_pa
         main(["fit", "--config", str(CONFIGS / "posttrain" / "builtin.yaml"), "--data", "rmt_lightning.RMTDataModule",
               "--trainer.logger", "false"])
     assert stopped.value.code == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.max_response_length", "100000"], "is longer than model 'builtin:tiny-llama' supports"),
+    (["--data.question_field", "query"], "has no field \\['query'\\]; its fields are \\['answer', 'question'\\]"),
+    (["--data.corpus", "{answers}"], "1 of the 2 questions .* empty or unparseable reference; the first is record [12]"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(override, message, tmp_path, monkeypatch, capsys):
+    from rmt_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    source = _jsonl(tmp_path / "q.jsonl", [{"question": "a?", "answer": "#### 4"}, {"question": "b?", "answer": ""},
+                                          {"question": "c?", "answer": " "}])
+    override = [source if arg == "{answers}" else arg for arg in override]
+    if "--data.question_field" in override:
+        override = [*override, "--data.corpus", source]
+    monkeypatch.setattr("rmt_lightning.grpo_module.load_causal_lm", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(CONFIGS / "posttrain" / "builtin.yaml"), "--model.model_name_or_path", BUILTIN_TINY,
+              "--data.val_questions", "1", "--trainer.logger", "false", *override])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in error if line.startswith("error:")]) == 1
+    assert __import__("re").search(message, error[-1]), error[-1]

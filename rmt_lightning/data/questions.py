@@ -30,6 +30,8 @@ class Question:
     """The question text, or a conversation (chat messages with ``role`` and ``content``) that ends with it."""
     answers: list[str]
     """The acceptable reference answers, as written (``method.answers.reference_answers``); empty: unusable."""
+    record: int = 0
+    """Index of the record in its source (what an error names)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def read_questions(source: QuestionSource, count: int | None = None, exclude: fr
             problems = generate_questions(limit or 2000, source.difficulty, source.seed, exclude)
         except ValueError as error:
             raise InputError(str(error)) from None
-        return [Question(p.question, [str(p.answer)]) for p in problems]
+        return [Question(p.question, [str(p.answer)], i) for i, p in enumerate(problems)]
     check_question_source(source)
     records = _dataset(source)
     if limit is not None:
@@ -121,7 +123,7 @@ def read_questions(source: QuestionSource, count: int | None = None, exclude: fr
                              f"{type(content).__name__}; valid: text or a list of chat messages with 'content'")
         if isinstance(content, list):
             content = [{"role": m.get("role", "user"), "content": m["content"]} for m in content]
-        questions.append(Question(content, reference_answers(raw, source.reference_form)))
+        questions.append(Question(content, reference_answers(raw, source.reference_form), row))
     if not questions:
         raise InputError(f"questions '{source.source}' (split '{source.split}') holds no record")
     return questions
@@ -136,7 +138,7 @@ def parse_references(questions: list[Question], where: str) -> list[list]:
         first = questions[bad[0]]
         raise InputError(
             f"{len(bad)} of the {len(questions)} questions of {where} have an empty or unparseable reference; the first "
-            f"is record {bad[0]}: answers {first.answers!r} (question {str(first.content)[:80]!r}); valid: an answer "
+            f"is record {first.record}: answers {first.answers!r} (question {str(first.content)[:80]!r}); valid: an answer "
             "math-verify reads, in the form of data.reference_form"
         )
     return parsed
