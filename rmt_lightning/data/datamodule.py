@@ -9,9 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -24,11 +22,11 @@ from ..engine.models import (
 from ..engine.tokens import TokenBytes
 from ..method import TIER_NAMES, assign_tiers, tier_probabilities
 from ..runtime.errors import InputError, as_input_error, at_least, check_writable_directory
-from .batches import Candidates, DrawsWithProgress, PositionBatch, PositionBatches
+from .batches import Candidates, DrawsWithProgress, PositionBatches
 from .corpus import EMBEDDED_CORPUS, check_corpus_source
 from .entropy_shards import ShardScoring, entropy_folder, read_plan, score_shards
 from .drawn import DrawnDataModule
-from .sampler import CurriculumBatchSampler, CurriculumSchedule, DrawRepeats
+from .sampler import CurriculumBatchSampler, CurriculumSchedule
 from .scoring import fingerprint_tokens, proxy_identity, window_plan
 from .scoring_pass import ScoringPass, ScoringStopped
 from .tier_index import TierIndex, index_folder, index_key, open_or_build_index
