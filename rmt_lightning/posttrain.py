@@ -6,6 +6,7 @@ trains on the group-normalised rewards. No NTP term and no token budget: plain G
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -19,11 +20,11 @@ from .evaluation.answer_metrics import AnswerMetrics, answer_record
 from .evaluation.tier_metrics import EVAL_STAGES, write_figures
 from .grpo_module import GRPOModule
 from .method import group_advantages
-from .method.answers import answer_rewards, has_answer
+from .method.answers import ANSWER_FORMATS, answer_rewards, has_answer
 from .rl.metrics import as_tensors, question_samples, question_step_metrics, show_in_progress_bar
 from .rl.trajectory import Trajectory
 from .runtime.errors import as_input_error
-from .runtime.verification import AnswerVerifier
+from .runtime.verification import AnswerVerifier, check_answer
 
 __all__ = ["PostTrainModule"]
 
@@ -49,8 +50,12 @@ class PostTrainModule(GRPOModule):
         beta: Weight of the k3 KL penalty to the frozen initial policy; 0 (TRL's default) loads no reference model.
         max_response_length: Tokens a completion may take (the paper post-trains with 4,096); it stops earlier at
             the end-of-sequence token.
-        format_reward_weight: Weight of the format reward, 1 for a completion with a ``\\boxed{}`` answer, added to
-            correctness (open-r1's accuracy + format rewards); 0 is plain correctness, as the paper post-trains.
+        answer_format: Where a completion's answer is read: ``boxed``, its last ``\\boxed{}`` (the paper, open-r1,
+            TRL), or ``last_number``, its last number (verl's "flexible" GSM8K score), for a model that computes but
+            does not write the format.
+        format_reward_weight: Weight of the format reward, 1 for a completion with a non-empty answer in
+            ``answer_format``, added to correctness (open-r1's accuracy + format rewards); 0 is plain correctness,
+            as the paper post-trains. A small model may learn to write a box at once and guess inside it.
         verify_timeout_s: Wall-clock seconds one completion's verification may take in its worker process before it
             is given up (scored 0 and counted in ``train/verify_timeouts``).
         verify_workers: Worker processes that verify answers (per training process).
@@ -87,6 +92,7 @@ class PostTrainModule(GRPOModule):
         advantage_eps: float = 1e-4,
         beta: float = 0.0,
         max_response_length: int = 4096,
+        answer_format: str = "boxed",
         format_reward_weight: float = 0.0,
         verify_timeout_s: float = 10.0,
         verify_workers: int = 1,
@@ -119,6 +125,8 @@ class PostTrainModule(GRPOModule):
                             ("val_max_response_length", val_max_response_length or 1)):
             if value < 1:
                 raise ValueError(f"{name}={value!r} must be >= 1")
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format '{answer_format}' is not a format; valid: {list(ANSWER_FORMATS)}")
         if not verify_timeout_s > 0:
             raise ValueError(f"verify_timeout_s={verify_timeout_s!r} must be > 0")
         with as_input_error():
@@ -127,7 +135,8 @@ class PostTrainModule(GRPOModule):
             with as_input_error("reference_dtype: "):
                 parse_dtype(reference_dtype)
         self.init_rl_state()
-        self.verifier = AnswerVerifier(verify_workers, verify_timeout_s)
+        self.verifier = AnswerVerifier(verify_workers, verify_timeout_s,
+                                       function=functools.partial(check_answer, answer_format=answer_format))
         """Checks answers in worker processes under a hard time limit (started on first use)."""
         self._timeouts = 0
         self.last_sampled_entropies: Tensor | None = None
@@ -180,7 +189,7 @@ class PostTrainModule(GRPOModule):
         group = len(rollout.texts) // len(references)
         verdicts = self.verifier.verify([references[r // group] for r in range(len(rollout.texts))], rollout.texts)
         correct = torch.tensor(verdicts.correct, dtype=torch.float32).view(len(references), group)
-        answered = torch.tensor([has_answer(t) for t in rollout.texts], dtype=torch.float32)
+        answered = torch.tensor([has_answer(t, self.hparams.answer_format) for t in rollout.texts], dtype=torch.float32)
         return correct, answered.view(len(references), group), verdicts.timeouts
 
     def finish_rl_backward(self, batch: QuestionBatch, part: Trajectory, mini_batch: int,
@@ -189,7 +198,7 @@ class PostTrainModule(GRPOModule):
         return 0.0, question_step_metrics(part, terms, self._timeouts)
 
     def _keep_samples(self, batch: QuestionBatch, rollout: Rollout, rewards: Tensor) -> None:
-        self.last_samples = question_samples(batch, rollout, rewards, self.hparams.log_samples)
+        self.last_samples = question_samples(batch, rollout, rewards, self.hparams.log_samples, self.hparams.answer_format)
         self.last_reasoning_lengths = rollout.completion_mask.sum(1).float().cpu()
 
     # ---- validation and test -----------------------------------------------------------------------
@@ -205,7 +214,7 @@ class PostTrainModule(GRPOModule):
         self.eval_metrics[stage].update(correct, answered, lengths)
         self.eval_reasoning_lengths.extend(lengths.flatten().int().tolist())
         if batch_idx == 0:
-            self.eval_samples = question_samples(batch, rollout, correct, hp.log_samples)
+            self.eval_samples = question_samples(batch, rollout, correct, hp.log_samples, hp.answer_format)
 
     def _log_evaluation(self, stage: str) -> None:
         hp = self.hparams

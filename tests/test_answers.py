@@ -10,8 +10,8 @@ import torch
 
 import rmt_lightning
 from rmt_lightning.method.answers import (
-    answer_rewards, gsm8k_reference, has_answer, last_boxed, parse_reference, reference_answers, verify_answer,
-    verify_parsed,
+    answer_rewards, gsm8k_reference, has_answer, last_boxed, last_number, parse_reference, reference_answers,
+    verify_answer, verify_parsed,
 )
 from rmt_lightning.runtime.verification import AnswerVerifier
 
@@ -183,3 +183,36 @@ def test_verifier_arguments_are_checked():
         AnswerVerifier(workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         AnswerVerifier(timeout_s=0)
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("Ben has 14 + 7 = 21 buttons.", "21"),
+    ("It costs 1,200 dollars, then 3.5 more", "3.5"),
+    ("-4 degrees", "-4"),
+    ("no number", None),
+])
+def test_last_number_reads_the_last_number(completion, expected):
+    assert last_number(completion) == expected
+
+
+def test_the_answer_format_decides_what_is_read():
+    reference = parse_reference(["21"])
+    assert verify_parsed(reference, "Ben has 14 + 7 = 21 buttons.", answer_format="last_number")
+    assert not verify_parsed(reference, "Ben has 14 + 7 = 21 buttons.")  # no box
+    assert not verify_parsed(reference, "\\boxed{21} no, 20", answer_format="last_number")
+    assert has_answer("so 3", "last_number") and not has_answer("so three", "last_number")
+    with pytest.raises(ValueError, match="answer format 'words'"):
+        has_answer("x", "words")
+
+
+def test_the_verifier_checks_in_the_format_it_is_given():
+    from functools import partial
+
+    from rmt_lightning.runtime.verification import check_answer
+
+    verifier = AnswerVerifier(timeout_s=60, function=partial(check_answer, answer_format="last_number"))
+    try:
+        verdicts = verifier.verify([parse_reference(["21"])] * 2, ["14 + 7 = 21", "\\boxed{21} or 22"])
+        assert verdicts.correct == [True, False]
+    finally:
+        verifier.close()

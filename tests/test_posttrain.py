@@ -306,6 +306,8 @@ def test_the_posttrain_configs_instantiate_their_own_classes_with_their_own_defa
     # Not the mid-training module's defaults: its beta 0.01 and temperature 0.8 must not leak into this class.
     cli = build_cli(["--config", str(CONFIGS / "posttrain" / "builtin.yaml")], run=False)
     assert cli.model.hparams.beta == 0.0 and cli.model.hparams.max_response_length == 64
+    with pytest.raises(ValueError, match="answer_format 'words'"):
+        PostTrainModule(answer_format="words")
     cli = build_cli(["--config", str(CONFIGS / "quickstart.yaml")], run=False)
     assert isinstance(cli.model, RMTModule) and isinstance(cli.datamodule, RMTDataModule)
 

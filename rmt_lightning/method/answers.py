@@ -11,6 +11,7 @@ limit, which is what training uses.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from functools import lru_cache
 
@@ -19,9 +20,16 @@ from torch import Tensor
 from .rewards import BOXED
 
 __all__ = [
-    "last_boxed", "has_answer", "gsm8k_reference", "reference_answers", "parse_reference", "verify_parsed", "verify_answer",
+    "last_boxed", "last_number", "extract_answer", "has_answer", "ANSWER_FORMATS", "gsm8k_reference", "reference_answers", "parse_reference", "verify_parsed", "verify_answer",
     "answer_rewards", "REFERENCE_FORMS",
 ]
+
+ANSWER_FORMATS = ("boxed", "last_number")
+"""Where a completion's answer is read: ``boxed``, its last ``\\boxed{}`` (RPT, open-r1, TRL's math reward, the
+paper's post-training); ``last_number``, its last number (verl's "flexible" GSM8K score), for models that compute
+but do not yet write the format."""
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 REFERENCE_FORMS = ("auto", "plain", "gsm8k", "boxed", "json_list")
 """How a dataset writes its reference answer: ``plain`` (the answer itself), ``gsm8k`` (a worked solution ending in
@@ -47,10 +55,25 @@ def last_boxed(completion: str) -> str | None:
     return found
 
 
-def has_answer(completion: str) -> bool:
+def last_number(completion: str) -> str | None:
+    """The last number of ``completion`` (thousands separators removed), or None."""
+    numbers = _NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3})", "", completion))
+    return numbers[-1] if numbers else None
+
+
+def extract_answer(completion: str, answer_format: str = "boxed") -> str | None:
+    """The answer ``completion`` gives in ``answer_format`` (``ANSWER_FORMATS``), or None."""
+    if answer_format == "boxed":
+        return last_boxed(completion)
+    if answer_format == "last_number":
+        return last_number(completion)
+    raise ValueError(f"answer format '{answer_format}' is not one of {list(ANSWER_FORMATS)}")
+
+
+def has_answer(completion: str, answer_format: str = "boxed") -> bool:
     """Whether ``completion`` gives an answer: a last ``\\boxed{}`` with something in it (an empty box, which a
-    model learns to copy from the instruction, is no answer)."""
-    content = last_boxed(completion)
+    model learns to copy from the instruction, is no answer), or a number with ``last_number``."""
+    content = extract_answer(completion, answer_format)
     return content is not None and bool(content.strip())
 
 
@@ -114,12 +137,13 @@ def parse_reference(answers: list[str], timeout: int = 5) -> list:
     return parsed
 
 
-def verify_parsed(reference: list, completion: str, timeout: int = 5) -> bool:
-    """Whether the last ``\\boxed{}`` of ``completion`` equals one of the parsed reference values (the reference
-    goes first: ``math_verify.verify`` is not symmetric). No box, or a box math-verify cannot read, is wrong."""
+def verify_parsed(reference: list, completion: str, timeout: int = 5, answer_format: str = "boxed") -> bool:
+    """Whether the answer of ``completion`` (its last ``\\boxed{}``, or with ``answer_format="last_number"`` its
+    last number) equals one of the parsed reference values (the reference goes first: ``math_verify.verify`` is
+    not symmetric). No answer, or one math-verify cannot read, is wrong."""
     from math_verify import verify
 
-    content = last_boxed(completion)
+    content = extract_answer(completion, answer_format)
     if content is None or not content.strip():
         return False
     prediction = _parse_boxed(content, timeout)

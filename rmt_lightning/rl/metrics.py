@@ -99,10 +99,10 @@ def completion_samples(tokenizer, batch: PositionBatch, rollout: Rollout, reward
     ]
 
 
-def question_samples(batch, rollout: Rollout, rewards: Tensor, limit: int) -> list[dict]:
+def question_samples(batch, rollout: Rollout, rewards: Tensor, limit: int, answer_format: str = "boxed") -> list[dict]:
     """Up to ``limit`` rows for the completions table of the question task: the first completion of each question
-    (``batch`` is a ``QuestionBatch``)."""
-    from ..method.answers import last_boxed
+    (``batch`` is a ``QuestionBatch``), with the answer read in ``answer_format``."""
+    from ..method.answers import extract_answer
 
     group = len(rollout.texts) // batch.size
     return [
@@ -111,7 +111,7 @@ def question_samples(batch, rollout: Rollout, rewards: Tensor, limit: int) -> li
             "context": batch.texts[r // group][-200:],
             "completion": rollout.texts[r],
             "target": " | ".join(batch.answers[r // group]),
-            "prediction": last_boxed(rollout.texts[r]),
+            "prediction": extract_answer(rollout.texts[r], answer_format),
             "reward": float(rewards.flatten()[r]),
         }
         for r in [q * group for q in range(batch.size)][:limit]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..method.answers import verify_parsed
 
-__all__ = ["AnswerVerifier", "Verdicts"]
+__all__ = ["AnswerVerifier", "Verdicts", "check_answer"]
 
 _START_TIMEOUT_S = 300.0
 """How long the workers may take to start (a cold start imports torch and sympy)."""
@@ -54,8 +54,9 @@ def _ready() -> bool:
     return True
 
 
-def _check(reference: list, completion: str, timeout: int) -> bool:
-    return verify_parsed(reference, completion, timeout)
+def check_answer(reference: list, completion: str, timeout: int, answer_format: str = "boxed") -> bool:
+    """One completion's check, as a worker runs it (``method.answers.verify_parsed``)."""
+    return verify_parsed(reference, completion, timeout, answer_format)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class AnswerVerifier:
     The workers start on first use and live until ``close``; ``function`` replaces the check (tests hang it).
     """
 
-    def __init__(self, workers: int = 1, timeout_s: float = 10.0, inner_timeout_s: int = 5, function=_check):
+    def __init__(self, workers: int = 1, timeout_s: float = 10.0, inner_timeout_s: int = 5, function=check_answer):
         if workers < 1:
             raise ValueError(f"verification workers must be >= 1, got {workers!r}")
         if not timeout_s > 0:
