@@ -1,8 +1,9 @@
 """Post-training, side by side: ``PostTrainModule`` under Lightning against TRL's ``GRPOTrainer`` with the same
-model, questions (the built-in set, in the same order), G, learning rate, temperature, maximum completion length,
-loss aggregation (a token mean over the step) and steps, both rewarded by math-verify (``rmt_lightning.verify_answer``,
-the last ``\\boxed{}`` against the reference). Reports the median time per step and the ratio ours / TRL, then
-scores both trained models on the same held-out questions with the same greedy evaluation.
+model, questions (the built-in set, in the same order), G, constant learning rate, temperature, maximum completion
+length, loss aggregation (a token mean over the step, TRL's ``bnpo``) and steps, both rewarded by math-verify against
+the reference, the answer read as ``configs/posttrain/builtin.yaml`` reads it (``--answer_format``). Reports the
+median time per step and the ratio ours / TRL, then scores both trained models on the same held-out questions with
+the same greedy evaluation.
 
     pip install -e ".[bench]"                 # TRL, for this benchmark only
     python benchmarks/posttrain_vs_trl.py     # SmolLM2-135M, a few steps; --steps 60 for the accuracy reached
@@ -40,9 +41,9 @@ def _datamodule(args) -> QuestionDataModule:
 
 def run_ours(args, export: str) -> dict:
     torch.manual_seed(args.seed)
-    module = PostTrainModule(model_name_or_path=args.model, lr=args.lr, group_size=args.group_size, temperature=1.0,
-                             beta=0.0, max_response_length=args.max_length, rl_micro_batch_size=args.micro_batch,
-                             sample_seed=args.seed)
+    module = PostTrainModule(model_name_or_path=args.model, lr=args.lr, group_size=args.group_size,
+                             temperature=args.temperature, beta=0.0, max_response_length=args.max_length,
+                             answer_format=args.answer_format, rl_micro_batch_size=args.micro_batch, sample_seed=args.seed)
     timer = StepTimer()
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=args.warmup + args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -73,7 +74,7 @@ def run_trl(args, export: str) -> dict:
     reference_of = {tokenizer.decode(train.prompts[i]): train.references[i] for i in drawn}
 
     def accuracy(prompts, completions, **kwargs):
-        return [float(verify_parsed(reference_of[p], c)) for p, c in zip(prompts, completions)]
+        return [float(verify_parsed(reference_of[p], c, answer_format=args.answer_format)) for p, c in zip(prompts, completions)]
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -88,8 +89,8 @@ def run_trl(args, export: str) -> dict:
     out_dir = tempfile.mkdtemp(prefix="trl-posttrain-")
     config = GRPOConfig(
         output_dir=out_dir, per_device_train_batch_size=args.questions * args.group_size,
-        num_generations=args.group_size, max_completion_length=args.max_length, temperature=1.0, top_p=1.0, top_k=0,
-        beta=0.0, learning_rate=args.lr, max_grad_norm=1.0, max_steps=args.warmup + args.steps, num_iterations=1,
+        num_generations=args.group_size, max_completion_length=args.max_length, temperature=args.temperature, top_p=1.0,
+        top_k=0, beta=0.0, learning_rate=args.lr, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=args.warmup + args.steps, num_iterations=1,
         steps_per_generation=1, gradient_accumulation_steps=1, logging_steps=1, report_to="none", save_strategy="no",
         seed=args.seed, use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
         shuffle_dataset=False, disable_dropout=True, log_completions=False, loss_type="bnpo", scale_rewards="group",
@@ -119,7 +120,8 @@ def held_out_accuracy(args, folder: str, datamodule: QuestionDataModule) -> floa
     held = datamodule.val_set
     settings = GenerationSettings(1, args.max_length, 0, temperature=0.0, response_prefix="", max_new_tokens=args.max_length)
     rollout = generate_group(model, datamodule.tokenizer, held.prompts, settings, DecodingOptions())
-    return statistics.mean(float(verify_parsed(r, t)) for r, t in zip(held.references, rollout.texts))
+    return statistics.mean(float(verify_parsed(r, t, answer_format=args.answer_format))
+                           for r, t in zip(held.references, rollout.texts))
 
 
 def main() -> None:
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=8, help="questions per step, P")
     parser.add_argument("--group_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--answer_format", default="last_number", help="boxed or last_number (configs/posttrain/builtin.yaml)")
     parser.add_argument("--max_length", type=int, default=64, help="maximum completion tokens")
     parser.add_argument("--micro_batch", type=int, default=16, help="our rl_micro_batch_size (completions)")
     parser.add_argument("--val_questions", type=int, default=200)
