@@ -43,6 +43,8 @@ def test_each_start_is_evaluated_before_and_after_the_same_post_training(table):
     markdown = (folder / "out" / "comparison.md").read_text()
     assert "before: answer acc" in markdown and "| base |" in markdown and "| copy |" in markdown
     assert json.loads((folder / "out" / "comparison.json").read_text())["table"] == "posttrain"
+    for picture in ("comparison.png", "curves.png"):
+        assert (folder / "out" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_second_run_keeps_the_finished_rows(table, capsys):

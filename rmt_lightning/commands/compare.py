@@ -36,7 +36,7 @@ from ..callbacks import HuggingFaceExport, Preempted
 from ..method import TIER_NAMES, nested_tier_masks
 from ..runtime.atomic import staged_file
 from ..runtime.errors import InputError
-from ..evaluation.charts import split_intervals, write_charts
+from ..evaluation.charts import split_intervals, write_charts, write_posttrain_charts
 from .compare_rows import (
     BASE_ROW, METHOD_NAMES, ROWS_FOLDER, Row, build_run, check_records, check_start, check_start_tokenizer,
     export_start, now_utc, plan_posttrain_rows, plan_rows, starting_models, write_json,
@@ -230,6 +230,7 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
         # the rows it finished.
         if posttrain is not None:
             result, markdown = write_posttrain_table(finished, out_dir, seed, overrides, pending=len(rows) - len(finished))
+            write_posttrain_charts(finished, out_dir)
         else:
             result, markdown = write_table(finished, out_dir, seed, overrides, pending=len(rows) - len(finished),
                                            start=started)

@@ -213,10 +213,14 @@ def draw_comparison(data: list[dict], path: str | Path) -> Path:
 
 def draw_curves(data: list[dict], path: str | Path) -> Path:
     """Draw ``curves_data`` as ``path`` (PNG): one panel per scalar of ``CURVES``, one line per row that logged it."""
+    return _draw_lines(data, CURVES, path)
+
+
+def _draw_lines(data: list[dict], curves: dict[str, str], path: str | Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = _figure(len(CURVES))
-    for axis, (tag, label) in zip(axes, CURVES.items()):
+    figure, axes = _figure(len(curves))
+    for axis, (tag, label) in zip(axes, curves.items()):
         for index, entry in enumerate(data):
             steps, values = entry["curves"][tag]
             if steps:
@@ -245,3 +249,47 @@ def write_charts(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
             draw(data, staging)
         drawn.append(out_dir / name)
     return tuple(drawn)
+
+
+POSTTRAIN_CURVES = {"train/reward_correct": "share of completions right", "val/answer_acc": "held-out answer accuracy"}
+"""The scalars Table B's ``curves.png`` draws."""
+
+
+def draw_posttrain(rows: list[dict], path: str | Path) -> Path:
+    """Draw Table B's rows as ``path`` (PNG): each start's held-out answer accuracy before and after post-training
+    with its 95% Wilson interval, and the answer rates."""
+    figure, (accuracy, rate) = _figure(2)
+    starts = list(dict.fromkeys(row["method"] for row in rows))
+    for offset, trained, label in ((-0.2, False, "before"), (0.2, True, "after")):
+        chosen = {row["method"]: row for row in rows if row["trained"] == trained}
+        xs = [i + offset for i, start in enumerate(starts) if start in chosen]
+        picked = [chosen[start] for start in starts if start in chosen]
+        values = [row["answer_acc"] for row in picked]
+        intervals = [row.get("answer_acc_interval") or [v, v] for row, v in zip(picked, values)]
+        errors = [[max(0.0, v - i[0]) for v, i in zip(values, intervals)], [max(0.0, i[1] - v) for v, i in zip(values, intervals)]]
+        colour = "C0" if not trained else "C1"
+        accuracy.bar(xs, values, 0.4, yerr=errors, capsize=3, color=colour, label=label)
+        rate.bar(xs, [100.0 * (row["answer_rate"] or 0.0) for row in picked], 0.4, color=colour, label=label)
+    for axis, title, unit in ((accuracy, "held-out answer accuracy (95% Wilson intervals)", "answer accuracy (%)"),
+                              (rate, "answer rate", "completions with an answer (%)")):
+        axis.set_xticks(range(len(starts)), starts, rotation=30, ha="right", fontsize="small")
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.set_ylim(bottom=0)
+    _legend(figure, [accuracy])
+    figure.savefig(path, dpi=100, format="png")
+    return Path(path)
+
+
+def write_posttrain_charts(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write Table B's ``{out_dir}/comparison.png`` (before and after) and ``curves.png`` (each post-training run's
+    training correctness and held-out accuracy against step)."""
+    out_dir = Path(out_dir)
+    trained = [{"method": row["method"], "curves": read_attempts(row.get("log_dirs") or [row.get("log_dir")],
+                                                                 tuple(POSTTRAIN_CURVES))}
+               for row in rows if row["trained"]]
+    with staged_file(out_dir / "comparison.png") as staging:
+        draw_posttrain(rows, staging)
+    with staged_file(out_dir / "curves.png") as staging:
+        _draw_lines(trained, POSTTRAIN_CURVES, staging)
+    return out_dir / "comparison.png", out_dir / "curves.png"
