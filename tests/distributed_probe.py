@@ -7,6 +7,7 @@ Usage: python tests/distributed_probe.py OUT_DIR CKPT_PATH|none [CLI arguments o
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -86,9 +87,17 @@ class DeviceSpy:
 
         spy = self
 
+        def tensors_in(value):
+            # The losses take tensors as they are and inside their typed batches (RLBatch, CompletionBatch).
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                for field in dataclasses.fields(value):
+                    yield from tensors_in(getattr(value, field.name))
+
         def recording(function):
             def wrapper(*args, **kwargs):
-                spy._tensors("loss_inputs", [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)])
+                spy._tensors("loss_inputs", [t for a in (*args, *kwargs.values()) for t in tensors_in(a)])
                 return function(*args, **kwargs)
             return wrapper
 

@@ -506,7 +506,7 @@ def test_python_m_rmt_lightning_compare_passes_what_follows_the_double_dash_to_e
     main(["compare", "--configs", "a.yaml", "b.yaml", "--out", "out", "--seed", "4", "--no-base", "--start", "m", "--",
           "--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"])
     assert calls == [((["a.yaml", "b.yaml"], "out", ["--config", "configs/data/gsm8k.yaml", "--trainer.max_epochs", "1"]),
-                      {"seed": 4, "base": False, "keep_artifacts": False, "start": "m"})]
+                      {"seed": 4, "base": False, "keep_artifacts": False, "start": "m", "table_b": None})]
 
 
 def test_a_preempted_comparison_says_how_to_resume_and_exits_128_plus_the_signal(monkeypatch, capsys, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rmt_lightning.commands.compare import compare
+from rmt_lightning.commands.compare import TableB, compare
 from rmt_lightning.engine.models import BUILTIN_TINY, build_builtin_tiny
 from rmt_lightning.runtime.errors import InputError
 
@@ -26,7 +26,7 @@ def table(tmp_path_factory):
     copy = folder / "tiny-copy"
     shutil.copytree(build_builtin_tiny(), copy)
     starts = [f"base={BUILTIN_TINY}", f"copy={copy}"]
-    result = compare([], folder / "out", TINY_RUN, posttrain=BUILTIN, starts=starts)
+    result = compare([], folder / "out", TINY_RUN, table_b=TableB(BUILTIN, tuple(starts)))
     return folder, starts, result
 
 
@@ -49,7 +49,7 @@ def test_each_start_is_evaluated_before_and_after_the_same_post_training(table):
 
 def test_a_second_run_keeps_the_finished_rows(table, capsys):
     folder, starts, first = table
-    again = compare([], folder / "out", TINY_RUN, posttrain=BUILTIN, starts=starts)
+    again = compare([], folder / "out", TINY_RUN, table_b=TableB(BUILTIN, tuple(starts)))
     assert [r["log_dir"] for r in again["rows"]] == [r["log_dir"] for r in first["rows"]]
     assert capsys.readouterr().err.count(": kept, finished") == 4
 
@@ -62,5 +62,15 @@ def test_a_second_run_keeps_the_finished_rows(table, capsys):
 ])
 def test_bad_starts_stop_before_any_work(starts, message, tmp_path):
     with pytest.raises(InputError, match=message):
-        compare([], tmp_path / "out", TINY_RUN, posttrain=BUILTIN, starts=starts)
+        compare([], tmp_path / "out", TINY_RUN, table_b=TableB(BUILTIN, tuple(starts)))
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_the_command_line_gives_table_b_its_config_and_starts(monkeypatch):
+    import rmt_lightning.commands.compare as compare_module
+    from rmt_lightning.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(compare_module, "compare", lambda *args, **kwargs: calls.append(kwargs["table_b"]))
+    main(["compare", "--posttrain", "p.yaml", "--starts", "base=builtin:tiny-llama", "rmt=logs/x/hf_export"])
+    assert calls == [TableB("p.yaml", ("base=builtin:tiny-llama", "rmt=logs/x/hf_export"))]

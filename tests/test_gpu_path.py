@@ -156,7 +156,7 @@ def test_a_rank_with_one_token_wide_completions_runs_the_pass_the_other_ranks_ru
 
 @pytest.mark.parametrize("gather", [True, False])
 def test_the_module_hands_rollouts_its_gathering_choice_and_no_agreement_when_unsharded(monkeypatch, gather):
-    import rmt_lightning.module as module_file
+    import rmt_lightning.grpo_module as module_file  # the shared step decodes every task's rollouts
     from rmt_lightning import RMTModule
 
     captured = {}

@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -183,16 +184,26 @@ def run_row(row: Row, record: dict | None, out_dir: Path, keep_artifacts: bool) 
 # ---- the comparison ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TableB:
+    """The paper's Table B: every start post-trained by one config."""
+
+    config: str
+    """The post-training config (``configs/posttrain/``)."""
+    starts: tuple[str, ...]
+    """The starting models, ``NAME=MODEL`` (or ``MODEL``)."""
+
+
 def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), seed: int = 0,
             base: bool = True, keep_artifacts: bool = False, start: str | None = None,
-            posttrain: str | None = None, starts: list[str] = ()) -> dict:
+            table_b: TableB | None = None) -> dict:
     """Run every config (and the untrained model of the first, with ``base``), each from ``start`` when given,
     write ``{out_dir}/comparison.md``, ``comparison.json``, ``comparison.png`` and ``curves.png``, and return the
     JSON's content. Rows an earlier run of the same comparison finished are kept; an unfinished one resumes.
 
-    With ``posttrain`` (a post-training config), Table B instead: each of ``starts`` (``NAME=MODEL``) is
-    evaluated, post-trained by that config and evaluated again, and the table gives each start's answer accuracy
-    before and after."""
+    With ``table_b``, Table B instead: each of its starts is evaluated, post-trained by its config and evaluated
+    again, and the table gives each start's answer accuracy before and after (``configs`` is not read)."""
+    posttrain = table_b.config if table_b is not None else None
     if posttrain is not None:
         configs = [posttrain]
     if not configs:
@@ -208,7 +219,7 @@ def compare(configs: list[str], out_dir: str | Path, overrides: list[str] = (), 
     # One seed for the data split, the curriculum draws, the validation positions, initialisation and sampling.
     common = [*overrides, "--seed_everything", str(seed), "--data.seed", str(seed), "--model.sample_seed", str(seed)]
     if posttrain is not None:
-        rows = plan_posttrain_rows(posttrain, starting_models(list(starts)), common)
+        rows = plan_posttrain_rows(posttrain, starting_models(list(table_b.starts)), common)
     else:
         rows = plan_rows(list(configs), common, base, started)
     records = check_records(out_dir, rows)
@@ -413,8 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         return compare(args.configs, args.out, overrides, seed=args.seed, base=args.base,
-                       keep_artifacts=args.keep_artifacts, start=args.start, posttrain=args.posttrain,
-                       starts=args.starts)
+                       keep_artifacts=args.keep_artifacts, start=args.start,
+                       table_b=TableB(args.posttrain, tuple(args.starts)) if args.posttrain else None)
     except InputError as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)
