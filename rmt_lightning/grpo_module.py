@@ -24,6 +24,7 @@ from .engine.generation import DecodingOptions, GenerationSettings, Rollout, gen
 from .engine.models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer, parse_dtype
 from .engine.tokens import TokenBytes
 from .rl import losses
+from .rl.metrics import as_tensors, show_in_progress_bar
 from .rl.reuse import RolloutReuse
 from .rl.trajectory import Trajectory
 from .runtime.checkpointing import (
@@ -123,6 +124,16 @@ class GRPOModule(L.LightningModule):
         self._keep_samples(batch, trajectory.rollout, trajectory.rewards)
         reuse.finish_step(update)
         return terms["loss_rl"] + extra_loss, metrics
+
+    def update_and_log(self, loss: float, metrics: dict[str, float], shown: dict[str, float], batch_size: int) -> None:
+        """The end of every training step: update or skip, then log the step's figures (``train/loss``,
+        ``train/skipped_steps``, ``train/lr`` added) to every logger and ``shown`` on the progress bar."""
+        self.update_or_skip(loss)
+        metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
+                        "train/lr": self.optimizers().param_groups[0]["lr"]})
+        self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
+                      batch_size=batch_size)
+        show_in_progress_bar(self, shown, batch_size=batch_size)
 
     def _generate(self, prompts: list[list[int]], settings: GenerationSettings) -> Rollout:
         """The rollout of ``prompts`` under ``settings``, decoded with the module's engine switches."""

@@ -23,7 +23,7 @@ from .evaluation.tier_metrics import (
 from .grpo_module import GRPOModule, NonFiniteLossError, lr_factor
 from .method import completion_rewards, contiguous_share, group_advantages, thinking_cap
 from .rl import losses
-from .rl.metrics import as_tensors, completion_samples, curriculum_metrics, rl_step_metrics, show_in_progress_bar
+from .rl.metrics import completion_samples, curriculum_metrics, rl_step_metrics
 from .rl.trajectory import Trajectory
 
 __all__ = ["RMTModule", "NonFiniteLossError", "lr_factor"]
@@ -216,13 +216,9 @@ class RMTModule(GRPOModule):
             metrics.update(rl_metrics)
             shown = {"reward": metrics["train/reward"], "budget": float(budget)}
         metrics["timing/update"] = time.perf_counter() - started
-        self.update_or_skip(loss)
-        metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
-                        "train/lr": self.optimizers().param_groups[0]["lr"], **curriculum_metrics(batch)})
+        metrics.update(curriculum_metrics(batch))
         self.last_sampled_entropies = batch.entropies.detach().cpu()
-        self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
-                      batch_size=len(contexts))
-        show_in_progress_bar(self, shown, batch_size=len(contexts))
+        self.update_and_log(loss, metrics, shown, len(contexts))
 
     # ---- a rollout and its rewards --------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from .evaluation.tier_metrics import EVAL_STAGES, write_figures
 from .grpo_module import GRPOModule
 from .method import group_advantages
 from .method.answers import ANSWER_FORMATS, answer_rewards, has_answer
-from .rl.metrics import as_tensors, question_samples, question_step_metrics, show_in_progress_bar
+from .rl.metrics import question_samples, question_step_metrics
 from .rl.trajectory import Trajectory
 from .runtime.errors import as_input_error
 from .runtime.verification import AnswerVerifier, check_answer
@@ -157,12 +157,7 @@ class PostTrainModule(GRPOModule):
         loss, metrics = self.rl_step(batch, lambda: self.collect_trajectory(batch.prompts, batch.references))
         started += metrics["timing/generate"]
         metrics["timing/update"] = time.perf_counter() - started
-        self.update_or_skip(loss)
-        metrics.update({"train/loss": loss, "train/skipped_steps": float(self.skipped_steps),
-                        "train/lr": self.optimizers().param_groups[0]["lr"]})
-        self.log_dict(as_tensors(metrics, self.root_device), on_step=True, on_epoch=False, sync_dist=True,
-                      batch_size=batch.size)
-        show_in_progress_bar(self, {"reward": metrics["train/reward"]}, batch_size=batch.size)
+        self.update_and_log(loss, metrics, {"reward": metrics["train/reward"]}, batch.size)
 
     def collect_trajectory(self, prompts: list[list[int]], references: list[list]) -> Trajectory:
         """G completions per question, verified, rewarded and normalised per group."""

@@ -31,7 +31,8 @@ def _probe(workdir: Path, out: Path, strategy: str, steps: int, ckpt: str = "non
 
 @pytest.fixture(scope="module", params=sorted(STRATEGIES))
 def runs(request, tmp_path_factory):
-    """4 steps under the strategy (across an epoch end), then a run resumed from its last checkpoint to 6."""
+    """4 steps under the strategy (across an epoch end), then, under FSDP2, a run resumed from its last checkpoint to
+    6 (DDP's resume is the next-token task's, tests/test_distributed.py, on the same shared step and hooks)."""
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RMT_PROBE_TOY_REWARD", "1")  # the tiny model never writes an answer: a reward it controls
     try:
@@ -39,7 +40,9 @@ def runs(request, tmp_path_factory):
         first = _probe(workdir, workdir / "first", request.param, 4)
         checkpoint = workdir / "logs" / "posttrain_builtin" / "version_0" / "checkpoints" / "last.ckpt"
         assert checkpoint.exists()
-        resumed = _probe(workdir, workdir / "resumed", request.param, 6, ckpt=str(checkpoint))
+        resumed = []
+        if request.param == "fsdp2":
+            resumed = _probe(workdir, workdir / "resumed", request.param, 6, ckpt=str(checkpoint))
     finally:
         monkeypatch.undo()
     return request.param, first, resumed, workdir
@@ -48,6 +51,8 @@ def runs(request, tmp_path_factory):
 def test_each_rank_trains_its_own_share_of_every_steps_questions(runs):
     _, first, resumed, _ = runs
     for records in (first, resumed):
+        if not records:
+            continue
         assert [r["world_size"] for r in records] == [2, 2]
         for step0, step1 in zip(records[0]["steps"], records[1]["steps"]):
             assert step0["global_step"] == step1["global_step"]
@@ -71,7 +76,9 @@ def test_everything_is_on_the_root_device_and_rollouts_wait_for_no_other_rank(ru
 
 
 def test_the_checkpoint_resumes_where_the_run_stopped(runs):
-    _, first, resumed, _ = runs
+    strategy, first, resumed, _ = runs
+    if strategy != "fsdp2":
+        pytest.skip("resumed under FSDP2 only")
     assert [r["start_step"] for r in resumed] == [4, 4]
     assert [s["global_step"] for s in resumed[0]["steps"]] == [4, 5]
     # The resumed steps draw what the 6-step run would: the epoch of 3 steps goes on from where it stopped.
