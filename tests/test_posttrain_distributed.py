@@ -1,4 +1,4 @@
-"""The question task under DDP and FSDP2 with two real CPU processes (gloo), as the next-token task is tested in
+"""The question task under DDP, FSDP1 and FSDP2 with two real CPU processes (gloo), as the next-token task is tested in
 test_distributed.py: each rank its own share of every step's questions, a policy that moves, everything on the
 strategy's root device, no agreement per decoding step, and a checkpoint that resumes where the run stopped."""
 
@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = str(ROOT / "configs" / "posttrain" / "builtin.yaml")
 STRATEGIES = {
     "ddp": ["--trainer.strategy", "ddp"],
+    "fsdp1": ["--trainer.strategy.class_path", "distributed_probe.CPUFSDPStrategy"],
     "fsdp2": ["--trainer.strategy.class_path", "lightning.pytorch.strategies.ModelParallelStrategy"],
 }
 
