@@ -11,12 +11,14 @@ finds the newest checkpoint across the logger's version folders.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import pickle
 import re
 import sys
 from pathlib import Path
+from unittest import mock
 
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
@@ -154,7 +156,8 @@ class RMTCLI(LightningCLI):
             verify_checkpoint_file(ckpt_path, full=True)
         given = self.config
         try:
-            super()._parse_ckpt_path()
+            with _hyperparameters_name_their_class():
+                super()._parse_ckpt_path()
         except pickle.UnpicklingError as error:
             raise unsafe_checkpoint_error(ckpt_path, error) from None
         if self.config is not given and not isinstance(self.given_arguments, (dict, Namespace)):
@@ -209,6 +212,25 @@ class RMTCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             config["ckpt_path"] = find_last_checkpoint(trainer)
+
+
+@contextlib.contextmanager
+def _hyperparameters_name_their_class():
+    """While LightningCLI reads a checkpoint's hyperparameters: those of a checkpoint written before a run named its
+    classes (no ``_class_path``, always an RMTModule) are read as RMTModule's, as LightningCLI reads a newer one's."""
+    import lightning.pytorch.cli as lightning_cli
+
+    load = lightning_cli.torch.load
+
+    def loading(*args, **kwargs):
+        checkpoint = load(*args, **kwargs)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if hparams and "_class_path" not in hparams:
+            hparams["_class_path"] = DEFAULT_CLASSES["model"]
+        return checkpoint
+
+    with mock.patch.object(lightning_cli.torch, "load", loading):
+        yield
 
 
 DEFAULT_CLASSES = {"model": "rmt_lightning.RMTModule", "data": "rmt_lightning.RMTDataModule"}

@@ -344,3 +344,19 @@ def test_bad_input_is_one_line_before_any_model_loads(override, message, tmp_pat
     error = capsys.readouterr().err.strip().splitlines()
     assert len([line for line in error if line.startswith("error:")]) == 1
     assert __import__("re").search(message, error[-1]), error[-1]
+
+
+def test_a_checkpoint_written_before_runs_named_their_classes_still_validates(tmp_path, monkeypatch):
+    """Checkpoints of earlier versions hold no ``_class_path`` in their hyperparameters: read as RMTModule's."""
+    monkeypatch.chdir(tmp_path)
+    tiny = str(CONFIGS / "tiny.yaml")
+    build_cli(["fit", "--config", tiny, "--trainer.max_steps", "1", "--trainer.max_epochs", "1",
+               "--trainer.enable_progress_bar", "false"])
+    checkpoint = torch.load(tmp_path / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"].pop("_class_path") == "rmt_lightning.RMTModule"
+    checkpoint["hyper_parameters"].pop("_instantiator")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    cli = build_cli(["validate", "--config", tiny, "--ckpt_path", str(tmp_path / "old.ckpt"), "--model.val_budget", "2",
+                     "--trainer.enable_progress_bar", "false"])
+    assert isinstance(cli.model, RMTModule) and cli.model.hparams.val_budget == 2
+    assert cli.model.last_evaluation["budget"] == 2
