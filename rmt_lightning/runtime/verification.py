@@ -87,13 +87,14 @@ class AnswerVerifier:
         self._pool: ProcessPoolExecutor | None = None
         self.restarts = 0
         """How many times the workers were killed and started again (hung checks, or a worker that died)."""
+        # Once per verifier, not per start of its workers (a restart would register it again).
+        atexit.register(self.close)
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # forkserver, not fork: the trainer's process holds threads (loggers, torch's pools) that a fork would
             # copy mid-lock; spawn would work too at a slower start.
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            atexit.register(self.close)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
                                              initializer=_start_worker, initargs=(os.getpid(),))
             # Started and importing before the first check's clock runs: a slow start is not a hung check.
